@@ -1,0 +1,40 @@
+# Every target reuses one virtual environment in .venv/, created on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned here (not in pyproject) so that installing never pulls a multi-GB newer build
+# by accident; users who pip install the package keep their own torch.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-all lint format bench demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_bench.py
+
+demo: $(STAMP)
+	$(BIN)/clipseg segment sample_data --prompt "a cat" --prompt "a cup of coffee" \
+		--save mask,overlay --out out/demo
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

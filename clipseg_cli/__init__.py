@@ -1,0 +1,16 @@
+"""clipseg: segment image collections from text or image prompts with CLIPSeg."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["Segmenter", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `clipseg --help` and light imports should not pay for importing torch.
+    if name == "Segmenter":
+        from .predictor import Segmenter
+
+        return Segmenter
+    raise AttributeError(name)

@@ -1,0 +1,148 @@
+"""The Python API: a loaded CLIPSeg on a device, with its preprocessing.
+
+Example::
+
+    from clipseg_cli import Segmenter
+
+    seg = Segmenter.load()  # CIDAS/clipseg-rd64-refined, best device
+    cond = seg.embed_texts(["a dog", "a cat"])  # [2, 512]
+    probs = seg.predict([rgb_array], cond)  # list of float32 [2, H, W] in [0, 1]
+
+The CLI's pipeline is built on the same methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import ClipSegModel
+from .specs import DEFAULT_MODEL
+from .transforms import probabilities_at_size, resize_rgb, stack_uint8
+from .weights import WeightsInfo, load_weights
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU. Unavailable choices raise ValueError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple MPS is not available")
+    if name not in {"cpu", "cuda", "mps"} and not name.startswith("cuda:"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: half precision on GPUs (bf16 where supported, else fp16), fp32 on the CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name}: expected auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
+    return PRECISIONS[name]
+
+
+class Segmenter:
+    """A device-resident CLIPSeg with CLIPSeg's preprocessing around it."""
+
+    def __init__(self, model: ClipSegModel, info: WeightsInfo, device: torch.device) -> None:
+        self.model = model.to(device)
+        self.info = info
+        self.device = device
+        self.dtype = model.decoder.film_mul.weight.dtype
+        size = model.arch.input_size
+        self.input_size: tuple[int, int] = (size, size)
+        self._tokenizer = None
+
+    @classmethod
+    def load(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        clip_weights: str | Path | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> Segmenter:
+        """Load weights (hub id, folder, or original decoder file) onto a device.
+
+        Raises:
+            WeightsError: the weights cannot be found or are not a valid checkpoint.
+            ValueError: the device or precision is not available.
+        """
+        torch_device = resolve_device(device)
+        dtype = resolve_precision(precision, torch_device)
+        built, info = load_weights(model, clip_weights=clip_weights, dtype=dtype)
+        return cls(built, info, torch_device)
+
+    # -- conditionals ---------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids ``[K, context_length]`` with open_clip's CLIP tokenizer."""
+        if self._tokenizer is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self._tokenizer = SimpleTokenizer(context_length=self.model.arch.text.context_length)
+        return self._tokenizer(list(prompts))
+
+    @torch.inference_mode()
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text conditionals, float32 ``[K, D]`` on the device."""
+        tokens = self.tokenize(prompts).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+    @torch.inference_mode()
+    def embed_images(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Image conditionals, float32 ``[K, D]``: each uint8 ``[H, W, 3]`` support image is
+        encoded as it is (resized to the model size), by the full CLIP image tower."""
+        resized = [resize_rgb(image, self.input_size) for image in images]
+        pixels = self.model.normalize(stack_uint8(resized).to(self.device))
+        return self.model.encode_image(pixels).float()
+
+    def release_prompt_encoders(self) -> None:
+        """Free the text tower and the vision blocks only image prompts use (saves ~40%)."""
+        self.model.backbone.release_text_tower()
+        self.model.backbone.release_image_head()
+
+    # -- prediction -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor, conditionals: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, h, w, 3]`` images at the model size, ``[K, D]`` -> ``[B, K, h, w]`` logits
+        (float32, on the device). The vision pass runs once per image for all K prompts."""
+        pixels = self.model.normalize(batch.to(self.device, non_blocking=True))
+        return self.model(pixels, conditionals.to(self.device)).float()
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray], conditionals: torch.Tensor) -> list[np.ndarray]:
+        """Probability maps at each image's own size.
+
+        Args:
+            images: uint8 ``[H_i, W_i, 3]`` RGB arrays, any sizes.
+            conditionals: ``[K, D]`` from :meth:`embed_texts` / :meth:`embed_images`.
+
+        Returns:
+            One float32 ``[K, H_i, W_i]`` array in [0, 1] per image.
+        """
+        if not images:
+            return []
+        batch = stack_uint8([resize_rgb(image, self.input_size) for image in images])
+        logits = self.logits(batch, conditionals)
+        return [
+            probabilities_at_size(logits[i], image.shape[:2]).cpu().numpy()
+            for i, image in enumerate(images)
+        ]

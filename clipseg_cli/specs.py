@@ -1,0 +1,132 @@
+"""The one table of CLIPSeg architectures and named models.
+
+Every dimension the model, the weight converters and the CLI need comes from here. Facts are
+from the CLIPSeg paper, the original repository (timojl/clipseg) and the transformers port; see
+``../shared/CLIPSEG.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# Preprocessing of the reference implementation: ImageNet statistics, not CLIP's.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The paper's default decision threshold on sigmoid probabilities.
+DEFAULT_THRESHOLD = 0.3
+DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """CLIP vision tower (ViT)."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    # The positional embedding was trained for this size; other sizes resize it bicubically.
+    pretrain_image_size: int = 224
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """CLIP text tower."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    context_length: int = 77
+    vocab_size: int = 49408
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The CLIPSeg decoder: reduce -> FiLM -> post-norm transformer blocks -> transposed convs."""
+
+    reduce_dim: int = 64
+    heads: int = 4
+    feedforward_dim: int = 2048
+    # 0-based vision block indices whose outputs feed the decoder (the code's 3,6,9; the
+    # paper's text says 3,7,9 but the released weights use 3,6,9).
+    extract_layers: tuple[int, ...] = (3, 6, 9)
+    # rd64-refined uses Conv3x3 -> ConvT(x4) -> ConvT(x4); rd64/rd16 one ConvT(x16).
+    refined_head: bool = True
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Every dimension of a CLIPSeg model."""
+
+    vision: VisionSpec = VisionSpec()
+    text: TextSpec = TextSpec()
+    decoder: DecoderSpec = DecoderSpec()
+    embed_dim: int = 512
+    input_size: int = 352
+
+    @property
+    def last_needed_layer(self) -> int:
+        """Index of the deepest vision block the decoder reads; later blocks are never run."""
+        return max(self.decoder.extract_layers)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named, released model: its architecture and where its weights live."""
+
+    name: str
+    hub_id: str
+    original_filename: str
+    architecture: ArchitectureSpec
+    description: str
+
+
+VIT_B16 = ArchitectureSpec()
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="rd64-refined",
+            hub_id="CIDAS/clipseg-rd64-refined",
+            original_filename="rd64-uni-refined.pth",
+            architecture=VIT_B16,
+            description="reduce dim 64, refined (3-layer) head; sharpest masks",
+        ),
+        ModelSpec(
+            name="rd64",
+            hub_id="CIDAS/clipseg-rd64",
+            original_filename="rd64-uni.pth",
+            architecture=replace(VIT_B16, decoder=replace(DecoderSpec(), refined_head=False)),
+            description="reduce dim 64, single transposed-conv head",
+        ),
+        ModelSpec(
+            name="rd16",
+            hub_id="CIDAS/clipseg-rd16",
+            original_filename="rd16-uni.pth",
+            architecture=replace(
+                VIT_B16, decoder=replace(DecoderSpec(), reduce_dim=16, refined_head=False)
+            ),
+            description="reduce dim 16, single transposed-conv head; smallest decoder",
+        ),
+    )
+}
+
+
+def spec_for_hub_id(hub_id: str) -> ModelSpec | None:
+    """The known model published under ``hub_id``, if any."""
+    for spec in MODEL_SPECS.values():
+        if spec.hub_id.lower() == hub_id.lower():
+            return spec
+    return None
+
+
+def spec_for_decoder(reduce_dim: int, refined_head: bool) -> ModelSpec | None:
+    """The released variant whose decoder has these properties (variant detection)."""
+    for spec in MODEL_SPECS.values():
+        decoder = spec.architecture.decoder
+        if decoder.reduce_dim == reduce_dim and decoder.refined_head == refined_head:
+            return spec
+    return None

@@ -1,0 +1,617 @@
+"""Finding, safely reading and strictly converting CLIPSeg checkpoints of every public layout.
+
+Layouts:
+
+* transformers (``CIDAS/clipseg-*`` on the Hugging Face hub, or a local ``save_pretrained``
+  folder): ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``;
+* original repository: a decoder-only file (``rd64-uni-refined.pth`` ...) plus an OpenAI-format
+  CLIP ViT-B/16 state dict (or open_clip's ``openai`` pretrained weights).
+
+Conversion is strict in the nanoGPT manner: every key of the source must be used or be on a short
+list of known-derived buffers, every key of our model must be filled, every shape must match;
+anything else is a :class:`WeightsError` naming the keys. Pickles are only ever read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .backbone import causal_mask
+from .model import ClipSegModel
+from .specs import (
+    DEFAULT_MODEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODEL_SPECS,
+    ArchitectureSpec,
+    DecoderSpec,
+    TextSpec,
+    VisionSpec,
+    spec_for_decoder,
+)
+
+StateDict = dict[str, torch.Tensor]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Keys that old transformers checkpoints persisted although they are derived (position ids).
+_HF_DERIVED_KEYS = frozenset(
+    {"clip.text_model.embeddings.position_ids", "clip.vision_model.embeddings.position_ids"}
+)
+# Metadata entries of OpenAI's CLIP state dict; not tensors of the network.
+_OPENAI_METADATA_KEYS = frozenset({"input_resolution", "context_length", "vocab_size"})
+# The original decoder has an unused ``reduce`` layer; the released files carry it.
+_ORIGINAL_UNUSED_KEYS = frozenset({"reduce.weight", "reduce.bias"})
+
+
+class WeightsError(Exception):
+    """A model could not be found or loaded. ``str()`` is one line, fit for the user."""
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model came from, for logs and run summaries."""
+
+    model_id: str
+    layout: str  # "transformers" or "original"
+    variant: str  # a MODEL_SPECS name, or "custom" for other architectures
+    files: tuple[str, ...]
+    sha256: str
+
+
+# -- reading files --------------------------------------------------------------------------------
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with an 8-byte little-endian header length, then JSON ``{``."""
+    with path.open("rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_state_dict(path: Path) -> StateDict:
+    """Read a checkpoint file into a flat ``{name: tensor}`` dict on the CPU.
+
+    safetensors is preferred; other files go through ``torch.load(weights_only=True)``, which
+    refuses pickles that would run arbitrary code. OpenAI's TorchScript CLIP archives are read
+    with ``torch.jit.load`` (TorchScript does not unpickle arbitrary Python objects).
+    """
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: empty file, not a checkpoint")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise WeightsError(
+                f"{path}: unreadable safetensors file ({_first_line(error)})"
+            ) from None
+    if zipfile.is_zipfile(path) and _is_torchscript_archive(path):
+        return _read_torchscript(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights_only" in str(error) or "Unsupported" in str(error):
+            raise WeightsError(
+                f"{path}: refused: this pickle needs arbitrary code to load; only plain tensor "
+                "checkpoints are accepted (torch.load weights_only=True). Convert it to "
+                "safetensors in a trusted environment."
+            ) from None
+        raise WeightsError(f"{path}: not a PyTorch checkpoint ({_first_line(error)})") from None
+    except Exception as error:  # an untrusted file can break the unpickler in
+        # any of a dozen ways (KeyError, struct.error, ...): each is "not a checkpoint".
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or another format: "
+            f"{_first_line(error)})"
+        ) from None
+    return _as_state_dict(loaded, path)
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _read_torchscript(path: Path) -> StateDict:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as error:
+        raise WeightsError(
+            f"{path}: unreadable TorchScript archive ({_first_line(error)})"
+        ) from None
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def _as_state_dict(loaded: object, path: Path) -> StateDict:
+    if isinstance(loaded, Mapping) and "state_dict" in loaded and len(loaded) <= 4:
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise WeightsError(f"{path}: does not hold a state dict of tensors")
+    tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    others = sorted(str(k) for k in loaded if k not in tensors)
+    if others and set(others) - _OPENAI_METADATA_KEYS:
+        raise WeightsError(f"{path}: holds non-tensor entries {_name_some(others)}")
+    return tensors
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def _name_some(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def file_sha256(paths: list[Path]) -> str:
+    """sha256 of a file (or of the concatenated hashes of several), streamed."""
+    digests = []
+    for path in paths:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        digests.append(digest.hexdigest())
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+# -- strict conversion ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """Our key <- ``combine(*source keys)``."""
+
+    ours: str
+    sources: tuple[str, ...]
+    combine: Callable[..., torch.Tensor] = lambda tensor: tensor
+
+
+def _concat(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+def _transpose(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t().contiguous()
+
+
+def _apply_rules(
+    source: StateDict,
+    rules: list[_Rule],
+    expected: Mapping[str, torch.Size],
+    *,
+    ignorable: frozenset[str],
+    what: str,
+) -> StateDict:
+    """Build our state dict from ``source``; every key and shape accounted for, or an error."""
+    missing = sorted({key for rule in rules for key in rule.sources if key not in source})
+    used = {key for rule in rules for key in rule.sources}
+    unexpected = sorted(set(source) - used - ignorable)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_name_some(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_name_some(unexpected)}")
+        raise WeightsError(f"{what}: {'; '.join(parts)}")
+    unfilled = sorted(set(expected) - {rule.ours for rule in rules})
+    if unfilled:  # a bug in our rules, not in the user's file
+        raise RuntimeError(f"conversion rules leave {_name_some(unfilled)} unfilled")
+    converted: StateDict = {}
+    wrong_shapes = []
+    for rule in rules:
+        tensor = rule.combine(*(source[key] for key in rule.sources))
+        if tensor.shape != expected[rule.ours]:
+            wrong_shapes.append(
+                f"{'+'.join(rule.sources)} {tuple(tensor.shape)} (expected "
+                f"{tuple(expected[rule.ours])})"
+            )
+        converted[rule.ours] = tensor
+    if wrong_shapes:
+        raise WeightsError(f"{what}: wrong shapes: {_name_some(wrong_shapes, 3)}")
+    return converted
+
+
+def _linear(rules: list[_Rule], ours: str, theirs: str) -> None:
+    for param in ("weight", "bias"):
+        rules.append(_Rule(f"{ours}.{param}", (f"{theirs}.{param}",)))
+
+
+def _attention(rules: list[_Rule], ours: str, theirs: str) -> None:
+    """transformers' separate q/k/v projections -> torch's packed ``in_proj``."""
+    for param in ("weight", "bias"):
+        sources = tuple(f"{theirs}.{p}_proj.{param}" for p in "qkv")
+        rules.append(_Rule(f"{ours}.in_proj_{param}", sources, _concat))
+    _linear(rules, f"{ours}.out_proj", f"{theirs}.out_proj")
+
+
+def _hf_tower_blocks(rules: list[_Rule], ours: str, theirs: str, layers: int) -> None:
+    for i in range(layers):
+        block, layer = f"{ours}.resblocks.{i}", f"{theirs}.layers.{i}"
+        _attention(rules, f"{block}.attn", f"{layer}.self_attn")
+        _linear(rules, f"{block}.ln_1", f"{layer}.layer_norm1")
+        _linear(rules, f"{block}.mlp.c_fc", f"{layer}.mlp.fc1")
+        _linear(rules, f"{block}.mlp.c_proj", f"{layer}.mlp.fc2")
+        _linear(rules, f"{block}.ln_2", f"{layer}.layer_norm2")
+
+
+def transformers_rules(arch: ArchitectureSpec) -> list[_Rule]:
+    """Mapping from transformers' ``CLIPSegForImageSegmentation`` keys to ours."""
+    rules: list[_Rule] = []
+    vis, hv = "backbone.clip.visual", "clip.vision_model"
+    rules += [
+        _Rule(f"{vis}.conv1.weight", (f"{hv}.embeddings.patch_embedding.weight",)),
+        _Rule(f"{vis}.class_embedding", (f"{hv}.embeddings.class_embedding",)),
+        _Rule(f"{vis}.positional_embedding", (f"{hv}.embeddings.position_embedding.weight",)),
+        _Rule(f"{vis}.proj", ("clip.visual_projection.weight",), _transpose),
+    ]
+    _linear(rules, f"{vis}.ln_pre", f"{hv}.pre_layrnorm")
+    _linear(rules, f"{vis}.ln_post", f"{hv}.post_layernorm")
+    _hf_tower_blocks(rules, f"{vis}.transformer", f"{hv}.encoder", arch.vision.layers)
+
+    txt, ht = "backbone.clip", "clip.text_model"
+    rules += [
+        _Rule(f"{txt}.token_embedding.weight", (f"{ht}.embeddings.token_embedding.weight",)),
+        _Rule(f"{txt}.positional_embedding", (f"{ht}.embeddings.position_embedding.weight",)),
+        _Rule(f"{txt}.text_projection", ("clip.text_projection.weight",), _transpose),
+        _Rule(f"{txt}.logit_scale", ("clip.logit_scale",)),
+    ]
+    _linear(rules, f"{txt}.ln_final", f"{ht}.final_layer_norm")
+    _hf_tower_blocks(rules, f"{txt}.transformer", f"{ht}.encoder", arch.text.layers)
+
+    _linear(rules, "decoder.film_mul", "decoder.film_mul")
+    _linear(rules, "decoder.film_add", "decoder.film_add")
+    for i in range(len(arch.decoder.extract_layers)):
+        _linear(rules, f"decoder.reduces.{i}", f"decoder.reduces.{i}")
+        block, layer = f"decoder.blocks.{i}", f"decoder.layers.{i}"
+        _attention(rules, f"{block}.self_attn", f"{layer}.self_attn")
+        _linear(rules, f"{block}.norm1", f"{layer}.layer_norm1")
+        _linear(rules, f"{block}.linear1", f"{layer}.mlp.fc1")
+        _linear(rules, f"{block}.linear2", f"{layer}.mlp.fc2")
+        _linear(rules, f"{block}.norm2", f"{layer}.layer_norm2")
+    head_layers = ("0.", "2.", "4.") if arch.decoder.refined_head else ("",)
+    for layer in head_layers:
+        _linear(
+            rules,
+            f"decoder.trans_conv.{layer}".rstrip("."),
+            f"decoder.transposed_convolution.{layer}".rstrip("."),
+        )
+    return rules
+
+
+def _identity_rules(expected: Mapping[str, torch.Size], ours_prefix: str) -> list[_Rule]:
+    """Same names, ours prefixed (original decoder files, OpenAI CLIP state dicts)."""
+    return [
+        _Rule(key, (key[len(ours_prefix) :],)) for key in expected if key.startswith(ours_prefix)
+    ]
+
+
+# -- architectures from configs and shapes ---------------------------------------------------------
+
+
+def architecture_from_hf_config(config: Mapping) -> ArchitectureSpec:
+    """Our architecture from a transformers ``CLIPSegConfig`` dict.
+
+    Keys a config omits take the CLIPSeg ViT-B/16 value (not transformers' generic defaults,
+    whose patch size is 32).
+    """
+    vision_cfg = config.get("vision_config") or {}
+    text_cfg = config.get("text_config") or {}
+    vd, td, dd = VisionSpec(), TextSpec(), DecoderSpec()
+    vision_width = vision_cfg.get("hidden_size", vd.width)
+    text_width = text_cfg.get("hidden_size", td.width)
+    vision = VisionSpec(
+        width=vision_width,
+        layers=vision_cfg.get("num_hidden_layers", vd.layers),
+        heads=vision_cfg.get("num_attention_heads", vd.heads),
+        patch_size=vision_cfg.get("patch_size", vd.patch_size),
+        mlp_ratio=vision_cfg.get("intermediate_size", 4 * vision_width) / vision_width,
+        pretrain_image_size=vision_cfg.get("image_size", vd.pretrain_image_size),
+    )
+    text = TextSpec(
+        width=text_width,
+        layers=text_cfg.get("num_hidden_layers", td.layers),
+        heads=text_cfg.get("num_attention_heads", td.heads),
+        mlp_ratio=text_cfg.get("intermediate_size", 4 * text_width) / text_width,
+        context_length=text_cfg.get("max_position_embeddings", td.context_length),
+        vocab_size=text_cfg.get("vocab_size", td.vocab_size),
+    )
+    decoder = DecoderSpec(
+        reduce_dim=config.get("reduce_dim", dd.reduce_dim),
+        heads=config.get("decoder_num_attention_heads", dd.heads),
+        feedforward_dim=config.get("decoder_intermediate_size", dd.feedforward_dim),
+        extract_layers=tuple(config.get("extract_layers", dd.extract_layers)),
+        refined_head=bool(config.get("use_complex_transposed_convolution", False)),
+    )
+    _check_unsupported_hf_options(config, vision_cfg, text_cfg)
+    return ArchitectureSpec(
+        vision=vision,
+        text=text,
+        decoder=decoder,
+        embed_dim=config.get("projection_dim", 512),
+    )
+
+
+def _check_unsupported_hf_options(config: Mapping, vision_cfg: Mapping, text_cfg: Mapping) -> None:
+    if config.get("conditional_layer", 0) != 0:
+        raise WeightsError("config.json: conditional_layer != 0 is not supported")
+    for name, sub in (("vision_config", vision_cfg), ("text_config", text_cfg)):
+        act = sub.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            raise WeightsError(f"config.json: {name}.hidden_act={act!r} is not supported")
+
+
+def architecture_from_openai_clip(state: StateDict, decoder: DecoderSpec) -> ArchitectureSpec:
+    """Dimensions of an OpenAI-format CLIP ViT from its shapes (as open_clip derives them)."""
+    try:
+        width = state["visual.conv1.weight"].shape[0]
+        patch = state["visual.conv1.weight"].shape[-1]
+        grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        text_width = state["ln_final.weight"].shape[0]
+        context, _ = state["positional_embedding"].shape
+        vocab = state["token_embedding.weight"].shape[0]
+        embed_dim = state["text_projection"].shape[1]
+    except KeyError as error:
+        raise WeightsError(f"not an OpenAI-format CLIP ViT state dict: no key {error}") from None
+    vision_layers = _count_blocks(state, "visual.transformer.resblocks.")
+    text_layers = _count_blocks(state, "transformer.resblocks.")
+    # OpenAI's ViTs use 64-wide heads; the state dict does not record the head count.
+    vision_mlp = state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
+    text_mlp = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width
+    return ArchitectureSpec(
+        vision=VisionSpec(width, vision_layers, width // 64, patch, vision_mlp, grid * patch),
+        text=TextSpec(text_width, text_layers, text_width // 64, text_mlp, context, vocab),
+        decoder=decoder,
+        embed_dim=embed_dim,
+    )
+
+
+def _count_blocks(state: StateDict, prefix: str) -> int:
+    indices = {int(key[len(prefix) :].split(".")[0]) for key in state if key.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
+def decoder_spec_from_original(state: StateDict, what: str) -> DecoderSpec:
+    """Variant detection from an original decoder file's shapes."""
+    if "film_mul.weight" not in state or "blocks.0.linear1.weight" not in state:
+        raise WeightsError(
+            f"{what}: not a CLIPSeg decoder (no film_mul / blocks keys; found e.g. "
+            f"{_name_some(sorted(state), 3)})"
+        )
+    return DecoderSpec(
+        reduce_dim=state["film_mul.weight"].shape[0],
+        feedforward_dim=state["blocks.0.linear1.weight"].shape[0],
+        extract_layers=tuple(DecoderSpec().extract_layers[: _count_blocks(state, "blocks.")]),
+        refined_head="trans_conv.0.weight" in state,
+    )
+
+
+# -- building the model ---------------------------------------------------------------------------
+
+
+def _expected_shapes(arch: ArchitectureSpec) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        skeleton = ClipSegModel(arch)
+    return {key: value.shape for key, value in skeleton.state_dict().items()}
+
+
+def build_model(arch: ArchitectureSpec, state: StateDict, dtype: torch.dtype) -> ClipSegModel:
+    """Instantiate without random init (meta device) and adopt ``state``'s tensors in place."""
+    with torch.device("meta"):
+        model = ClipSegModel(arch)
+    state = {key: tensor.to(dtype) for key, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers are not in checkpoints: make them real.
+    model.pixel_mean = torch.tensor(IMAGENET_MEAN)
+    model.pixel_std = torch.tensor(IMAGENET_STD)
+    model.backbone.clip.attn_mask = causal_mask(arch.text.context_length)
+    leftover = [name for name, t in model.named_buffers() if t.is_meta]
+    leftover += [name for name, t in model.named_parameters() if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left uninitialised: {_name_some(leftover)}")
+    return model.eval().requires_grad_(False)
+
+
+def _variant_name(arch: ArchitectureSpec) -> str:
+    known = spec_for_decoder(arch.decoder.reduce_dim, arch.decoder.refined_head)
+    return known.name if known and known.architecture == arch else "custom"
+
+
+def load_transformers_dir(directory: Path, dtype: torch.dtype = torch.float32):
+    """A ``save_pretrained`` folder -> (model, layout files)."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{directory}: no config.json (not a transformers model folder)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise WeightsError(f"{config_path}: not valid JSON ({_first_line(error)})") from None
+    if config.get("model_type", "clipseg") != "clipseg":
+        raise WeightsError(
+            f"{config_path}: model_type is {config.get('model_type')!r}, not clipseg"
+        )
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        weights_path = directory / name
+        if weights_path.is_file():
+            break
+    else:
+        raise WeightsError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    arch = architecture_from_hf_config(config)
+    source = read_state_dict(weights_path)
+    arch = _detect_decoder_from_hf_weights(source, arch, weights_path)
+    state = _apply_rules(
+        source,
+        transformers_rules(arch),
+        _expected_shapes(arch),
+        ignorable=_HF_DERIVED_KEYS,
+        what=str(weights_path),
+    )
+    return build_model(arch, state, dtype), [config_path, weights_path], arch
+
+
+def _detect_decoder_from_hf_weights(
+    source: StateDict, arch: ArchitectureSpec, path: Path
+) -> ArchitectureSpec:
+    """The weights, not the config, decide the decoder variant (reduce dim, head kind)."""
+    film = source.get("decoder.film_mul.weight")
+    if film is None:
+        raise WeightsError(f"{path}: not a CLIPSeg checkpoint (no decoder.film_mul.weight)")
+    refined = "decoder.transposed_convolution.0.weight" in source
+    decoder = replace(arch.decoder, reduce_dim=film.shape[0], refined_head=refined)
+    return replace(arch, decoder=decoder)
+
+
+def load_original(
+    decoder_path: Path, clip_weights: Path | None, dtype: torch.dtype = torch.float32
+):
+    """An original-repository decoder file + OpenAI CLIP weights -> (model, files, arch)."""
+    decoder_state = read_state_dict(decoder_path)
+    decoder_spec = decoder_spec_from_original(decoder_state, str(decoder_path))
+    clip_path = clip_weights if clip_weights is not None else _openai_clip_path()
+    clip_state = read_state_dict(clip_path)
+    arch = architecture_from_openai_clip(clip_state, decoder_spec)
+    expected = _expected_shapes(arch)
+    clip_expected = {k: v for k, v in expected.items() if k.startswith("backbone.clip.")}
+    decoder_expected = {k: v for k, v in expected.items() if k.startswith("decoder.")}
+    clip_part = _apply_rules(
+        clip_state,
+        _identity_rules(clip_expected, "backbone.clip."),
+        clip_expected,
+        ignorable=_OPENAI_METADATA_KEYS,
+        what=str(clip_path),
+    )
+    decoder_part = _apply_rules(
+        decoder_state,
+        _identity_rules(decoder_expected, "decoder."),
+        decoder_expected,
+        ignorable=_ORIGINAL_UNUSED_KEYS,
+        what=str(decoder_path),
+    )
+    model = build_model(arch, {**clip_part, **decoder_part}, dtype)
+    return model, [decoder_path, clip_path], arch
+
+
+def _openai_clip_path() -> Path:
+    """OpenAI's CLIP ViT-B/16 through open_clip's pretrained registry (hub cache)."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    try:
+        return Path(download_pretrained(get_pretrained_cfg("ViT-B-16", "openai")))
+    except (OSError, RuntimeError, ValueError) as error:
+        raise WeightsError(
+            "the OpenAI CLIP ViT-B/16 weights are not cached and could not be downloaded "
+            f"({_first_line(error)}); pass --clip-weights PATH to a local copy"
+        ) from None
+
+
+def _hub_files(repo_id: str) -> list[Path]:
+    """config.json + weights of a hub repo, via huggingface_hub's cache (HF_HOME, offline)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    try:
+        config = hf_hub_download(repo_id, "config.json")
+        try:
+            weights = hf_hub_download(repo_id, "model.safetensors")
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            weights = hf_hub_download(repo_id, "pytorch_model.bin")
+    except RepositoryNotFoundError:
+        raise WeightsError(
+            f"model {repo_id!r}: no such repository on the Hugging Face hub"
+        ) from None
+    except (LocalEntryNotFoundError, OSError, HFValidationError) as error:
+        how = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        raise WeightsError(
+            f"model {repo_id!r} is not in the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {how} "
+            f"({_first_line(error)}). Run once with network access, or pass --model with a local "
+            "folder (config.json + model.safetensors)."
+        ) from None
+    return [Path(config), Path(weights)]
+
+
+def resolve_model(model: str) -> tuple[str, Path | None]:
+    """Classify a ``--model`` value: ("dir"|"file", path) or ("hub", None) with its repo id."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "dir", path
+    if path.is_file():
+        return "file", path
+    return "hub", None
+
+
+def load_weights(
+    model: str = DEFAULT_MODEL,
+    *,
+    clip_weights: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[ClipSegModel, WeightsInfo]:
+    """Load any supported model spec into an eval-mode :class:`ClipSegModel` on the CPU.
+
+    Args:
+        model: a hub id (``CIDAS/clipseg-rd64-refined``), a short name from ``MODEL_SPECS``
+            (``rd64``), a transformers-layout folder, or an original decoder file.
+        clip_weights: OpenAI-format CLIP weights, only with an original decoder file.
+        dtype: parameter dtype.
+    """
+    kind, path = resolve_model(model)
+    if clip_weights is not None and kind != "file":
+        raise WeightsError("--clip-weights only goes with an original decoder file as --model")
+    if kind == "file":
+        clip_path = Path(clip_weights).expanduser() if clip_weights is not None else None
+        built, files, arch = load_original(path, clip_path, dtype)
+        layout = "original"
+    elif kind == "dir":
+        built, files, arch = load_transformers_dir(path, dtype)
+        layout = "transformers"
+    else:
+        repo_id = MODEL_SPECS[model].hub_id if model in MODEL_SPECS else model
+        if not _HUB_ID.match(repo_id):
+            raise WeightsError(
+                f"model {model!r}: not a folder, a file, a known name "
+                f"({', '.join(MODEL_SPECS)}) or a hub id like {DEFAULT_MODEL}"
+            )
+        files = _hub_files(repo_id)
+        built, _, arch = load_transformers_dir(files[0].parent, dtype)
+        layout = "transformers"
+    info = WeightsInfo(
+        model_id=model,
+        layout=layout,
+        variant=_variant_name(arch),
+        files=tuple(str(f) for f in files),
+        sha256=file_sha256([f for f in files if f.name != "config.json"]),
+    )
+    return built, info
+
+
+def cached_hub_files(repo_id: str) -> bool:
+    """Whether a hub model's config and weights are already in the local cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+
+    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
