@@ -1,0 +1,274 @@
+"""The ``clipseg`` command line: parses options into a config, runs, prints, exits.
+
+This is the only module that prints or exits. Exit codes are listed in :class:`ExitCode`
+(and in the README).
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import (
+    OUTPUT_KINDS,
+    SegmentConfig,
+    parse_kinds,
+    read_prompts_file,
+)
+from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, MODEL_SPECS
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes."""
+
+    OK = 0  # every input processed
+    SOME_FAILED = 1  # the run finished, but some inputs failed (see the log)
+    USAGE = 2  # bad options or arguments
+    NO_INPUTS = 3  # the inputs named no files
+    MODEL = 4  # the model could not be loaded (missing, offline, corrupt)
+
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Segment image collections from free-form text or image prompts with CLIPSeg.",
+)
+
+
+def _fail(message: str, code: ExitCode) -> typer.Exit:
+    typer.echo(f"clipseg: error: {message}", err=True)
+    return typer.Exit(int(code))
+
+
+class _ProgressReporter:
+    """A rich progress bar on a terminal; plain periodic lines (no control characters) else."""
+
+    def __init__(self, interactive: bool, interval: float = 5.0) -> None:
+        self.interactive = interactive
+        self.interval = interval
+        self._last = 0.0
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> _ProgressReporter:
+        if self.interactive:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]segment"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:.2f} img/s"),
+                TextColumn("{task.fields[failed]} failed"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("segment", total=None, rate=0.0, failed=0)
+        return self
+
+    def __call__(self, progress) -> None:
+        rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(
+                self._task,
+                completed=progress.done,
+                total=progress.total,
+                rate=rate,
+                failed=progress.failed,
+            )
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval and progress.done < progress.total:
+            return
+        self._last = now
+        remaining = (progress.total - progress.done) / rate if rate > 0 else float("nan")
+        eta = f"{remaining:.0f}s" if remaining == remaining else "?"
+        typer.echo(
+            f"clipseg: {progress.done}/{progress.total} images, {progress.ok} ok, "
+            f"{progress.failed} failed, {rate:.2f} img/s, ETA {eta}",
+            err=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@app.command()
+def segment(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders (recursive), quoted globs, '-' (paths on stdin) or "
+            "@list.txt (a file of paths).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("clipseg-out"),
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="Text prompt (repeatable).")
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="File with one text prompt per line.")
+    ] = None,
+    ref: Annotated[
+        list[Path] | None,
+        typer.Option(help="Image prompt: a support image showing the object (repeatable)."),
+    ] = None,
+    ref_mode: Annotated[str, typer.Option(help="raw: encode the support image as it is.")] = "raw",
+    save: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Output kinds, comma-separated or repeated: {', '.join(OUTPUT_KINDS)}.",
+            show_default="mask",
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option(help="Probability above which a pixel is foreground (paper: 0.3).")
+    ] = DEFAULT_THRESHOLD,
+    soft_bits: Annotated[int, typer.Option(help="Bit depth of 'soft' PNGs: 8 or 16.")] = 8,
+    cutout_alpha: Annotated[
+        str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
+    ] = "soft",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Hub id, short name (rd64-refined, rd64, rd16), local transformers folder, or "
+            "original decoder file (.pth)."
+        ),
+    ] = DEFAULT_MODEL,
+    clip_weights: Annotated[
+        Path | None,
+        typer.Option(help="OpenAI-format CLIP ViT-B/16 weights for an original decoder file."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (half on GPU, fp32 on CPU), fp32, bf16 or fp16.")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 4,
+    workers: Annotated[int, typer.Option(help="Decode/resize worker threads.")] = 2,
+    max_pixels: Annotated[
+        int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")
+    ] = 178_956_970,
+    allow_truncated: Annotated[
+        bool, typer.Option(help="Decode truncated files instead of failing them.")
+    ] = False,
+    log: Annotated[
+        Path | None,
+        typer.Option(help="JSON-lines log, one row per input [default: OUT/clipseg-log.jsonl]."),
+    ] = None,
+    progress: Annotated[
+        str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
+    ] = "auto",
+) -> None:
+    """Segment images with text and/or image prompts; write masks and a JSON log."""
+    from . import pipeline
+    from .weights import WeightsError
+
+    try:
+        prompts = list(prompt or [])
+        if prompts_file is not None:
+            prompts += read_prompts_file(prompts_file)
+        config = SegmentConfig(
+            inputs=tuple(inputs),
+            out_dir=out,
+            prompts=tuple(prompts),
+            refs=tuple(ref or ()),
+            ref_mode=ref_mode,
+            save=parse_kinds(save or ["mask"]),
+            threshold=threshold,
+            soft_bits=soft_bits,
+            cutout_alpha=cutout_alpha,
+            model=model,
+            clip_weights=clip_weights,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+            allow_truncated=allow_truncated,
+            log_path=log,
+        )
+    except ValueError as error:
+        raise _fail(str(error), ExitCode.USAGE) from None
+
+    interactive = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+    quiet = progress == "none"
+    try:
+        with _ProgressReporter(interactive) as reporter:
+            summary = pipeline.run_segment(
+                config, stdin=sys.stdin, on_progress=None if quiet else reporter
+            )
+    except pipeline.NoInputsError as error:
+        raise _fail(str(error), ExitCode.NO_INPUTS) from None
+    except WeightsError as error:
+        raise _fail(str(error), ExitCode.MODEL) from None
+    except ValueError as error:
+        raise _fail(str(error), ExitCode.USAGE) from None
+
+    typer.echo(
+        f"clipseg: {summary.ok} ok, {summary.failed} failed of {summary.total} in "
+        f"{summary.seconds:.1f}s ({summary.images_per_second:.2f} img/s); "
+        f"log {summary.log_path}, summary {summary.summary_path}",
+        err=True,
+    )
+    if summary.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+@app.command()
+def models() -> None:
+    """List the known CLIPSeg models and whether their weights are in the local cache.
+
+    On a terminal a table; otherwise tab-separated lines (name, hub id, cached, original file,
+    description) for scripts.
+    """
+    from .weights import cached_hub_files
+
+    rows = []
+    for spec in MODEL_SPECS.values():
+        default = " (default)" if spec.hub_id == DEFAULT_MODEL else ""
+        cached = "yes" if cached_hub_files(spec.hub_id) else "no"
+        rows.append(
+            (spec.name, spec.hub_id, cached, spec.original_filename, spec.description + default)
+        )
+    if not sys.stdout.isatty():
+        for row in rows:
+            typer.echo("\t".join(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="CLIPSeg models")
+    for column in ("name", "hub id", "cached", "original file", "description"):
+        table.add_column(column, no_wrap=column != "description")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""One frozen object per run: every CLI option maps onto a field here.
+
+Validation raises ``ValueError`` with a one-line message; the CLI turns it into a usage error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .sources import DEFAULT_MAX_PIXELS
+from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+
+OUTPUT_KINDS = ("mask", "soft", "overlay", "cutout", "logits", "labels")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+REF_MODES = ("raw",)
+CUTOUT_ALPHAS = ("soft", "mask")
+LOG_NAME = "clipseg-log.jsonl"
+SUMMARY_NAME = "clipseg-summary.json"
+
+
+def parse_kinds(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``["mask,soft", "overlay"]`` -> ``("mask", "soft", "overlay")``, order kept, no repeats."""
+    kinds: list[str] = []
+    for value in values:
+        for kind in (part.strip().lower() for part in value.split(",")):
+            if not kind:
+                continue
+            if kind not in OUTPUT_KINDS:
+                raise ValueError(
+                    f"--save {kind}: unknown kind; choose from {', '.join(OUTPUT_KINDS)}"
+                )
+            if kind not in kinds:
+                kinds.append(kind)
+    return tuple(kinds) or ("mask",)
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--prompts-file {path}: cannot read ({error})") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """A ``clipseg segment`` run."""
+
+    inputs: tuple[str, ...]
+    out_dir: Path
+    prompts: tuple[str, ...] = ()
+    refs: tuple[Path, ...] = ()
+    ref_mode: str = "raw"
+    save: tuple[str, ...] = ("mask",)
+    threshold: float = DEFAULT_THRESHOLD
+    soft_bits: int = 8
+    cutout_alpha: str = "soft"
+    model: str = DEFAULT_MODEL
+    clip_weights: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 4
+    workers: int = 2
+    writer_threads: int = 2
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    allow_truncated: bool = False
+    log_path: Path | None = None
+    summary_path: Path | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("no INPUT given: name files, folders, globs, '-' or @list.txt")
+        if not self.prompts and not self.refs:
+            raise ValueError("no prompt: give --prompt TEXT, --prompts-file FILE or --ref IMAGE")
+        if any(not prompt.strip() for prompt in self.prompts):
+            raise ValueError("--prompt: empty prompt text")
+        for kind in self.save:
+            if kind not in OUTPUT_KINDS:
+                raise ValueError(f"--save {kind}: unknown kind")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold {self.threshold}: must be between 0 and 1")
+        if self.soft_bits not in (8, 16):
+            raise ValueError(f"--soft-bits {self.soft_bits}: must be 8 or 16")
+        if self.ref_mode not in REF_MODES:
+            raise ValueError(f"--ref-mode {self.ref_mode}: choose from {', '.join(REF_MODES)}")
+        if self.cutout_alpha not in CUTOUT_ALPHAS:
+            raise ValueError(f"--cutout-alpha {self.cutout_alpha}: choose soft or mask")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device {self.device}: choose from {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision}: choose from {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "workers", "writer_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError("--max-pixels must be positive")
+
+    @property
+    def resolved_log_path(self) -> Path:
+        return self.log_path if self.log_path is not None else self.out_dir / LOG_NAME
+
+    @property
+    def resolved_summary_path(self) -> Path:
+        return self.summary_path if self.summary_path is not None else self.out_dir / SUMMARY_NAME
+
+    def describe(self) -> dict:
+        """JSON-ready view for the run summary."""
+        return {
+            "inputs": list(self.inputs),
+            "out_dir": str(self.out_dir),
+            "prompts": list(self.prompts),
+            "refs": [str(ref) for ref in self.refs],
+            "ref_mode": self.ref_mode,
+            "save": list(self.save),
+            "threshold": self.threshold,
+            "soft_bits": self.soft_bits,
+            "cutout_alpha": self.cutout_alpha,
+            "model": self.model,
+            "clip_weights": str(self.clip_weights) if self.clip_weights else None,
+            "device": self.device,
+            "precision": self.precision,
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "max_pixels": self.max_pixels,
+            "allow_truncated": self.allow_truncated,
+        }
