@@ -265,6 +265,9 @@ def models() -> None:
     Console().print(table)
 
 
+# --- subcommands defined in their own modules (one line each) ---------------------------------
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

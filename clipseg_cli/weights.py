@@ -346,6 +346,7 @@ def architecture_from_hf_config(config: Mapping) -> ArchitectureSpec:
         text=text,
         decoder=decoder,
         embed_dim=config.get("projection_dim", 512),
+        input_size=config.get("clipseg_input_size", ArchitectureSpec().input_size),
     )
 
 
@@ -615,3 +616,73 @@ def cached_hub_files(repo_id: str) -> bool:
         return isinstance(try_to_load_from_cache(repo_id, name), str)
 
     return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+
+
+def _invert(rule: _Rule, tensor: torch.Tensor) -> list[torch.Tensor]:
+    if rule.combine is _concat:
+        return list(tensor.chunk(len(rule.sources), dim=0))
+    if rule.combine is _transpose:
+        return [tensor.t().contiguous()]
+    return [tensor]
+
+
+def hf_config_from_architecture(arch: ArchitectureSpec) -> dict:
+    """A transformers ``CLIPSegConfig`` dict for ``arch`` (inverse of
+    :func:`architecture_from_hf_config`); ``clipseg_input_size`` is ours, ignored by
+    transformers."""
+    vision, text, decoder = arch.vision, arch.text, arch.decoder
+    return {
+        "model_type": "clipseg",
+        "architectures": ["CLIPSegForImageSegmentation"],
+        "projection_dim": arch.embed_dim,
+        "extract_layers": list(decoder.extract_layers),
+        "reduce_dim": decoder.reduce_dim,
+        "decoder_num_attention_heads": decoder.heads,
+        "decoder_intermediate_size": decoder.feedforward_dim,
+        "conditional_layer": 0,
+        "use_complex_transposed_convolution": decoder.refined_head,
+        "clipseg_input_size": arch.input_size,
+        "vision_config": {
+            "hidden_size": vision.width,
+            "intermediate_size": round(vision.width * vision.mlp_ratio),
+            "num_hidden_layers": vision.layers,
+            "num_attention_heads": vision.heads,
+            "patch_size": vision.patch_size,
+            "image_size": vision.pretrain_image_size,
+            "hidden_act": "quick_gelu",
+        },
+        "text_config": {
+            "hidden_size": text.width,
+            "intermediate_size": round(text.width * text.mlp_ratio),
+            "num_hidden_layers": text.layers,
+            "num_attention_heads": text.heads,
+            "max_position_embeddings": text.context_length,
+            "vocab_size": text.vocab_size,
+            "hidden_act": "quick_gelu",
+            "eos_token_id": 49407,
+        },
+    }
+
+
+def save_transformers_dir(
+    model: ClipSegModel, directory: Path, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``model`` as ``config.json`` + ``model.safetensors`` in transformers' layout, which
+    ``--model DIR`` (and ``CLIPSegForImageSegmentation.from_pretrained``) load."""
+    from safetensors.torch import save_file
+
+    arch = model.arch
+    ours = model.state_dict()
+    theirs: StateDict = {}
+    for rule in transformers_rules(arch):
+        tensor = ours[rule.ours].detach().cpu()
+        if dtype is not None:
+            tensor = tensor.to(dtype)
+        for key, part in zip(rule.sources, _invert(rule, tensor), strict=True):
+            theirs[key] = part.contiguous()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(theirs, str(directory / "model.safetensors"))
+    config = json.dumps(hf_config_from_architecture(arch), indent=2)
+    (directory / "config.json").write_text(config + "\n")
+    return directory

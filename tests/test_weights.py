@@ -215,3 +215,23 @@ def test_other_model_type_is_refused(tiny_model_dir, tmp_path):
 def test_bf16_loading_casts_every_parameter(tiny_model_dir):
     model, _ = load_weights(str(tiny_model_dir), dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_save_transformers_dir_round_trips_through_both_loaders(tiny_model_dir, tmp_path):
+    from transformers import CLIPSegForImageSegmentation
+
+    from clipseg_cli.weights import save_transformers_dir
+
+    model, _ = load_weights(str(tiny_model_dir))
+    saved = save_transformers_dir(model, tmp_path / "saved")
+    again, _ = load_weights(str(saved))
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), again.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    reference = CLIPSegForImageSegmentation.from_pretrained(tiny_model_dir).eval()
+    exported = CLIPSegForImageSegmentation.from_pretrained(saved).eval()
+    for (name, a), (_, b) in zip(
+        reference.state_dict().items(), exported.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
