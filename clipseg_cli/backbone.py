@@ -84,13 +84,17 @@ class ClipBackbone(nn.Module):
         x = x + self._positional_embedding(grid_h, grid_w).to(x.dtype)
         return visual.ln_pre(x)
 
-    def _run_blocks(self, x: torch.Tensor, blocks: nn.ModuleList, stop_after: int) -> list:
-        """Run ``blocks[0..stop_after]`` on batch-first tokens; returns every block's output."""
-        outputs = []
-        for block in blocks[: stop_after + 1]:
+    def _run_blocks(
+        self, x: torch.Tensor, blocks: nn.ModuleList, keep: tuple[int, ...]
+    ) -> list[torch.Tensor]:
+        """Run ``blocks[0..max(keep)]`` on batch-first tokens; returns the outputs of the blocks
+        in ``keep`` (only those are held, to keep activation memory small)."""
+        outputs = {}
+        for index, block in enumerate(blocks[: max(keep) + 1]):
             x = block(x)
-            outputs.append(x)
-        return outputs
+            if index in keep:
+                outputs[index] = x
+        return [outputs[index] for index in keep]
 
     def vision_intermediates(
         self, pixels: torch.Tensor, layers: tuple[int, ...]
@@ -105,8 +109,7 @@ class ClipBackbone(nn.Module):
             One tensor ``[B, 1 + (H/p)(W/p), width]`` per requested layer (class token first).
         """
         x = self._embed_patches(pixels)
-        outputs = self._run_blocks(x, self.clip.visual.transformer.resblocks, max(layers))
-        return [outputs[i] for i in layers]
+        return self._run_blocks(x, self.clip.visual.transformer.resblocks, layers)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """CLIP image embedding ``[B, embed_dim]`` (class token, ln_post, projection).
@@ -118,7 +121,7 @@ class ClipBackbone(nn.Module):
             raise RuntimeError("the image tower was released; it is needed for image prompts")
         x = self._embed_patches(pixels)
         blocks = visual.transformer.resblocks
-        x = self._run_blocks(x, blocks, len(blocks) - 1)[-1]
+        (x,) = self._run_blocks(x, blocks, (len(blocks) - 1,))
         return visual.ln_post(x[:, 0]) @ visual.proj
 
     # -- text -----------------------------------------------------------------------------------
@@ -149,6 +152,7 @@ class ClipBackbone(nn.Module):
         clip.positional_embedding = None
         clip.ln_final = None
         clip.text_projection = None
+        clip.logit_scale = None  # CLIP's contrastive temperature: never used for segmentation
 
     def release_image_head(self) -> None:
         """Free the vision blocks segmentation never runs, and the image-embedding head."""

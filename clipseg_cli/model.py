@@ -34,12 +34,17 @@ class ClipSegModel(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (float32, bfloat16 or float16)."""
+        return next(self.parameters()).dtype
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[B, H, W, 3]`` (as decoded) -> normalised ``[B, 3, H, W]`` in the model dtype.
 
         Done on the model's device so only uint8 bytes cross the host/device boundary.
         """
-        dtype = self.decoder.film_mul.weight.dtype
+        dtype = self.dtype
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         mean = self.pixel_mean.float().view(1, 3, 1, 1)
         std = self.pixel_std.float().view(1, 3, 1, 1)

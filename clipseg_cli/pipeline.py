@@ -1,59 +1,35 @@
-"""The streaming segment run: decode workers -> batched model -> writer threads.
+"""The local segment run: list inputs -> skip finished ones -> decode workers -> batched model ->
+writer threads -> log and ledger.
 
-Engine-independent item functions (:func:`prepare_item`, :func:`predict_batch`,
-:func:`write_item`) hold all per-item logic; :func:`run_segment` only schedules them, with
-bounded queues so memory stays flat whatever the number of inputs. Nothing here prints or exits:
-progress goes to a callback, problems become log rows or exceptions.
+Per-item logic lives in :mod:`clipseg_cli.items` (shared with other engines); this module only
+schedules it, with bounded queues so memory stays flat whatever the number of inputs. It is
+torch-free until there is work: a rerun over a finished folder never imports torch or loads
+the model. Nothing here prints or exits: progress goes to a callback, problems become log rows
+or exceptions (:mod:`clipseg_cli.errors`, :mod:`clipseg_cli.ledger`).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import TextIO
-
-import numpy as np
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from . import __version__, sources, writers
 from .config import SegmentConfig
-from .predictor import Segmenter
-from .transforms import probabilities_at_size, resize_rgb, stack_uint8
+from .errors import FATAL_WRITE_ERRNOS, DiskFullError, NoInputsError
+from .ledger import InputSignature, Ledger, RunLock, fingerprint
+from .logrows import failure_row
 
+if TYPE_CHECKING:
+    from .items import Failed, Prepared
+    from .predictor import Segmenter
 
-class NoInputsError(Exception):
-    """Nothing to process: the inputs named no files at all."""
-
-
-@dataclass(frozen=True)
-class Conditional:
-    """One prompt: its label (text, or ``ref:<path>``) and its file-name slug."""
-
-    label: str
-    slug: str
-
-
-@dataclass
-class Prepared:
-    """A decoded input, ready for the model."""
-
-    item: sources.InputItem
-    out_key: PurePosixPath
-    image: sources.DecodedImage
-    model_input: np.ndarray  # uint8 [h, w, 3] at the model size
-    decode_seconds: float
-
-
-@dataclass
-class Failed:
-    """An input that could not be decoded."""
-
-    item: sources.InputItem
-    error: str
+__all__ = ["DiskFullError", "NoInputsError", "Progress", "RunSummary", "run_segment"]
 
 
 @dataclass
@@ -69,13 +45,15 @@ class Progress:
 
 @dataclass
 class RunSummary:
-    """What a run did; also written as JSON next to the log."""
+    """What a run did; also written as JSON (``details``) next to the log."""
 
     total: int = 0
     ok: int = 0
     failed: int = 0
+    skipped: int = 0
     empty: int = 0
     seconds: float = 0.0
+    interrupted: bool = False
     log_path: Path | None = None
     summary_path: Path | None = None
     details: dict = field(default_factory=dict)
@@ -85,201 +63,308 @@ class RunSummary:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
 
-# -- item functions (shared by every engine) ------------------------------------------------------
+@dataclass
+class _Work:
+    """One input to process, with what the ledger needs to record it."""
+
+    item: sources.InputItem
+    key: str  # display form of item.key: the ledger's and the log's key
+    signature: InputSignature
 
 
-def prepare_item(
-    item: sources.InputItem, out_key: PurePosixPath, config: SegmentConfig, size: tuple[int, int]
-) -> Prepared | Failed:
-    """Decode one input and resize it for the model; a decode problem becomes :class:`Failed`."""
-    start = time.perf_counter()
-    try:
-        image = sources.decode_image(
-            item.path, max_pixels=config.max_pixels, allow_truncated=config.allow_truncated
-        )
-    except sources.ImageDecodeError as error:
-        return Failed(item, str(error))
-    model_input = resize_rgb(image.rgb, size)
-    return Prepared(item, out_key, image, model_input, time.perf_counter() - start)
+def _listing(config: SegmentConfig, stdin: TextIO | None) -> sources.InputListing:
+    listing = sources.collect_inputs(config.inputs, stdin=stdin, exclude=[config.out_dir])
+    if not listing.items:
+        problems = listing.missing + [sources.display_path(p) for p, _ in listing.unreadable]
+        where = ", ".join(problems) if problems else ", ".join(config.inputs)
+        raise NoInputsError(f"no input files found in {where}")
+    return listing
 
 
-def predict_batch(
-    segmenter: Segmenter, batch: list[Prepared], conditionals: torch.Tensor, keep_logits: bool
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Probabilities at each image's size ``[K, H, W]`` (and logits ``[K, h, w]`` if asked).
+def _plan(
+    listing: sources.InputListing, ledger: Ledger, retry_failed: bool
+) -> tuple[list[_Work], list[_Work]]:
+    """Split inputs into (to do, already done and unchanged)."""
+    todo, done = [], []
+    for item in listing.items:
+        key = sources.display_path(item.key)
+        work = _Work(item, key, InputSignature.of(item.path))
+        (done if ledger.is_done(key, work.signature, retry_failed) else todo).append(work)
+    return todo, done
 
-    Upsampling runs on the model's device; results come back with one synchronisation per
-    batch rather than per image.
+
+def run_segment(
+    config: SegmentConfig,
+    *,
+    stdin: TextIO | None = None,
+    segmenter: Segmenter | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunSummary:
+    """Run ``clipseg segment`` end to end, resuming whatever an earlier run in ``--out`` did.
+
+    Raises:
+        NoInputsError: the inputs named no files.
+        LockedError: another run holds ``config.out_dir``.
+        ConfigMismatchError: ``out_dir`` holds results of another configuration.
+        DiskFullError: outputs could not be written for lack of space (resumable).
+        ValueError: a prompt or option problem found while starting (bad ``--ref`` image).
+        WeightsError: the model could not be loaded.
     """
-    pixels = stack_uint8([prepared.model_input for prepared in batch])
-    if segmenter.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    logits = segmenter.logits(pixels, conditionals)
-    host_probs = [
-        probabilities_at_size(logits[i], prepared.image.rgb.shape[:2]).to("cpu", non_blocking=True)
-        for i, prepared in enumerate(batch)
-    ]
-    host_logits = logits.to("cpu", non_blocking=True) if keep_logits else None
-    if segmenter.device.type == "cuda":
-        torch.cuda.synchronize(segmenter.device)
-    return [
-        (probs.numpy(), host_logits[i].numpy() if host_logits is not None else None)
-        for i, probs in enumerate(host_probs)
-    ]
+    started = time.perf_counter()
+    sources.configure_pillow_limits(config.max_pixels)
+    listing = _listing(config, stdin)
+    parts = config.fingerprint_parts(__version__)
+    summary = RunSummary(
+        log_path=config.resolved_log_path, summary_path=config.resolved_summary_path
+    )
+    # Unique per run (two runs can start within one second); sorts by start time.
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    with RunLock(config.out_dir):
+        removed = writers.remove_stale_temporaries(config.out_dir)
+        ledger = Ledger.load(config.out_dir)
+        ledger.begin(fingerprint(parts), parts, overwrite=config.overwrite)
+        try:
+            with writers.JsonlLog(config.resolved_log_path) as log:
+                _Run(config, summary, log, ledger, run_id, on_progress, should_stop).execute(
+                    listing, segmenter, started
+                )
+        finally:
+            ledger.close()
+    summary.details["stale_temporaries_removed"] = removed
+    return summary
 
 
-def _prompt_stats(probs: np.ndarray, threshold: float, conditionals: list[Conditional]) -> list:
-    stats = []
-    for k, conditional in enumerate(conditionals):
-        above = probs[k] > threshold
-        coverage = float(above.mean())
-        stats.append(
-            {
-                "prompt": conditional.label,
-                "max": round(float(probs[k].max()), 6),
-                "mean": round(float(probs[k].mean()), 6),
-                "coverage": round(coverage, 6),
-                "empty": not above.any(),
-            }
+class _Run:
+    """State of one run: counters, the log, the ledger, and the scheduling loop."""
+
+    def __init__(
+        self,
+        config: SegmentConfig,
+        summary: RunSummary,
+        log: writers.JsonlLog,
+        ledger: Ledger,
+        run_id: str,
+        on_progress: Callable[[Progress], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.config = config
+        self.summary = summary
+        self.log = log
+        self.ledger = ledger
+        self.run_id = run_id
+        self.on_progress = on_progress
+        self.should_stop = should_stop or (lambda: False)
+        self.started = 0.0
+        self.infer_seconds = 0.0
+        self.model_details: dict = {}
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def record(self, row: dict, work: _Work | None = None) -> None:
+        """Log one input's row, then (for a finished input) its ledger line."""
+        row["run"] = self.run_id
+        try:
+            self.log.write(row)
+            if work is not None and row["status"] in ("ok", "failed"):
+                outputs = [output["path"] for output in row["outputs"]]
+                self.ledger.record(work.key, work.signature, row["status"], outputs, row["error"])
+        except OSError as error:
+            if error.errno in FATAL_WRITE_ERRNOS:
+                raise DiskFullError(
+                    error.errno, f"cannot write the log: {error.strerror}"
+                ) from None
+            raise
+        summary = self.summary
+        if row["status"] == "ok":
+            summary.ok += 1
+            summary.empty += any(p["empty"] for p in row["prompts"])
+        elif row["status"] == "failed":
+            summary.failed += 1
+        else:
+            summary.skipped += 1
+        if self.on_progress is not None:
+            done = summary.ok + summary.failed + summary.skipped
+            elapsed = time.perf_counter() - self.started
+            self.on_progress(Progress(done, summary.total, summary.ok, summary.failed, elapsed))
+
+    def execute(
+        self, listing: sources.InputListing, segmenter: Segmenter | None, started: float
+    ) -> None:
+        self.started = started
+        todo, done = _plan(listing, self.ledger, self.config.retry_failed)
+        self.summary.total = len(listing.items) + len(listing.missing) + len(listing.unreadable)
+        for spec in listing.missing:
+            self.record(failure_row(spec, None, "no such file or no match"))
+        for folder, reason in listing.unreadable:
+            path = sources.display_path(folder)
+            self.record(failure_row(path, None, f"unreadable folder: {reason}"))
+        for work in done:
+            row = failure_row(sources.display_path(work.item.path), work.key, None, "skipped")
+            row["reason"] = "unchanged since it was processed"
+            self.record(row)
+        try:
+            if todo and not self.should_stop():
+                self._process(todo, segmenter)
+        finally:
+            self._write_summary()
+
+    # -- the streaming loop ---------------------------------------------------------------------
+
+    def _process(self, todo: list[_Work], segmenter: Segmenter | None) -> None:
+        # Imported here: torch and the model are only paid for when there is work.
+        from . import items
+        from .predictor import Segmenter
+
+        config = self.config
+        _limit_malloc_arenas()
+        if segmenter is None:
+            # Two phases, each loading only the parts it needs, so peak memory is the larger
+            # phase rather than the whole model: prompts (text tower, or the full image tower
+            # for --ref), then segmentation (vision blocks up to the last one read + decoder).
+            prompt_parts = {"text"} if config.prompts else set()
+            if config.refs:
+                prompt_parts |= {"vision", "image_head"}
+            prompter = self._load(Segmenter, frozenset(prompt_parts))
+            conditionals, labels = items.build_conditionals(prompter, config)
+            del prompter
+            _return_freed_memory()
+            segmenter = self._load(Segmenter, frozenset({"vision", "decoder"}))
+        else:
+            conditionals, labels = items.build_conditionals(segmenter, config)
+            segmenter.release_prompt_encoders()
+        self.ledger.note(
+            weights_sha256=segmenter.info.sha256,
+            embeddings_sha256=items.tensor_sha256(conditionals),
         )
-    return stats
+        self.model_details = {
+            "model": {
+                "id": segmenter.info.model_id,
+                "layout": segmenter.info.layout,
+                "variant": segmenter.info.variant,
+                "files": list(segmenter.info.files),
+                "sha256": segmenter.info.sha256,
+            },
+            "device": str(segmenter.device),
+            "dtype": str(segmenter.dtype).removeprefix("torch."),
+            "prompts": [{"label": c.label, "slug": c.slug} for c in labels],
+            "labels_legend": {"0": "background"}
+            | {str(i + 1): c.label for i, c in enumerate(labels)},
+            "versions": items.versions(),
+        }
+        batch_size = config.batch_size_for(segmenter.device.type)
+        self.model_details["batch_size"] = batch_size
+        out_keys = writers.casefold_collisions(work.item.key for work in todo)
+        by_key = {work.item.key: work for work in todo}
+        keep_logits = "logits" in config.save
+        writes: deque[tuple[Future, _Work]] = deque()
 
+        def drain(limit: int) -> None:
+            # Rows are logged in input order; unfinished writes (and the images they hold) are
+            # bounded by `limit`.
+            while len(writes) > limit:
+                future, work = writes.popleft()
+                self.record(future.result(), work)
 
-def label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 ``[H, W]``: 1 + argmax over prompts where the best probability passes the
-    threshold, else 0 (background). ``probs`` is ``[K, H, W]``."""
-    best = probs.argmax(axis=0)
-    passes = probs.max(axis=0) > threshold
-    return np.where(passes, best + 1, 0).astype(np.uint8)
-
-
-def write_item(
-    prepared: Prepared,
-    probs: np.ndarray,
-    logits: np.ndarray | None,
-    config: SegmentConfig,
-    conditionals: list[Conditional],
-) -> dict:
-    """Write every requested output of one image; returns its log row."""
-    start = time.perf_counter()
-    out_dir, key, rgb = config.out_dir, prepared.out_key, prepared.image.rgb
-    outputs = []
-
-    def target(kind: str, ext: str, conditional: Conditional | None) -> Path:
-        path = writers.output_path(
-            out_dir, key, kind, ext, conditional.slug if conditional else None
-        )
-        outputs.append(
-            {
-                "prompt": conditional.label if conditional else None,
-                "kind": kind,
-                "path": sources.display_path(path),
-            }
-        )
-        return path
-
-    for k, conditional in enumerate(conditionals):
-        prob = probs[k]
-        mask = prob > config.threshold
-        for kind in config.save:
-            if kind == "mask":
-                writers.write_mask(target("mask", "png", conditional), mask)
-            elif kind == "soft":
-                writers.write_soft(target("soft", "png", conditional), prob, config.soft_bits)
-            elif kind == "overlay":
-                writers.write_overlay(target("overlay", "png", conditional), rgb, mask)
-            elif kind == "cutout":
-                alpha = prob if config.cutout_alpha == "soft" else mask
-                writers.write_cutout(target("cutout", "png", conditional), rgb, alpha)
-            elif kind == "logits":
-                writers.write_logits(target("logits", "npy", conditional), logits[k])
-    if "labels" in config.save:
-        palette = writers.label_palette(len(conditionals))
-        writers.write_labels(
-            target("labels", "png", None), label_map(probs, config.threshold), palette
-        )
-    height, width = rgb.shape[:2]
-    return {
-        "input": sources.display_path(prepared.item.path),
-        "key": sources.display_path(prepared.item.key),
-        "status": "ok",
-        "error": None,
-        "width": width,
-        "height": height,
-        "mode": prepared.image.mode,
-        "prompts": _prompt_stats(probs, config.threshold, conditionals),
-        "outputs": outputs,
-        "timings": {
-            "decode_s": round(prepared.decode_seconds, 4),
-            "write_s": round(time.perf_counter() - start, 4),
-        },
-    }
-
-
-def failure_row(item_path: str, key: str | None, error: str, status: str = "failed") -> dict:
-    return {
-        "input": item_path,
-        "key": key,
-        "status": status,
-        "error": error,
-        "width": None,
-        "height": None,
-        "prompts": [],
-        "outputs": [],
-        "timings": {},
-    }
-
-
-# -- conditionals ---------------------------------------------------------------------------------
-
-
-def build_conditionals(
-    segmenter: Segmenter, config: SegmentConfig
-) -> tuple[torch.Tensor, list[Conditional]]:
-    """Embed every text and image prompt once; ``[K, D]`` and their labels/slugs."""
-    labels = list(config.prompts) + [f"ref:{ref}" for ref in config.refs]
-    slug_sources = list(config.prompts) + [f"ref-{Path(ref).stem}" for ref in config.refs]
-    slugs = writers.prompt_slugs(slug_sources)
-    parts = []
-    if config.prompts:
-        parts.append(segmenter.embed_texts(config.prompts))
-    if config.refs:
-        images = []
-        for ref in config.refs:
+        with (
+            ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as decoders,
+            ThreadPoolExecutor(config.writer_threads, thread_name_prefix="write") as writer_pool,
+        ):
+            stream = self._prepared_stream(
+                todo, out_keys, segmenter.input_size, decoders, batch_size * 2 + config.workers
+            )
             try:
-                images.append(sources.decode_image(Path(ref), max_pixels=config.max_pixels).rgb)
-            except sources.ImageDecodeError as error:
-                raise ValueError(f"--ref {ref}: {error}") from None
-        parts.append(segmenter.embed_images(images))
-    conditionals = torch.cat(parts)
-    return conditionals, [
-        Conditional(label, slug) for label, slug in zip(labels, slugs, strict=True)
-    ]
+                for batch, failures in _batches(stream, batch_size):
+                    for failed in failures:
+                        writes.append((_done(items.failure_for(failed)), by_key[failed.item.key]))
+                    if batch:
+                        start = time.perf_counter()
+                        results = items.predict_batch(segmenter, batch, conditionals, keep_logits)
+                        self.infer_seconds += time.perf_counter() - start
+                        for prepared, (probs, logits) in zip(batch, results, strict=True):
+                            future = writer_pool.submit(
+                                items.write_or_fail, prepared, probs, logits, config, labels
+                            )
+                            writes.append((future, by_key[prepared.item.key]))
+                    drain(batch_size * 2)
+                    if self.should_stop():
+                        self.summary.interrupted = True
+                        break
+                drain(0)
+            finally:
+                stream.close()  # stops submitting decodes; pending ones are cancelled below
+                decoders.shutdown(wait=True, cancel_futures=True)
 
+    def _load(self, segmenter_class: type[Segmenter], components: frozenset[str]) -> Segmenter:
+        config = self.config
+        return segmenter_class.load(
+            config.model,
+            clip_weights=config.clip_weights,
+            device=config.device,
+            precision=config.precision,
+            components=components,
+        )
 
-# -- the run --------------------------------------------------------------------------------------
+    def _prepared_stream(
+        self,
+        todo: list[_Work],
+        out_keys: dict,
+        size: tuple[int, int],
+        pool: ThreadPoolExecutor,
+        ahead: int,
+    ) -> Iterator[Prepared | Failed]:
+        """Decode in the pool, yield in input order, at most ``ahead`` decodes in flight."""
+        from .items import prepare_item
 
+        config = self.config
+        pending: deque[Future] = deque()
+        try:
+            for work in todo:
+                key = work.item.key
+                pending.append(pool.submit(prepare_item, work.item, out_keys[key], config, size))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
-def _prepared_stream(
-    items: list[sources.InputItem],
-    out_keys: dict[PurePosixPath, PurePosixPath],
-    config: SegmentConfig,
-    size: tuple[int, int],
-    pool: ThreadPoolExecutor,
-) -> Iterator[Prepared | Failed]:
-    """Decode in the pool, yield in input order, with at most ``ahead`` decodes in flight."""
-    ahead = config.batch_size * 2 + config.workers
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(pool.submit(prepare_item, item, out_keys[item.key], config, size))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    def _write_summary(self) -> None:
+        summary, config = self.summary, self.config
+        summary.seconds = time.perf_counter() - self.started
+        summary.details = {
+            "command": "segment",
+            "run": self.run_id,
+            "counts": {
+                "total": summary.total,
+                "ok": summary.ok,
+                "failed": summary.failed,
+                "skipped": summary.skipped,
+                "with_empty_prompt": summary.empty,
+            },
+            "interrupted": summary.interrupted,
+            "seconds": round(summary.seconds, 3),
+            "inference_seconds": round(self.infer_seconds, 3),
+            "images_per_second": round(summary.images_per_second, 3),
+            "config": config.describe(),
+            **self.model_details,
+            "log": sources.display_path(config.resolved_log_path),
+            "ledger": sources.display_path(self.ledger.path),
+        }
+        try:
+            writers.write_json_atomic(config.resolved_summary_path, summary.details)
+        except OSError as error:
+            if error.errno not in FATAL_WRITE_ERRNOS:
+                raise
+            # Disk full: the summary is the one record we can do without; the log and the
+            # ledger already hold every finished input, and the DiskFullError is on its way.
 
 
 def _batches(stream: Iterator[Prepared | Failed], size: int) -> Iterator[tuple[list, list]]:
     """Group prepared items into model batches; failures pass through with the next batch."""
+    from .items import Failed
+
     batch: list[Prepared] = []
     failures: list[Failed] = []
     for entry in stream:
@@ -294,166 +379,39 @@ def _batches(stream: Iterator[Prepared | Failed], size: int) -> Iterator[tuple[l
         yield batch, failures
 
 
-def _versions() -> dict:
-    import open_clip
-    import PIL
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """Tune glibc's malloc for a long streaming run.
 
-    return {
-        "clipseg_cli": __version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-    }
+    Cap per-thread arenas: decode, write and torch threads each allocating multi-MB images would
+    otherwise each grow and keep an arena, and resident memory would creep up with the thread
+    count rather than stay at what the pipeline holds."""
+    import ctypes
+
+    m_arena_max, m_mmap_threshold = -8, -3  # glibc's mallopt parameter numbers
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: nothing to tune
+    libc.mallopt(m_arena_max, arenas)
+    # A fixed threshold (glibc otherwise raises it after each large free) keeps image-sized
+    # buffers in their own mappings, returned to the OS when freed instead of pinning heap.
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
-def run_segment(
-    config: SegmentConfig,
-    *,
-    stdin: TextIO | None = None,
-    segmenter: Segmenter | None = None,
-    on_progress: Callable[[Progress], None] | None = None,
-) -> RunSummary:
-    """Run ``clipseg segment`` end to end.
+def _return_freed_memory() -> None:
+    """Give freed model memory back to the OS now (glibc keeps large freed heaps otherwise, and
+    the prompt phase's towers would count towards the segmentation phase's resident size)."""
+    import ctypes
+    import gc
 
-    Raises:
-        NoInputsError: the inputs named no files.
-        ValueError: a prompt or option problem found while starting (bad ``--ref`` image).
-        WeightsError: the model could not be loaded.
-    """
-    started = time.perf_counter()
-    sources.configure_pillow_limits(config.max_pixels)
-    listing = sources.collect_inputs(config.inputs, stdin=stdin, exclude=[config.out_dir])
-    if not listing.items and not listing.missing and not listing.unreadable:
-        raise NoInputsError("no input files found in " + ", ".join(config.inputs))
-    if not listing.items:
-        problems = listing.missing + [sources.display_path(p) for p, _ in listing.unreadable]
-        raise NoInputsError("no input files found: " + ", ".join(problems))
-
-    if segmenter is None:
-        segmenter = Segmenter.load(
-            config.model,
-            clip_weights=config.clip_weights,
-            device=config.device,
-            precision=config.precision,
-        )
-    conditionals, labels = build_conditionals(segmenter, config)
-    segmenter.release_prompt_encoders()
-
-    out_keys = writers.casefold_collisions(item.key for item in listing.items)
-    summary = RunSummary(
-        total=len(listing.items) + len(listing.missing) + len(listing.unreadable),
-        log_path=config.resolved_log_path,
-        summary_path=config.resolved_summary_path,
-    )
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    keep_logits = "logits" in config.save
-    infer_seconds = 0.0
-
-    with (
-        writers.JsonlLog(config.resolved_log_path) as log,
-        ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as decoders,
-        ThreadPoolExecutor(config.writer_threads, thread_name_prefix="write") as writer_pool,
-    ):
-
-        def record(row: dict) -> None:
-            log.write(row)
-            if row["status"] == "ok":
-                summary.ok += 1
-                summary.empty += any(p["empty"] for p in row["prompts"])
-            else:
-                summary.failed += 1
-            if on_progress is not None:
-                done = summary.ok + summary.failed
-                elapsed = time.perf_counter() - started
-                on_progress(Progress(done, summary.total, summary.ok, summary.failed, elapsed))
-
-        for spec in listing.missing:
-            record(failure_row(spec, None, "no such file or no match"))
-        for folder, reason in listing.unreadable:
-            record(failure_row(sources.display_path(folder), None, f"unreadable folder: {reason}"))
-
-        # Writes finish out of order; log rows are emitted in input order, and the number of
-        # images held by unfinished writes is bounded.
-        writes: deque[Future] = deque()
-        max_pending_writes = config.batch_size * 2
-
-        def drain(limit: int) -> None:
-            while len(writes) > limit:
-                record(writes.popleft().result())
-
-        stream = _prepared_stream(listing.items, out_keys, config, segmenter.input_size, decoders)
-        for batch, failures in _batches(stream, config.batch_size):
-            for failed in failures:
-                writes.append(_done(_failure_for(failed)))
-            if batch:
-                infer_start = time.perf_counter()
-                results = predict_batch(segmenter, batch, conditionals, keep_logits)
-                infer_seconds += time.perf_counter() - infer_start
-                for prepared, (probs, logits) in zip(batch, results, strict=True):
-                    writes.append(
-                        writer_pool.submit(_write_or_fail, prepared, probs, logits, config, labels)
-                    )
-            drain(max_pending_writes)
-        drain(0)
-
-    summary.seconds = time.perf_counter() - started
-    summary.details = {
-        "command": "segment",
-        "counts": {
-            "total": summary.total,
-            "ok": summary.ok,
-            "failed": summary.failed,
-            "with_empty_prompt": summary.empty,
-        },
-        "seconds": round(summary.seconds, 3),
-        "inference_seconds": round(infer_seconds, 3),
-        "images_per_second": round(summary.images_per_second, 3),
-        "config": config.describe(),
-        "prompts": [{"label": c.label, "slug": c.slug} for c in labels],
-        "labels_legend": {str(i + 1): c.label for i, c in enumerate(labels)} | {"0": "background"},
-        "model": {
-            "id": segmenter.info.model_id,
-            "layout": segmenter.info.layout,
-            "variant": segmenter.info.variant,
-            "files": list(segmenter.info.files),
-            "sha256": segmenter.info.sha256,
-        },
-        "device": str(segmenter.device),
-        "dtype": str(segmenter.dtype).removeprefix("torch."),
-        "versions": _versions(),
-        "log": str(config.resolved_log_path),
-    }
-    writers.write_json_atomic(config.resolved_summary_path, summary.details)
-    return summary
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return  # not glibc (macOS, musl): nothing to trim, the allocator does its own thing
 
 
 def _done(row: dict) -> Future:
     future: Future = Future()
     future.set_result(row)
     return future
-
-
-def _failure_for(failed: Failed) -> dict:
-    return failure_row(
-        sources.display_path(failed.item.path), sources.display_path(failed.item.key), failed.error
-    )
-
-
-def _write_or_fail(
-    prepared: Prepared,
-    probs: np.ndarray,
-    logits: np.ndarray | None,
-    config: SegmentConfig,
-    labels: list[Conditional],
-) -> dict:
-    """Write outputs; a disk problem for one image becomes its failed row."""
-    try:
-        return write_item(prepared, probs, logits, config, labels)
-    except OSError as error:
-        reason = f"cannot write outputs: {error.strerror or error}"
-        return failure_row(
-            sources.display_path(prepared.item.path),
-            sources.display_path(prepared.item.key),
-            reason,
-        )

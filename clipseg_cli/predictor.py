@@ -22,7 +22,7 @@ import torch
 from .model import ClipSegModel
 from .specs import DEFAULT_MODEL
 from .transforms import probabilities_at_size, resize_rgb, stack_uint8
-from .weights import WeightsInfo, load_weights
+from .weights import COMPONENTS, WeightsInfo, load_weights
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,7 +64,7 @@ class Segmenter:
         self.model = model.to(device)
         self.info = info
         self.device = device
-        self.dtype = model.decoder.film_mul.weight.dtype
+        self.dtype = model.dtype
         size = model.arch.input_size
         self.input_size: tuple[int, int] = (size, size)
         self._tokenizer = None
@@ -77,8 +77,12 @@ class Segmenter:
         clip_weights: str | Path | None = None,
         device: str = "auto",
         precision: str = "auto",
+        components: frozenset[str] = COMPONENTS,
     ) -> Segmenter:
         """Load weights (hub id, folder, or original decoder file) onto a device.
+
+        ``components`` limits what is loaded (see :data:`clipseg_cli.weights.COMPONENTS`): e.g.
+        ``{"text"}`` to embed prompts only, ``{"vision", "decoder"}`` to segment only.
 
         Raises:
             WeightsError: the weights cannot be found or are not a valid checkpoint.
@@ -86,7 +90,9 @@ class Segmenter:
         """
         torch_device = resolve_device(device)
         dtype = resolve_precision(precision, torch_device)
-        built, info = load_weights(model, clip_weights=clip_weights, dtype=dtype)
+        built, info = load_weights(
+            model, clip_weights=clip_weights, dtype=dtype, components=frozenset(components)
+        )
         return cls(built, info, torch_device)
 
     # -- conditionals ---------------------------------------------------------------------------
@@ -116,7 +122,8 @@ class Segmenter:
     def release_prompt_encoders(self) -> None:
         """Free the text tower and the vision blocks only image prompts use (saves ~40%)."""
         self.model.backbone.release_text_tower()
-        self.model.backbone.release_image_head()
+        if self.model.backbone.clip.visual is not None:
+            self.model.backbone.release_image_head()
 
     # -- prediction -----------------------------------------------------------------------------
 

@@ -216,6 +216,9 @@ class _Collector:
         self._seen: set[object] = set()
         self._walked: set[str] = set()
         self._excluded = [os.path.realpath(p) for p in exclude]
+        # The folders the specs name (a folder, a file's folder, a glob's fixed prefix): keys are
+        # relative to their common ancestor, so they stay stable as new files appear inside.
+        self.roots: list[str] = []
 
     def _is_excluded_real(self, real: str) -> bool:
         for root in self._excluded:
@@ -237,11 +240,13 @@ class _Collector:
         self._seen.add(ident)
         self.files.append(path)
 
-    def add_named(self, path: Path, spec_for_missing: str) -> None:
-        """A path named explicitly (argument, list entry, glob match)."""
+    def add_named(self, path: Path, spec_for_missing: str, root: Path | None = None) -> None:
+        """A path named explicitly (argument, list entry, glob match under ``root``)."""
         if path.is_dir():
+            self.roots.append(os.path.abspath(root if root is not None else path))  # noqa: PTH100
             self.walk(path)
         elif path.exists() or path.is_symlink():
+            self.roots.append(os.path.abspath(root if root is not None else path.parent))  # noqa: PTH100
             self.add_file(path)
         else:
             self.missing.append(display_path(spec_for_missing))
@@ -338,9 +343,12 @@ def collect_inputs(
     Files whose real path lies inside a folder of ``exclude`` are never returned. The same file
     named twice (also via symlinks or hardlinks) appears once, at its first mention.
 
-    Keys are paths relative to the deepest folder containing every item (computed on
-    ``os.path.abspath`` of each path, without resolving symlinks), so distinct items have
-    distinct keys: ``["photos"]`` gives ``sub/dog.jpg``; a single file gives its name.
+    Keys are paths relative to the deepest folder containing every folder the specs name (a
+    folder spec itself, a file's folder, a glob's fixed prefix), computed on
+    ``os.path.abspath`` without resolving symlinks. Distinct items have distinct keys, and a
+    file's key does not change when other files appear later (resumable runs rely on this):
+    ``["photos"]`` gives ``sub/dog.jpg`` even if ``sub`` is the only folder; a single file
+    gives its name.
     """
     col = _Collector(exclude)
     for spec in specs:
@@ -368,21 +376,33 @@ def collect_inputs(
             matches = sorted(glob.glob(spec, recursive=True))  # noqa: PTH207
             if not matches:
                 col.missing.append(display_path(spec))
+            root = _glob_root(spec)
             for m in matches:
-                col.add_named(Path(m), m)
+                col.add_named(Path(m), m, root)
 
     return InputListing(
-        items=_assign_keys(col.files), missing=col.missing, unreadable=col.unreadable
+        items=_assign_keys(col.files, col.roots), missing=col.missing, unreadable=col.unreadable
     )
 
 
-def _assign_keys(files: list[Path]) -> list[InputItem]:
+def _glob_root(pattern: str) -> Path:
+    """The fixed folder a glob starts from: ``photos/2024/*/x.jpg`` -> ``photos/2024``."""
+    fixed = []
+    for part in Path(pattern).parts[:-1]:
+        if _GLOB_CHARS & set(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path()
+
+
+def _assign_keys(files: list[Path], roots: list[str]) -> list[InputItem]:
     if not files:
         return []
     # abspath (not resolve): normalises '..' without following symlinks, so keys mirror the
     # tree the user sees.
     absolute = [os.path.abspath(p) for p in files]  # noqa: PTH100
-    common = os.path.commonpath([os.path.dirname(a) for a in absolute])  # noqa: PTH120
+    parents = [os.path.dirname(a) for a in absolute]  # noqa: PTH120
+    common = os.path.commonpath(roots + parents)
     items = []
     for path, a in zip(files, absolute, strict=True):
         rel = Path(os.path.relpath(a, common)).as_posix()

@@ -8,6 +8,7 @@ from the CLIPSeg paper, the original repository (timojl/clipseg) and the transfo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 # Preprocessing of the reference implementation: ImageNet statistics, not CLIP's.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,16 +75,30 @@ class ArchitectureSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named, released model: its architecture and where its weights live."""
+    """A named model: its architecture and where its weights live (the Hugging Face hub, or a
+    folder shipped inside this package)."""
 
     name: str
-    hub_id: str
-    original_filename: str
+    hub_id: str | None
+    original_filename: str | None
     architecture: ArchitectureSpec
     description: str
+    # Folder (transformers layout) relative to the clipseg_cli package, for bundled models.
+    bundled: str | None = None
 
 
 VIT_B16 = ArchitectureSpec()
+# The offline demo model: a CLIPSeg trained from scratch on clipseg_cli.synthetic scenes by
+# ``clipseg train --from-scratch tiny`` (see clipseg_cli/assets/demo/README.md). Small enough to
+# train on a laptop CPU in minutes and to ship in the package (fp16, < 10 MB, mostly the 49408
+# x 64 token embedding).
+TINY = ArchitectureSpec(
+    vision=VisionSpec(width=96, layers=10, heads=4, patch_size=16, pretrain_image_size=224),
+    text=TextSpec(width=64, layers=3, heads=4),
+    decoder=DecoderSpec(reduce_dim=64, heads=4, feedforward_dim=256),
+    embed_dim=64,
+    input_size=224,
+)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -111,14 +126,34 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             ),
             description="reduce dim 16, single transposed-conv head; smallest decoder",
         ),
+        ModelSpec(
+            name="demo",
+            hub_id=None,
+            original_filename=None,
+            architecture=TINY,
+            description="offline demo: coloured shapes only (trained on clipseg_cli.synthetic)",
+            bundled="assets/demo",
+        ),
     )
 }
+# Architectures ``clipseg train --from-scratch`` accepts besides the names above.
+SCRATCH_ALIASES = {"tiny": "demo"}
+
+
+def architecture_for(name: str) -> ArchitectureSpec:
+    """The architecture of a named model (``tiny`` = the demo model's); KeyError with a
+    one-line message otherwise."""
+    spec = MODEL_SPECS.get(SCRATCH_ALIASES.get(name, name))
+    if spec is None:
+        known = ", ".join([*SCRATCH_ALIASES, *MODEL_SPECS])
+        raise KeyError(f"unknown architecture {name!r} (known: {known})")
+    return spec.architecture
 
 
 def spec_for_hub_id(hub_id: str) -> ModelSpec | None:
     """The known model published under ``hub_id``, if any."""
     for spec in MODEL_SPECS.values():
-        if spec.hub_id.lower() == hub_id.lower():
+        if spec.hub_id is not None and spec.hub_id.lower() == hub_id.lower():
             return spec
     return None
 
@@ -130,3 +165,13 @@ def spec_for_decoder(reduce_dim: int, refined_head: bool) -> ModelSpec | None:
         if decoder.reduce_dim == reduce_dim and decoder.refined_head == refined_head:
             return spec
     return None
+
+
+def resolve_model(model: str) -> tuple[str, Path | None]:
+    """Classify a ``--model`` value: ("dir"|"file", path) or ("hub", None) with its repo id."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return "dir", path
+    if path.is_file():
+        return "file", path
+    return "hub", None

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .backbone import causal_mask
+from .errors import WeightsError
 from .model import ClipSegModel
 from .specs import (
     DEFAULT_MODEL,
@@ -38,10 +39,11 @@ from .specs import (
     DecoderSpec,
     TextSpec,
     VisionSpec,
+    resolve_model,
     spec_for_decoder,
 )
 
-StateDict = dict[str, torch.Tensor]
+StateDict = Mapping[str, torch.Tensor]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Keys that old transformers checkpoints persisted although they are derived (position ids).
@@ -53,9 +55,25 @@ _OPENAI_METADATA_KEYS = frozenset({"input_resolution", "context_length", "vocab_
 # The original decoder has an unused ``reduce`` layer; the released files carry it.
 _ORIGINAL_UNUSED_KEYS = frozenset({"reduce.weight", "reduce.bias"})
 
+# Parts of the model that can be loaded separately: prompts need "text" (and, for image prompts,
+# "vision" + "image_head"); segmentation needs "vision" + "decoder". Loading only what a phase
+# needs keeps peak memory at the larger part rather than the whole model.
+COMPONENTS = frozenset({"text", "vision", "image_head", "decoder"})
+_RESBLOCK = re.compile(r"^backbone\.clip\.visual\.transformer\.resblocks\.(\d+)\.")
 
-class WeightsError(Exception):
-    """A model could not be found or loaded. ``str()`` is one line, fit for the user."""
+
+def component_of(key: str, arch: ArchitectureSpec) -> str:
+    """Which of :data:`COMPONENTS` our parameter ``key`` belongs to."""
+    if key.startswith("decoder."):
+        return "decoder"
+    if key.startswith("backbone.clip.visual."):
+        block = _RESBLOCK.match(key)
+        if block is not None:
+            return "vision" if int(block.group(1)) <= arch.last_needed_layer else "image_head"
+        if key.startswith(("backbone.clip.visual.ln_post.", "backbone.clip.visual.proj")):
+            return "image_head"
+        return "vision"
+    return "text"
 
 
 @dataclass(frozen=True)
@@ -91,19 +109,14 @@ def read_state_dict(path: Path) -> StateDict:
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: empty file, not a checkpoint")
     if _is_safetensors(path):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise WeightsError(
-                f"{path}: unreadable safetensors file ({_first_line(error)})"
-            ) from None
-    if zipfile.is_zipfile(path) and _is_torchscript_archive(path):
+        return _LazySafetensors(path)
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip and _is_torchscript_archive(path):
         return _read_torchscript(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors stay in the page cache until converted, so loading never holds the
+        # file's tensors and the model's side by side.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
         if "weights_only" in str(error) or "Unsupported" in str(error):
             raise WeightsError(
@@ -119,6 +132,75 @@ def read_state_dict(path: Path) -> StateDict:
             f"{_first_line(error)})"
         ) from None
     return _as_state_dict(loaded, path)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class _LazySafetensors(Mapping):
+    """A safetensors file as a read-only ``{name: tensor}`` mapping that reads each tensor
+    when asked.
+
+    Tensors are read with plain file reads rather than through a memory map: the pages of a
+    mapped 600 MB file would count towards the process's resident memory next to the model
+    built from them. Converting one tensor at a time keeps peak memory at the model's size.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as handle:
+                header_len = int.from_bytes(handle.read(8), "little")
+                if header_len <= 0 or 8 + header_len > size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(handle.read(header_len))
+            self._start = 8 + header_len
+            self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            for name, entry in self._entries.items():
+                begin, end = entry["data_offsets"]
+                if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"unsupported dtype {entry['dtype']} of {name}")
+                if self._start + end > size or begin > end:
+                    raise ValueError(f"tensor {name} lies past the end of the file (truncated)")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise WeightsError(
+                f"{path}: unreadable safetensors file ({_first_line(error)})"
+            ) from None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+        if buffer is not None and buffer.nbytes != end - begin:
+            raise WeightsError(f"{self._path}: tensor {key} has an inconsistent size")
+        if buffer is not None:
+            with self._path.open("rb") as handle:
+                handle.seek(self._start + begin)
+                if handle.readinto(buffer) != buffer.nbytes:
+                    raise WeightsError(f"{self._path}: truncated inside tensor {key}")
+        return tensor
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __iter__(self):
+        return iter(sorted(self._entries))
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _is_torchscript_archive(path: Path) -> bool:
@@ -158,15 +240,23 @@ def _name_some(keys: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+_HASH_CACHE: dict[tuple, str] = {}
+
+
 def file_sha256(paths: list[Path]) -> str:
-    """sha256 of a file (or of the concatenated hashes of several), streamed."""
+    """sha256 of a file (or of the concatenated hashes of several), streamed; remembered per
+    (path, size, mtime) so loading a model in two phases hashes it once."""
     digests = []
     for path in paths:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        digests.append(digest.hexdigest())
+        stat = path.stat()
+        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if identity not in _HASH_CACHE:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+            _HASH_CACHE[identity] = digest.hexdigest()
+        digests.append(_HASH_CACHE[identity])
     if len(digests) == 1:
         return digests[0]
     return hashlib.sha256("".join(digests).encode()).hexdigest()
@@ -199,8 +289,13 @@ def _apply_rules(
     *,
     ignorable: frozenset[str],
     what: str,
-) -> StateDict:
-    """Build our state dict from ``source``; every key and shape accounted for, or an error."""
+    dtype: torch.dtype = torch.float32,
+    skip: Callable[[str], bool] = lambda _key: False,
+) -> dict[str, torch.Tensor]:
+    """Build our state dict from ``source``; every key and shape accounted for, or an error.
+
+    Keys for which ``skip(our_key)`` is true are checked for presence but never read.
+    """
     missing = sorted({key for rule in rules for key in rule.sources if key not in source})
     used = {key for rule in rules for key in rule.sources}
     unexpected = sorted(set(source) - used - ignorable)
@@ -214,16 +309,18 @@ def _apply_rules(
     unfilled = sorted(set(expected) - {rule.ours for rule in rules})
     if unfilled:  # a bug in our rules, not in the user's file
         raise RuntimeError(f"conversion rules leave {_name_some(unfilled)} unfilled")
-    converted: StateDict = {}
+    converted: dict[str, torch.Tensor] = {}
     wrong_shapes = []
     for rule in rules:
+        if skip(rule.ours):
+            continue
         tensor = rule.combine(*(source[key] for key in rule.sources))
         if tensor.shape != expected[rule.ours]:
             wrong_shapes.append(
                 f"{'+'.join(rule.sources)} {tuple(tensor.shape)} (expected "
                 f"{tuple(expected[rule.ours])})"
             )
-        converted[rule.ours] = tensor
+        converted[rule.ours] = tensor.to(dtype)
     if wrong_shapes:
         raise WeightsError(f"{what}: wrong shapes: {_name_some(wrong_shapes, 3)}")
     return converted
@@ -413,10 +510,26 @@ def _expected_shapes(arch: ArchitectureSpec) -> dict[str, torch.Size]:
     return {key: value.shape for key, value in skeleton.state_dict().items()}
 
 
-def build_model(arch: ArchitectureSpec, state: StateDict, dtype: torch.dtype) -> ClipSegModel:
-    """Instantiate without random init (meta device) and adopt ``state``'s tensors in place."""
+def build_model(
+    arch: ArchitectureSpec,
+    state: StateDict,
+    dtype: torch.dtype,
+    components: frozenset[str] = COMPONENTS,
+) -> ClipSegModel:
+    """Instantiate without random init (meta device) and adopt ``state``'s tensors in place.
+
+    Parts not in ``components`` are removed from the model (``state`` need not hold them).
+    """
     with torch.device("meta"):
         model = ClipSegModel(arch)
+    if "text" not in components:
+        model.backbone.release_text_tower()
+    if "image_head" not in components:
+        model.backbone.release_image_head()
+    if "decoder" not in components:
+        model.decoder = None
+    if "vision" not in components:
+        model.backbone.clip.visual = None
     state = {key: tensor.to(dtype) for key, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in checkpoints: make them real.
@@ -431,11 +544,18 @@ def build_model(arch: ArchitectureSpec, state: StateDict, dtype: torch.dtype) ->
 
 
 def _variant_name(arch: ArchitectureSpec) -> str:
+    for spec in MODEL_SPECS.values():
+        if spec.architecture == arch:
+            return spec.name
     known = spec_for_decoder(arch.decoder.reduce_dim, arch.decoder.refined_head)
     return known.name if known and known.architecture == arch else "custom"
 
 
-def load_transformers_dir(directory: Path, dtype: torch.dtype = torch.float32):
+def load_transformers_dir(
+    directory: Path,
+    dtype: torch.dtype = torch.float32,
+    components: frozenset[str] = COMPONENTS,
+):
     """A ``save_pretrained`` folder -> (model, layout files)."""
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -463,8 +583,10 @@ def load_transformers_dir(directory: Path, dtype: torch.dtype = torch.float32):
         _expected_shapes(arch),
         ignorable=_HF_DERIVED_KEYS,
         what=str(weights_path),
+        dtype=dtype,
+        skip=lambda key: component_of(key, arch) not in components,
     )
-    return build_model(arch, state, dtype), [config_path, weights_path], arch
+    return build_model(arch, state, dtype, components), [config_path, weights_path], arch
 
 
 def _detect_decoder_from_hf_weights(
@@ -480,7 +602,10 @@ def _detect_decoder_from_hf_weights(
 
 
 def load_original(
-    decoder_path: Path, clip_weights: Path | None, dtype: torch.dtype = torch.float32
+    decoder_path: Path,
+    clip_weights: Path | None,
+    dtype: torch.dtype = torch.float32,
+    components: frozenset[str] = COMPONENTS,
 ):
     """An original-repository decoder file + OpenAI CLIP weights -> (model, files, arch)."""
     decoder_state = read_state_dict(decoder_path)
@@ -497,6 +622,8 @@ def load_original(
         clip_expected,
         ignorable=_OPENAI_METADATA_KEYS,
         what=str(clip_path),
+        dtype=dtype,
+        skip=lambda key: component_of(key, arch) not in components,
     )
     decoder_part = _apply_rules(
         decoder_state,
@@ -504,8 +631,10 @@ def load_original(
         decoder_expected,
         ignorable=_ORIGINAL_UNUSED_KEYS,
         what=str(decoder_path),
+        dtype=dtype,
+        skip=lambda key: component_of(key, arch) not in components,
     )
-    model = build_model(arch, {**clip_part, **decoder_part}, dtype)
+    model = build_model(arch, {**clip_part, **decoder_part}, dtype, components)
     return model, [decoder_path, clip_path], arch
 
 
@@ -554,14 +683,22 @@ def _hub_files(repo_id: str) -> list[Path]:
     return [Path(config), Path(weights)]
 
 
-def resolve_model(model: str) -> tuple[str, Path | None]:
-    """Classify a ``--model`` value: ("dir"|"file", path) or ("hub", None) with its repo id."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return "dir", path
-    if path.is_file():
-        return "file", path
-    return "hub", None
+def bundled_model_dir(model: str) -> Path | None:
+    """The folder shipped in this package for a bundled model name (``demo``), else None.
+
+    A bundled name wins over a folder of the same name in the working directory (write
+    ``./demo`` for that one).
+    """
+    spec = MODEL_SPECS.get(model)
+    if spec is None or spec.bundled is None:
+        return None
+    directory = Path(__file__).resolve().parent / spec.bundled
+    if not (directory / "config.json").is_file():
+        raise WeightsError(
+            f"model {model!r}: its bundled files are missing from {directory} (an incomplete "
+            "install: reinstall clipseg-cli)"
+        )
+    return directory
 
 
 def load_weights(
@@ -569,24 +706,28 @@ def load_weights(
     *,
     clip_weights: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
+    components: frozenset[str] = COMPONENTS,
 ) -> tuple[ClipSegModel, WeightsInfo]:
     """Load any supported model spec into an eval-mode :class:`ClipSegModel` on the CPU.
 
     Args:
         model: a hub id (``CIDAS/clipseg-rd64-refined``), a short name from ``MODEL_SPECS``
-            (``rd64``), a transformers-layout folder, or an original decoder file.
+            (``rd64``; ``demo`` is bundled with the package), a transformers-layout folder, or
+            an original decoder file.
         clip_weights: OpenAI-format CLIP weights, only with an original decoder file.
         dtype: parameter dtype.
+        components: the parts of :data:`COMPONENTS` to load; the others are left out.
     """
-    kind, path = resolve_model(model)
+    bundled = bundled_model_dir(model)
+    kind, path = ("dir", bundled) if bundled is not None else resolve_model(model)
     if clip_weights is not None and kind != "file":
         raise WeightsError("--clip-weights only goes with an original decoder file as --model")
     if kind == "file":
         clip_path = Path(clip_weights).expanduser() if clip_weights is not None else None
-        built, files, arch = load_original(path, clip_path, dtype)
+        built, files, arch = load_original(path, clip_path, dtype, components)
         layout = "original"
     elif kind == "dir":
-        built, files, arch = load_transformers_dir(path, dtype)
+        built, files, arch = load_transformers_dir(path, dtype, components)
         layout = "transformers"
     else:
         repo_id = MODEL_SPECS[model].hub_id if model in MODEL_SPECS else model
@@ -596,7 +737,7 @@ def load_weights(
                 f"({', '.join(MODEL_SPECS)}) or a hub id like {DEFAULT_MODEL}"
             )
         files = _hub_files(repo_id)
-        built, _, arch = load_transformers_dir(files[0].parent, dtype)
+        built, _, arch = load_transformers_dir(files[0].parent, dtype, components)
         layout = "transformers"
     info = WeightsInfo(
         model_id=model,
@@ -673,7 +814,7 @@ def save_transformers_dir(
 
     arch = model.arch
     ours = model.state_dict()
-    theirs: StateDict = {}
+    theirs: dict[str, torch.Tensor] = {}
     for rule in transformers_rules(arch):
         tensor = ours[rule.ours].detach().cpu()
         if dtype is not None:

@@ -216,6 +216,45 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
+# Temp files are ``.{final name}.tmp-{8 hex}``: hidden, next to their target, and recognisably
+# ours, so a later run can remove the leftovers of a killed one without touching anything else.
+TEMP_NAME = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete our leftover temp files under ``folder`` (after a crash); returns how many.
+
+    Only call this while holding the folder's run lock: a live run's temp files look the same.
+    """
+    removed = 0
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            if TEMP_NAME.match(name):
+                Path(dirpath, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """Cut a JSON-lines file back to its last complete line (a killed writer can leave half a
+    line; appending after it would corrupt the next row too)."""
+    try:
+        with path.open("rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            step = min(size, 1 << 16)
+            handle.seek(size - step)
+            tail = handle.read(step)
+            cut = tail.rfind(b"\n")
+            handle.truncate(size - step + cut + 1 if cut >= 0 else (0 if step == size else size))
+    except FileNotFoundError:
+        return
+
+
 def _save_image(path: Path, im: Image.Image) -> None:
     ext = Path(path).suffix.lower()
     if ext == ".png":
@@ -409,6 +448,7 @@ class JsonlLog:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_partial_last_line(self.path)
         self._f = self.path.open("a", encoding="utf-8", buffering=1)
         self._lock = threading.Lock()
 
