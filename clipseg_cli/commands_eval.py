@@ -1,0 +1,305 @@
+"""The ``clipseg eval`` and ``clipseg calibrate`` commands (registered by :func:`register`).
+
+Like ``cli.py``, this module prints and exits; the work is in :mod:`clipseg_cli.evaluate` and
+the numbers in :mod:`clipseg_cli.metrics`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+
+# Shown on the terminal: at most this many per-file errors (all of them are in the JSON).
+_MAX_ERRORS_SHOWN = 20
+
+GtOption = Annotated[
+    Path, typer.Option("--gt", help="Folder of ground-truth masks (or mattes with --matting).")
+]
+PredOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pred",
+        help="Folder of predictions: same relative paths as --gt, or clipseg segment outputs "
+        "(<name>.<slug>.soft.png / .mask.png).",
+    ),
+]
+ImagesOption = Annotated[
+    Path | None,
+    typer.Option("--images", help="Folder of images: run the model on them (needs --prompt)."),
+]
+PromptOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompt", "-p", help="Text prompt for --images (repeatable; then gt/<slug>/...)."
+    ),
+]
+PredSlugOption = Annotated[
+    str | None,
+    typer.Option(help="Use only predictions of this prompt slug (several prompts in --pred)."),
+]
+ThresholdOption = Annotated[
+    float, typer.Option(help="Threshold to report at: foreground = probability > t.")
+]
+ModelOption = Annotated[str, typer.Option(help="Model for --images (as for segment).")]
+ClipWeightsOption = Annotated[
+    Path | None, typer.Option(help="OpenAI-format CLIP weights for an original decoder file.")
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOption = Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")]
+BatchOption = Annotated[int, typer.Option(help="Images per model batch (--images).")]
+KeepOption = Annotated[
+    Path | None,
+    typer.Option(help="With --images: also write the predictions here as 16-bit soft PNGs."),
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.echo(f"clipseg: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _run(config_kwargs: dict[str, Any]):
+    """Build the config and run; every failure becomes a one-line error and an exit code."""
+    from . import evaluate
+    from .cli import ExitCode
+
+    try:
+        config = evaluate.EvalConfig(**config_kwargs)
+    except ValueError as error:
+        raise _fail(str(error), ExitCode.USAGE) from None
+    # Only --images loads a model; importing the weights module (and torch) for --pred alone
+    # would cost seconds.
+    model_errors: tuple[type[Exception], ...] = ()
+    if config.images_dir is not None:
+        from .weights import WeightsError
+
+        model_errors = (WeightsError,)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 5.0 or done == total:
+            last[0] = now
+            typer.echo(f"clipseg: {done}/{total} images", err=True)
+
+    try:
+        report = evaluate.run_eval(
+            config, on_progress=progress if config.images_dir is not None else None
+        )
+    except evaluate.NoInputsError as error:
+        raise _fail(str(error), ExitCode.NO_INPUTS) from None
+    except model_errors as error:
+        raise _fail(str(error), ExitCode.MODEL) from None
+    except ValueError as error:
+        raise _fail(str(error), ExitCode.USAGE) from None
+    for entry in report.errors[:_MAX_ERRORS_SHOWN]:
+        typer.echo(f"clipseg: {entry['file']}: {entry['error']}", err=True)
+    if len(report.errors) > _MAX_ERRORS_SHOWN:
+        more = len(report.errors) - _MAX_ERRORS_SHOWN
+        typer.echo(f"clipseg: ... and {more} more errors (all listed in the JSON)", err=True)
+    return report
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _summary_rows(report: Any) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Table header and rows: the numbers with their convention next to them."""
+    from . import metrics
+
+    if report.matting is not None:
+        conventions = metrics.MATTING_CONVENTIONS
+        rows = [
+            (key, _fmt(report.matting[key], 6), conventions[key]) for key in metrics.MATTING_KEYS
+        ]
+        return ["metric", "mean over images", "convention"], rows
+    scores = report.segmentation
+    conventions = metrics.SEGMENTATION_CONVENTIONS
+    at = scores.at(report.config.threshold)
+    best = scores.at(scores.best_threshold)
+    rows = [("threshold", _fmt(at["threshold"], 2), _fmt(best["threshold"], 2), "prob > t")]
+    for key in ("iou_fg", "binary_iou", "miou", "precision", "recall"):
+        rows.append((key, _fmt(at[key]), _fmt(best[key]), conventions[key]))
+    rows.append(("iou_fg_plus1", _fmt(at["iou_fg_plus1"]), _fmt(best["iou_fg_plus1"]),
+                 conventions["iou_fg_plus1"]))  # fmt: skip
+    rows.append(("ap", _fmt(scores.ap), "", conventions["ap"]))
+    header = ["metric", f"at t={at['threshold']:g}", f"at best t={best['threshold']:g}"]
+    return [*header, "convention"], rows
+
+
+def _print_summary(report: Any) -> None:
+    if report.segmentation is None and report.matting is None:
+        return
+    header, rows = _summary_rows(report)
+    counts = f"{report.ok} evaluated, {report.failed} errors"
+    if not sys.stdout.isatty():
+        typer.echo(f"# {report.mode}: {counts}")
+        typer.echo("\t".join(header))
+        for row in rows:
+            typer.echo("\t".join(row))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"clipseg eval ({report.mode}): {counts}")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="right" if 0 < i < len(header) - 1 else "left")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def eval_command(
+    gt: GtOption,
+    pred: PredOption = None,
+    images: ImagesOption = None,
+    prompt: PromptOption = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="File with one text prompt per line (--images).")
+    ] = None,
+    pred_slug: PredSlugOption = None,
+    matting: Annotated[
+        bool, typer.Option("--matting", help="Matting metrics (SAD, MSE, MAD, Grad, Conn).")
+    ] = False,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every number here as JSON.")
+    ] = None,
+    csv_path: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Per-image CSV.", show_default="--json path with .csv"),
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Precision/recall curve PNG.", show_default="--json path with .pr.png"),
+    ] = None,
+    keep_preds: KeepOption = None,
+    model: ModelOption = DEFAULT_MODEL,
+    clip_weights: ClipWeightsOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: BatchOption = 4,
+) -> None:
+    """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting)."""
+    from . import evaluate
+    from .cli import ExitCode
+    from .config import read_prompts_file
+
+    try:
+        prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
+    except ValueError as error:
+        raise _fail(str(error), ExitCode.USAGE) from None
+    report = _run(
+        {
+            "gt_dir": gt,
+            "pred_dir": pred,
+            "images_dir": images,
+            "prompts": tuple(prompts),
+            "pred_slug": pred_slug,
+            "matting": matting,
+            "threshold": threshold,
+            "model": model,
+            "clip_weights": clip_weights,
+            "device": device,
+            "precision": precision,
+            "batch_size": batch_size,
+            "keep_preds": keep_preds,
+        }
+    )
+    if json_path is not None:
+        csv_path = csv_path or json_path.with_suffix(".csv")
+        plot = plot or json_path.with_suffix(".pr.png")
+    try:
+        if json_path is not None:
+            evaluate.write_report_json(json_path, report)
+        if csv_path is not None:
+            evaluate.write_per_image_csv(csv_path, report)
+        if plot is not None and report.segmentation is not None:
+            evaluate.write_pr_curve(plot, report.segmentation, threshold)
+    except (OSError, ValueError) as error:
+        raise _fail(f"cannot write the report: {error}", ExitCode.SOME_FAILED) from None
+    _print_summary(report)
+    written = [str(p) for p in (json_path, csv_path) if p is not None]
+    if plot is not None and report.segmentation is not None:
+        written.append(str(plot))
+    if written:
+        typer.echo(f"clipseg: wrote {', '.join(written)}", err=True)
+    if report.ok == 0:
+        raise _fail("no pair could be evaluated", ExitCode.SOME_FAILED)
+    if report.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def calibrate_command(
+    gt: GtOption,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Threshold file (JSON) for segment/matte.")
+    ] = Path("clipseg-threshold.json"),
+    pred: PredOption = None,
+    images: ImagesOption = None,
+    prompt: PromptOption = None,
+    pred_slug: PredSlugOption = None,
+    metric: Annotated[
+        str, typer.Option(help="Metric to maximise: iou_fg, binary_iou or miou.")
+    ] = "iou_fg",
+    threshold: Annotated[
+        float, typer.Option(help="Current threshold, reported for comparison.")
+    ] = DEFAULT_THRESHOLD,
+    model: ModelOption = DEFAULT_MODEL,
+    clip_weights: ClipWeightsOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    batch_size: BatchOption = 4,
+) -> None:
+    """Find the threshold that maximises IoU_FG on a labelled set and write it to --out."""
+    from . import evaluate
+    from .cli import ExitCode
+
+    if metric not in evaluate.CALIBRATION_METRICS:
+        choices = ", ".join(evaluate.CALIBRATION_METRICS)
+        raise _fail(f"--metric {metric}: choose from {choices}", ExitCode.USAGE)
+    report = _run(
+        {
+            "gt_dir": gt,
+            "pred_dir": pred,
+            "images_dir": images,
+            "prompts": tuple(prompt or ()),
+            "pred_slug": pred_slug,
+            "threshold": threshold,
+            "model": model,
+            "clip_weights": clip_weights,
+            "device": device,
+            "precision": precision,
+            "batch_size": batch_size,
+        }
+    )
+    if report.ok == 0:
+        raise _fail("nothing to calibrate on: no pair could be evaluated", ExitCode.SOME_FAILED)
+    content = evaluate.calibration(report, metric)
+    try:
+        evaluate.write_threshold_file(out, content)
+    except OSError as error:
+        reason = error.strerror or error
+        raise _fail(f"{out}: cannot write ({reason})", ExitCode.SOME_FAILED) from None
+    now = content["at_threshold"][metric]
+    typer.echo(
+        f"clipseg: best threshold {content['threshold']:g} ({metric} {content[metric]:.4f}; "
+        f"{now:.4f} at {threshold:g}) on {report.ok} images; written to {out}",
+        err=True,
+    )
+    typer.echo(f"{content['threshold']:g}")
+    if report.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` and ``calibrate`` to the ``clipseg`` app."""
+    app.command("eval")(eval_command)
+    app.command("calibrate")(calibrate_command)
