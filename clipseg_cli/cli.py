@@ -31,6 +31,47 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad options or arguments
     NO_INPUTS = 3  # the inputs named no files
     MODEL = 4  # the model could not be loaded (missing, offline, corrupt)
+    LOCKED = 5  # another run is writing to the same --out; nothing was written
+    CONFIG_MISMATCH = 6  # --out holds results of another configuration (see --overwrite)
+    DISK_FULL = 7  # outputs could not be written (no space, quota, read-only); rerun resumes
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): finished work is kept; rerun resumes
+    TERMINATED = 143  # SIGTERM: same
+
+
+class _StopSignals:
+    """First SIGINT/SIGTERM asks the run to stop after the current batch; a second one stops
+    at once (Python's default)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        import signal
+
+        self.received = signum
+        typer.echo("clipseg: stopping after the current batch (again to abort)", err=True)
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def exit_code(self) -> ExitCode | None:
+        import signal
+
+        if self.received is None:
+            return None
+        return ExitCode.INTERRUPTED if self.received == signal.SIGINT else ExitCode.TERMINATED
 
 
 app = typer.Typer(
@@ -163,7 +204,12 @@ def segment(
     precision: Annotated[
         str, typer.Option(help="auto (half on GPU, fp32 on CPU), fp32, bf16 or fp16.")
     ] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per model batch.")] = 4,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per model batch [default: 2 on CPU, 16 on GPU].", show_default=False
+        ),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Decode/resize worker threads.")] = 2,
     max_pixels: Annotated[
         int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")
@@ -178,10 +224,18 @@ def segment(
     progress: Annotated[
         str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
     ] = "auto",
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Redo everything when --out holds results of another configuration."),
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Retry inputs that failed in earlier runs into the same --out.")
+    ] = False,
 ) -> None:
     """Segment images with text and/or image prompts; write masks and a JSON log."""
     from . import pipeline
-    from .weights import WeightsError
+    from .errors import WeightsError
+    from .ledger import ConfigMismatchError, LockedError
 
     try:
         prompts = list(prompt or [])
@@ -206,6 +260,8 @@ def segment(
             max_pixels=max_pixels,
             allow_truncated=allow_truncated,
             log_path=log,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
         )
     except ValueError as error:
         raise _fail(str(error), ExitCode.USAGE) from None
@@ -213,23 +269,37 @@ def segment(
     interactive = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     quiet = progress == "none"
     try:
-        with _ProgressReporter(interactive) as reporter:
+        with _StopSignals() as signals, _ProgressReporter(interactive) as reporter:
             summary = pipeline.run_segment(
-                config, stdin=sys.stdin, on_progress=None if quiet else reporter
+                config,
+                stdin=sys.stdin,
+                on_progress=None if quiet else reporter,
+                should_stop=lambda: signals.received is not None,
             )
     except pipeline.NoInputsError as error:
         raise _fail(str(error), ExitCode.NO_INPUTS) from None
+    except LockedError as error:
+        raise _fail(str(error), ExitCode.LOCKED) from None
+    except ConfigMismatchError as error:
+        raise _fail(str(error), ExitCode.CONFIG_MISMATCH) from None
+    except pipeline.DiskFullError as error:
+        message = f"{error.strerror}; finished outputs are kept, rerun to resume"
+        raise _fail(message, ExitCode.DISK_FULL) from None
     except WeightsError as error:
         raise _fail(str(error), ExitCode.MODEL) from None
     except ValueError as error:
         raise _fail(str(error), ExitCode.USAGE) from None
 
     typer.echo(
-        f"clipseg: {summary.ok} ok, {summary.failed} failed of {summary.total} in "
-        f"{summary.seconds:.1f}s ({summary.images_per_second:.2f} img/s); "
-        f"log {summary.log_path}, summary {summary.summary_path}",
+        f"clipseg: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
+        f"(unchanged) of {summary.total} in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.2f} img/s); log {summary.log_path}",
         err=True,
     )
+    stopped = signals.exit_code()
+    if stopped is not None:
+        typer.echo("clipseg: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(int(stopped))
     if summary.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
@@ -246,10 +316,12 @@ def models() -> None:
     rows = []
     for spec in MODEL_SPECS.values():
         default = " (default)" if spec.hub_id == DEFAULT_MODEL else ""
-        cached = "yes" if cached_hub_files(spec.hub_id) else "no"
-        rows.append(
-            (spec.name, spec.hub_id, cached, spec.original_filename, spec.description + default)
-        )
+        if spec.hub_id is None:
+            source, cached = "(bundled with clipseg)", "yes"
+        else:
+            source, cached = spec.hub_id, "yes" if cached_hub_files(spec.hub_id) else "no"
+        original = spec.original_filename or "-"
+        rows.append((spec.name, source, cached, original, spec.description + default))
     if not sys.stdout.isatty():
         for row in rows:
             typer.echo("\t".join(row))
@@ -266,6 +338,11 @@ def models() -> None:
 
 
 # --- subcommands defined in their own modules (one line each) ---------------------------------
+from .commands_eval import register as _register_eval  # noqa: E402
+from .commands_train import register as _register_train  # noqa: E402
+
+_register_eval(app)
+_register_train(app)
 
 
 def main() -> None:
