@@ -15,11 +15,13 @@ from typing import Annotated
 import typer
 
 from .config import (
-    OUTPUT_KINDS,
+    MATTE_KINDS,
+    SEGMENT_KINDS,
     SegmentConfig,
     parse_kinds,
     read_prompts_file,
 )
+from .sources import DEFAULT_MAX_PIXELS
 from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, MODEL_SPECS
 
 
@@ -153,115 +155,133 @@ class _ProgressReporter:
             self._bar.stop()
 
 
-@app.command()
-def segment(
-    inputs: Annotated[
-        list[str],
-        typer.Argument(
-            help="Image files, folders (recursive), quoted globs, '-' (paths on stdin) or "
-            "@list.txt (a file of paths).",
-            show_default=False,
-        ),
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("clipseg-out"),
-    prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", "-p", help="Text prompt (repeatable).")
-    ] = None,
-    prompts_file: Annotated[
-        Path | None, typer.Option(help="File with one text prompt per line.")
-    ] = None,
-    ref: Annotated[
-        list[Path] | None,
-        typer.Option(help="Image prompt: a support image showing the object (repeatable)."),
-    ] = None,
-    ref_mode: Annotated[str, typer.Option(help="raw: encode the support image as it is.")] = "raw",
-    save: Annotated[
-        list[str] | None,
-        typer.Option(
-            help=f"Output kinds, comma-separated or repeated: {', '.join(OUTPUT_KINDS)}.",
-            show_default="mask",
-        ),
-    ] = None,
-    threshold: Annotated[
-        float, typer.Option(help="Probability above which a pixel is foreground (paper: 0.3).")
-    ] = DEFAULT_THRESHOLD,
-    soft_bits: Annotated[int, typer.Option(help="Bit depth of 'soft' PNGs: 8 or 16.")] = 8,
-    cutout_alpha: Annotated[
-        str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
-    ] = "soft",
-    model: Annotated[
-        str,
-        typer.Option(
-            help="Hub id, short name (rd64-refined, rd64, rd16), local transformers folder, or "
-            "original decoder file (.pth)."
-        ),
-    ] = DEFAULT_MODEL,
-    clip_weights: Annotated[
-        Path | None,
-        typer.Option(help="OpenAI-format CLIP ViT-B/16 weights for an original decoder file."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[
-        str, typer.Option(help="auto (half on GPU, fp32 on CPU), fp32, bf16 or fp16.")
-    ] = "auto",
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            help="Images per model batch [default: 2 on CPU, 16 on GPU].", show_default=False
-        ),
-    ] = None,
-    workers: Annotated[int, typer.Option(help="Decode/resize worker threads.")] = 2,
-    max_pixels: Annotated[
-        int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")
-    ] = 178_956_970,
-    allow_truncated: Annotated[
-        bool, typer.Option(help="Decode truncated files instead of failing them.")
-    ] = False,
-    log: Annotated[
-        Path | None,
-        typer.Option(help="JSON-lines log, one row per input [default: OUT/clipseg-log.jsonl]."),
-    ] = None,
-    progress: Annotated[
-        str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
-    ] = "auto",
-    overwrite: Annotated[
-        bool,
-        typer.Option(help="Redo everything when --out holds results of another configuration."),
-    ] = False,
-    retry_failed: Annotated[
-        bool, typer.Option(help="Retry inputs that failed in earlier runs into the same --out.")
-    ] = False,
-) -> None:
-    """Segment images with text and/or image prompts; write masks and a JSON log."""
+# Options shared by `segment` and `matte`: declared once, used by both commands.
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        help="Image files, folders (recursive), quoted globs, '-' (paths on stdin) or "
+        "@list.txt (a file of paths).",
+        show_default=False,
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+PromptOpt = Annotated[
+    list[str] | None, typer.Option("--prompt", "-p", help="Text prompt (repeatable).")
+]
+PromptsFileOpt = Annotated[Path | None, typer.Option(help="File with one text prompt per line.")]
+RefOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        help="Image prompt: a support image of the object (repeatable: averaged into one)."
+    ),
+]
+RefMaskOpt = Annotated[
+    list[Path] | None,
+    typer.Option(help="Object mask of the n-th --ref (else the reference's alpha, if any)."),
+]
+RefModeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="engineered: crop around the object, background dimmed to 10% and blurred "
+        "(default with a mask); raw: the whole image as it is (default without).",
+        show_default=False,
+    ),
+]
+MixOpt = Annotated[
+    float | None, typer.Option(help="Combine text and image prompts: W*text + (1-W)*image.")
+]
+NegativeOpt = Annotated[
+    list[str] | None,
+    typer.Option(help="Suppress what matches this text: p * (1 - max p_negative). Repeatable."),
+]
+SavePromptOpt = Annotated[
+    Path | None, typer.Option(help="Write the embedded prompts to FILE for --prompt-embedding.")
+]
+PromptEmbeddingOpt = Annotated[
+    Path | None,
+    typer.Option(help="Use prompts saved by --save-prompt (no text tower or reference needed)."),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Probability above which a pixel is foreground [default: 0.3, the paper's].",
+        show_default=False,
+    ),
+]
+ThresholdFromOpt = Annotated[
+    Path | None, typer.Option(help="Read the threshold from a file written by clipseg calibrate.")
+]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        help="Hub id, short name (rd64-refined, rd64, rd16, demo), local transformers folder, "
+        "or original decoder file (.pth)."
+    ),
+]
+ClipWeightsOpt = Annotated[
+    Path | None,
+    typer.Option(help="OpenAI-format CLIP ViT-B/16 weights for an original decoder file."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[
+    str, typer.Option(help="auto (half on GPU, fp32 on CPU), fp32, bf16 or fp16.")
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(help="Images per model batch [default: 2 on CPU, 16 on GPU].", show_default=False),
+]
+WorkersOpt = Annotated[int, typer.Option(help="Decode/resize worker threads.")]
+MaxPixelsOpt = Annotated[
+    int, typer.Option(help="Refuse images with more pixels than this (decompression bombs).")
+]
+TruncatedOpt = Annotated[bool, typer.Option(help="Decode truncated files instead of failing them.")]
+LogOpt = Annotated[
+    Path | None,
+    typer.Option(help="JSON-lines log, one row per input [default: OUT/clipseg-log.jsonl]."),
+]
+ProgressOpt = Annotated[
+    str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option(help="Redo everything when --out holds results of another configuration.")
+]
+RetryOpt = Annotated[
+    bool, typer.Option(help="Retry inputs that failed in earlier runs into the same --out.")
+]
+BitsOpt = Annotated[int, typer.Option(help="Bit depth of probability/alpha PNGs: 8 or 16.")]
+ReportOpt = Annotated[
+    bool, typer.Option(help="Write OUT/report.html: a static page to review every result.")
+]
+
+
+def _run_images(common: dict, progress: str) -> None:
+    """Build the config from the options of `segment`/`matte`, run it, print, exit."""
     from . import pipeline
     from .errors import WeightsError
     from .ledger import ConfigMismatchError, LockedError
 
     try:
-        prompts = list(prompt or [])
+        prompts = list(common.pop("prompt") or [])
+        prompts_file = common.pop("prompts_file")
         if prompts_file is not None:
             prompts += read_prompts_file(prompts_file)
+        threshold, threshold_from = common.pop("threshold"), common.pop("threshold_from")
+        if threshold is not None and threshold_from is not None:
+            raise ValueError("give --threshold or --threshold-from, not both")
+        if threshold_from is not None:
+            from .evaluate import read_threshold_file
+
+            threshold = read_threshold_file(threshold_from)
+        command = common["command"]
         config = SegmentConfig(
-            inputs=tuple(inputs),
-            out_dir=out,
+            inputs=tuple(common.pop("inputs")),
             prompts=tuple(prompts),
-            refs=tuple(ref or ()),
-            ref_mode=ref_mode,
-            save=parse_kinds(save or ["mask"]),
-            threshold=threshold,
-            soft_bits=soft_bits,
-            cutout_alpha=cutout_alpha,
-            model=model,
-            clip_weights=clip_weights,
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            workers=workers,
-            max_pixels=max_pixels,
-            allow_truncated=allow_truncated,
-            log_path=log,
-            overwrite=overwrite,
-            retry_failed=retry_failed,
+            refs=tuple(common.pop("ref") or ()),
+            ref_masks=tuple(common.pop("ref_mask") or ()),
+            negatives=tuple(common.pop("negative") or ()),
+            save=parse_kinds(common.pop("save") or [], command),
+            threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+            **common,
         )
     except ValueError as error:
         raise _fail(str(error), ExitCode.USAGE) from None
@@ -296,12 +316,118 @@ def segment(
         f"({summary.images_per_second:.2f} img/s); log {summary.log_path}",
         err=True,
     )
+    if summary.report_path is not None:
+        typer.echo(f"clipseg: report {summary.report_path}", err=True)
     stopped = signals.exit_code()
     if stopped is not None:
         typer.echo("clipseg: interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(int(stopped))
     if summary.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+@app.command()
+def segment(
+    inputs: Inputs,
+    out: OutOpt = Path("clipseg-out"),
+    prompt: PromptOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    ref: RefOpt = None,
+    ref_mask: RefMaskOpt = None,
+    ref_mode: RefModeOpt = None,
+    mix: MixOpt = None,
+    negative: NegativeOpt = None,
+    save_prompt: SavePromptOpt = None,
+    prompt_embedding: PromptEmbeddingOpt = None,
+    save: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Output kinds, comma-separated or repeated: {', '.join(SEGMENT_KINDS)}.",
+            show_default="mask",
+        ),
+    ] = None,
+    threshold: ThresholdOpt = None,
+    threshold_from: ThresholdFromOpt = None,
+    soft_bits: BitsOpt = 8,
+    cutout_alpha: Annotated[
+        str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
+    ] = "soft",
+    model: ModelOpt = DEFAULT_MODEL,
+    clip_weights: ClipWeightsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = 2,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    allow_truncated: TruncatedOpt = False,
+    log: LogOpt = None,
+    progress: ProgressOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    retry_failed: RetryOpt = False,
+    report: ReportOpt = False,
+) -> None:
+    """Segment images with text and/or image prompts; write masks and a JSON log."""
+    common = dict(locals())
+    common.update(command="segment", out_dir=common.pop("out"), log_path=common.pop("log"))
+    _run_images(common, common.pop("progress"))
+
+
+@app.command()
+def matte(
+    inputs: Inputs,
+    out: OutOpt = Path("clipseg-out"),
+    prompt: PromptOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    ref: RefOpt = None,
+    ref_mask: RefMaskOpt = None,
+    ref_mode: RefModeOpt = None,
+    mix: MixOpt = None,
+    negative: NegativeOpt = None,
+    save_prompt: SavePromptOpt = None,
+    prompt_embedding: PromptEmbeddingOpt = None,
+    save: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Output kinds, comma-separated or repeated: {', '.join(MATTE_KINDS)}.",
+            show_default="matte",
+        ),
+    ] = None,
+    refine: Annotated[
+        str,
+        typer.Option(
+            help="Edge refinement against the full-resolution image: guided (guided filter) "
+            "or none (plain upsampled probabilities)."
+        ),
+    ] = "guided",
+    background: Annotated[
+        str,
+        typer.Option(
+            help="Composite background: a colour (white, #00ff00, 0,255,0), an image file, "
+            "or blur (the blurred original)."
+        ),
+    ] = "white",
+    threshold: ThresholdOpt = None,
+    threshold_from: ThresholdFromOpt = None,
+    matte_bits: BitsOpt = 8,
+    model: ModelOpt = DEFAULT_MODEL,
+    clip_weights: ClipWeightsOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = 2,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    allow_truncated: TruncatedOpt = False,
+    log: LogOpt = None,
+    progress: ProgressOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    retry_failed: RetryOpt = False,
+    report: ReportOpt = False,
+) -> None:
+    """Full-resolution alpha mattes (and cutouts, composites) from text or image prompts."""
+    common = dict(locals())
+    common.update(command="matte", out_dir=common.pop("out"), log_path=common.pop("log"))
+    common["soft_bits"] = common.pop("matte_bits")
+    _run_images(common, common.pop("progress"))
 
 
 @app.command()

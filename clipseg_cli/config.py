@@ -5,35 +5,41 @@ Validation raises ``ValueError`` with a one-line message; the CLI turns it into 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .sources import DEFAULT_MAX_PIXELS
 from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, resolve_model
 
-OUTPUT_KINDS = ("mask", "soft", "overlay", "cutout", "logits", "labels")
+SEGMENT_KINDS = ("mask", "soft", "overlay", "cutout", "logits", "labels")
+MATTE_KINDS = ("matte", "cutout", "composite")
+OUTPUT_KINDS = {"segment": SEGMENT_KINDS, "matte": MATTE_KINDS}
+DEFAULT_KIND = {"segment": "mask", "matte": "matte"}
+REFINE_METHODS = ("none", "guided")  # kept equal to matting.REFINE_METHODS (tested)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-REF_MODES = ("raw",)
+REF_MODES = ("raw", "engineered")
 CUTOUT_ALPHAS = ("soft", "mask")
 LOG_NAME = "clipseg-log.jsonl"
 SUMMARY_NAME = "clipseg-summary.json"
 
 
-def parse_kinds(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+def parse_kinds(values: list[str] | tuple[str, ...], command: str = "segment") -> tuple[str, ...]:
     """``["mask,soft", "overlay"]`` -> ``("mask", "soft", "overlay")``, order kept, no repeats."""
+    allowed = OUTPUT_KINDS[command]
     kinds: list[str] = []
     for value in values:
         for kind in (part.strip().lower() for part in value.split(",")):
             if not kind:
                 continue
-            if kind not in OUTPUT_KINDS:
+            if kind not in allowed:
+                choices = ", ".join(allowed)
                 raise ValueError(
-                    f"--save {kind}: unknown kind; choose from {', '.join(OUTPUT_KINDS)}"
+                    f"--save {kind}: unknown kind for {command}; choose from {choices}"
                 )
             if kind not in kinds:
                 kinds.append(kind)
-    return tuple(kinds) or ("mask",)
+    return tuple(kinds) or (DEFAULT_KIND[command],)
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -47,14 +53,22 @@ def read_prompts_file(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class SegmentConfig:
-    """A ``clipseg segment`` run."""
+    """A ``clipseg segment`` or ``clipseg matte`` run."""
 
     inputs: tuple[str, ...]
     out_dir: Path
+    command: str = "segment"  # or "matte": which output kinds exist
     prompts: tuple[str, ...] = ()
     refs: tuple[Path, ...] = ()
-    ref_mode: str = "raw"
+    ref_masks: tuple[Path, ...] = ()  # paired with refs in order
+    ref_mode: str | None = None  # None: engineered when an object mask is known, else raw
+    mix: float | None = None  # W: W * text + (1 - W) * image
+    negatives: tuple[str, ...] = ()
+    prompt_embedding: Path | None = None  # conditionals saved earlier by --save-prompt
+    save_prompt: Path | None = None
     save: tuple[str, ...] = ("mask",)
+    refine: str = "guided"
+    background: str = "white"
     threshold: float = DEFAULT_THRESHOLD
     soft_bits: int = 8
     cutout_alpha: str = "soft"
@@ -71,23 +85,38 @@ class SegmentConfig:
     summary_path: Path | None = None
     overwrite: bool = False
     retry_failed: bool = False
-    extra: dict = field(default_factory=dict, compare=False)
+    report: bool = False  # write OUT/report.html after the run
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("no INPUT given: name files, folders, globs, '-' or @list.txt")
-        if not self.prompts and not self.refs:
+        if self.command not in OUTPUT_KINDS:
+            raise ValueError(f"unknown command {self.command}")
+        if self.prompt_embedding is not None and (self.prompts or self.refs or self.negatives):
+            raise ValueError("--prompt-embedding replaces --prompt/--ref/--negative; give one")
+        if not self.prompts and not self.refs and self.prompt_embedding is None:
             raise ValueError("no prompt: give --prompt TEXT, --prompts-file FILE or --ref IMAGE")
+        if any(not text.strip() for text in self.negatives):
+            raise ValueError("--negative: empty prompt text")
+        if len(self.ref_masks) > len(self.refs):
+            raise ValueError("more --ref-mask than --ref: masks pair with references in order")
+        if self.mix is not None:
+            if not (self.prompts and self.refs):
+                raise ValueError("--mix needs both --prompt and --ref")
+            if not 0.0 <= self.mix <= 1.0:
+                raise ValueError(f"--mix {self.mix}: must be between 0 and 1")
+        if self.refine not in REFINE_METHODS:
+            raise ValueError(f"--refine {self.refine}: choose from {', '.join(REFINE_METHODS)}")
         if any(not prompt.strip() for prompt in self.prompts):
             raise ValueError("--prompt: empty prompt text")
         for kind in self.save:
-            if kind not in OUTPUT_KINDS:
+            if kind not in OUTPUT_KINDS[self.command]:
                 raise ValueError(f"--save {kind}: unknown kind")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold {self.threshold}: must be between 0 and 1")
         if self.soft_bits not in (8, 16):
             raise ValueError(f"--soft-bits {self.soft_bits}: must be 8 or 16")
-        if self.ref_mode not in REF_MODES:
+        if self.ref_mode is not None and self.ref_mode not in REF_MODES:
             raise ValueError(f"--ref-mode {self.ref_mode}: choose from {', '.join(REF_MODES)}")
         if self.cutout_alpha not in CUTOUT_ALPHAS:
             raise ValueError(f"--cutout-alpha {self.cutout_alpha}: choose soft or mask")
@@ -125,8 +154,16 @@ class SegmentConfig:
             "inputs": list(self.inputs),
             "out_dir": str(self.out_dir),
             "prompts": list(self.prompts),
+            "command": self.command,
             "refs": [str(ref) for ref in self.refs],
+            "ref_masks": [str(mask) for mask in self.ref_masks],
             "ref_mode": self.ref_mode,
+            "mix": self.mix,
+            "negatives": list(self.negatives),
+            "prompt_embedding": str(self.prompt_embedding) if self.prompt_embedding else None,
+            "save_prompt": str(self.save_prompt) if self.save_prompt else None,
+            "refine": self.refine,
+            "background": self.background,
             "save": list(self.save),
             "threshold": self.threshold,
             "soft_bits": self.soft_bits,
@@ -141,6 +178,7 @@ class SegmentConfig:
             "allow_truncated": self.allow_truncated,
             "overwrite": self.overwrite,
             "retry_failed": self.retry_failed,
+            "report": self.report,
         }
 
     def fingerprint_parts(self, tool_version: str) -> dict:
@@ -162,8 +200,19 @@ class SegmentConfig:
             "model": self.model,
             "weights": weights,
             "prompts": list(self.prompts),
-            "refs": [_ref_digest(ref) for ref in self.refs],
+            "command": self.command,
+            "refs": [_digest(ref, "--ref") for ref in self.refs],
+            "ref_masks": [_digest(mask, "--ref-mask") for mask in self.ref_masks],
             "ref_mode": self.ref_mode,
+            "mix": self.mix,
+            "negatives": list(self.negatives),
+            "prompt_embedding": (
+                _digest(self.prompt_embedding, "--prompt-embedding")
+                if self.prompt_embedding
+                else None
+            ),
+            "refine": self.refine if self.command == "matte" else None,
+            "background": self.background if "composite" in self.save else None,
             "precision": self.precision,
             "save": list(self.save),
             "threshold": self.threshold,
@@ -174,10 +223,10 @@ class SegmentConfig:
         }
 
 
-def _ref_digest(ref: Path) -> str:
+def _digest(path: Path, option: str) -> str:
     from .ledger import small_file_sha256
 
     try:
-        return small_file_sha256(ref)
+        return small_file_sha256(path)
     except OSError as error:
-        raise ValueError(f"--ref {ref}: cannot read ({error.strerror})") from None
+        raise ValueError(f"{option} {path}: cannot read ({error.strerror})") from None

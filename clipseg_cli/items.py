@@ -65,22 +65,27 @@ def prepare_item(
 
 
 def predict_batch(
-    segmenter: Segmenter, batch: list[Prepared], conditionals: torch.Tensor, keep_logits: bool
+    segmenter: Segmenter, batch: list[Prepared], prompts: PromptSet, keep_logits: bool
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Probabilities at each image's size ``[K, H, W]`` (and logits ``[K, h, w]`` if asked).
 
-    Upsampling runs on the model's device; results come back with one synchronisation per
-    batch rather than per image.
+    Negative prompts are applied here (``p_k * (1 - max_n p_neg_n)``, at full resolution);
+    logits are the positive prompts' raw logits. Upsampling runs on the model's device and
+    results come back with one synchronisation per batch rather than per image.
     """
+    from .prompts import apply_negatives
+
     pixels = stack_uint8([prepared.model_input for prepared in batch])
     if segmenter.device.type == "cuda":
         pixels = pixels.pin_memory()
-    logits = segmenter.logits(pixels, conditionals)
-    host_probs = [
-        probabilities_at_size(logits[i], prepared.image.rgb.shape[:2]).to("cpu", non_blocking=True)
-        for i, prepared in enumerate(batch)
-    ]
-    host_logits = logits.to("cpu", non_blocking=True) if keep_logits else None
+    logits = segmenter.logits(pixels, prompts.vectors)
+    k = prompts.count
+    host_probs = []
+    for i, prepared in enumerate(batch):
+        probs = probabilities_at_size(logits[i], prepared.image.rgb.shape[:2])
+        probs = apply_negatives(probs[:k], probs[k:])
+        host_probs.append(probs.to("cpu", non_blocking=True))
+    host_logits = logits[:, :k].to("cpu", non_blocking=True) if keep_logits else None
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
     return [
@@ -114,6 +119,42 @@ def label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
     return np.where(passes, best + 1, 0).astype(np.uint8)
 
 
+def composite_background(rgb: np.ndarray, background: str) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` background for ``composite``: ``blur`` (the image itself, heavily
+    blurred), a colour (``white``, ``#00ff00``, ``0,255,0``), or an image file (resized to
+    cover)."""
+    height, width = rgb.shape[:2]
+    if background == "blur":
+        import cv2
+
+        sigma = max(height, width) / 40
+        return cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma)
+    colour = parse_colour(background)
+    if colour is not None:
+        return np.broadcast_to(np.asarray(colour, np.uint8), (height, width, 3))
+    image = sources.decode_image(Path(background)).rgb
+    scale = max(height / image.shape[0], width / image.shape[1])
+    size = (max(height, round(image.shape[0] * scale)), max(width, round(image.shape[1] * scale)))
+    resized = resize_rgb(image, size)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return resized[top : top + height, left : left + width]
+
+
+def parse_colour(text: str) -> tuple[int, int, int] | None:
+    """``white``/``black``/``green``..., ``#rrggbb`` or ``r,g,b`` -> RGB; None if not a colour."""
+    from PIL import ImageColor
+
+    if "," in text:
+        parts = text.split(",")
+        if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+            return tuple(int(p) for p in parts)  # type: ignore[return-value]
+        return None
+    try:
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        return None
+
+
 def write_item(
     prepared: Prepared,
     probs: np.ndarray,
@@ -122,6 +163,8 @@ def write_item(
     conditionals: list[Conditional],
 ) -> dict:
     """Write every requested output of one image; returns its log row."""
+    from .matting import refine_matte
+
     start = time.perf_counter()
     out_dir, key, rgb = config.out_dir, prepared.out_key, prepared.image.rgb
     outputs = []
@@ -139,9 +182,14 @@ def write_item(
         )
         return path
 
+    matting = config.command == "matte"
+    background = None
     for k, conditional in enumerate(conditionals):
         prob = probs[k]
         mask = prob > config.threshold
+        matte = None
+        if matting:
+            matte = refine_matte(rgb, prob, method=config.refine, threshold=config.threshold)
         for kind in config.save:
             if kind == "mask":
                 writers.write_mask(target("mask", "png", conditional), mask)
@@ -150,15 +198,23 @@ def write_item(
             elif kind == "overlay":
                 writers.write_overlay(target("overlay", "png", conditional), rgb, mask)
             elif kind == "cutout":
-                alpha = prob if config.cutout_alpha == "soft" else mask
+                alpha = matte if matting else prob if config.cutout_alpha == "soft" else mask
                 writers.write_cutout(target("cutout", "png", conditional), rgb, alpha)
             elif kind == "logits":
                 writers.write_logits(target("logits", "npy", conditional), logits[k])
+            elif kind == "matte":
+                writers.write_soft(target("matte", "png", conditional), matte, config.soft_bits)
+            elif kind == "composite":
+                if background is None:
+                    background = composite_background(rgb, config.background)
+                blend = matte[..., None]
+                composed = rgb * blend + background * (1.0 - blend)
+                image = np.clip(np.rint(composed), 0, 255).astype(np.uint8)
+                writers.write_rgb(target("composite", "png", conditional), image)
     if "labels" in config.save:
         palette = writers.label_palette(len(conditionals))
-        writers.write_labels(
-            target("labels", "png", None), label_map(probs, config.threshold), palette
-        )
+        path = target("labels", "png", None)
+        writers.write_labels(path, label_map(probs, config.threshold), palette)
     height, width = rgb.shape[:2]
     return {
         "input": sources.display_path(prepared.item.path),
@@ -174,46 +230,6 @@ def write_item(
             "decode_s": round(prepared.decode_seconds, 4),
             "write_s": round(time.perf_counter() - start, 4),
         },
-    }
-
-
-# -- conditionals ---------------------------------------------------------------------------------
-
-
-def build_conditionals(
-    segmenter: Segmenter, config: SegmentConfig
-) -> tuple[torch.Tensor, list[Conditional]]:
-    """Embed every text and image prompt once; ``[K, D]`` and their labels/slugs."""
-    labels = list(config.prompts) + [f"ref:{ref}" for ref in config.refs]
-    slug_sources = list(config.prompts) + [f"ref-{Path(ref).stem}" for ref in config.refs]
-    slugs = writers.prompt_slugs(slug_sources)
-    parts = []
-    if config.prompts:
-        parts.append(segmenter.embed_texts(config.prompts))
-    if config.refs:
-        images = []
-        for ref in config.refs:
-            try:
-                images.append(sources.decode_image(Path(ref), max_pixels=config.max_pixels).rgb)
-            except sources.ImageDecodeError as error:
-                raise ValueError(f"--ref {ref}: {error}") from None
-        parts.append(segmenter.embed_images(images))
-    conditionals = torch.cat(parts)
-    return conditionals, [
-        Conditional(label, slug) for label, slug in zip(labels, slugs, strict=True)
-    ]
-
-
-def versions() -> dict:
-    import open_clip
-    import PIL
-
-    return {
-        "clipseg_cli": __version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
     }
 
 
@@ -252,3 +268,141 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
     data = tensor.detach().float().cpu().contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class PromptSet:
+    """Every conditional of a run, embedded once.
+
+    ``vectors`` is ``[K + N, D]``: K positive prompts (each gets outputs) followed by N negative
+    prompts (never written; they suppress: ``p_k * (1 - max_n p_neg_n)``).
+    """
+
+    vectors: torch.Tensor
+    positives: list[Conditional]
+    negatives: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.positives)
+
+
+def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -> np.ndarray:
+    """The support image CLIP encodes: engineered around its object when a mask is known
+    (``--ref-mask`` or the reference's own alpha), raw otherwise (or with ``--ref-mode raw``)."""
+    from .prompts import engineer_reference, reference_mask_from_alpha
+
+    def decode(path: Path, what: str) -> sources.DecodedImage:
+        try:
+            return sources.decode_image(path, max_pixels=config.max_pixels)
+        except sources.ImageDecodeError as error:
+            raise ValueError(f"{what} {path}: {error}") from None
+
+    image = decode(ref, "--ref")
+    mask = None
+    if mask_path is not None:
+        mask = decode(mask_path, "--ref-mask").rgb.max(axis=2) > 127
+        if mask.shape != image.rgb.shape[:2]:
+            raise ValueError(f"--ref-mask {mask_path}: its size differs from --ref {ref}")
+    elif image.alpha is not None:
+        mask = reference_mask_from_alpha(image.alpha)
+    mode = config.ref_mode or ("engineered" if mask is not None else "raw")
+    if mode == "raw":
+        return image.rgb
+    if mask is None:
+        raise ValueError(f"--ref-mode engineered needs an object mask for {ref}: give --ref-mask")
+    try:
+        return engineer_reference(image.rgb, mask, size=None)
+    except ValueError as error:
+        raise ValueError(f"--ref {ref}: {error}") from None
+
+
+def _load_prompt_set(segmenter: Segmenter, path: Path) -> PromptSet:
+    from .prompts import load_conditionals
+
+    vectors, labels, metadata = load_conditionals(path)
+    made_with = metadata.get("weights_sha256")
+    if made_with is not None and made_with != segmenter.info.sha256:
+        raise ValueError(
+            f"--prompt-embedding {path} was made with other weights (sha256 {made_with[:12]}, "
+            f"this model {segmenter.info.sha256[:12]}); embeddings only fit the model that "
+            "made them: re-create it with --save-prompt"
+        )
+    if vectors.shape[1] != segmenter.model.arch.embed_dim:
+        raise ValueError(
+            f"--prompt-embedding {path}: vectors of size {vectors.shape[1]}, the model needs "
+            f"{segmenter.model.arch.embed_dim}"
+        )
+    negatives = int(metadata.get("negatives", 0))
+    positives = labels[: len(labels) - negatives]
+    slugs = writers.prompt_slugs(positives)
+    conditionals = [Conditional(label, slug) for label, slug in zip(positives, slugs, strict=True)]
+    return PromptSet(vectors, conditionals, labels[len(positives) :])
+
+
+def build_prompt_set(segmenter: Segmenter, config: SegmentConfig) -> PromptSet:
+    """Embed the run's prompts once (or read them from ``--prompt-embedding``).
+
+    Several ``--ref`` images describe one object: their embeddings are averaged into one
+    conditional. With ``--mix W`` each text prompt becomes ``W * text + (1 - W) * image``.
+    """
+    from .prompts import average_conditionals, mix_conditionals
+
+    if config.prompt_embedding is not None:
+        return _load_prompt_set(segmenter, config.prompt_embedding)
+    labels: list[str] = []
+    slug_sources: list[str] = []
+    parts = []
+    text = segmenter.embed_texts(config.prompts) if config.prompts else None
+    image = image_label = None
+    if config.refs:
+        masks = list(config.ref_masks) + [None] * (len(config.refs) - len(config.ref_masks))
+        pairs = zip(config.refs, masks, strict=True)
+        references = [_reference_image(ref, mask, config) for ref, mask in pairs]
+        image = average_conditionals(segmenter.embed_images(references))[None]
+        image_label = "ref:" + ",".join(str(ref) for ref in config.refs)
+    if text is not None and image is not None and config.mix is not None:
+        parts.append(mix_conditionals(text, image, config.mix))
+        labels += [f"{prompt} (mix {config.mix:g} with {image_label})" for prompt in config.prompts]
+        slug_sources += [f"{prompt} mix ref" for prompt in config.prompts]
+    else:
+        if text is not None:
+            parts.append(text)
+            labels += list(config.prompts)
+            slug_sources += list(config.prompts)
+        if image is not None:
+            parts.append(image)
+            labels.append(image_label)
+            slug_sources.append(f"ref-{Path(config.refs[0]).stem}")
+    if config.negatives:
+        parts.append(segmenter.embed_texts(config.negatives))
+    slugs = writers.prompt_slugs(slug_sources)
+    positives = [Conditional(label, slug) for label, slug in zip(labels, slugs, strict=True)]
+    return PromptSet(torch.cat(parts), positives, list(config.negatives))
+
+
+def save_prompt_set(path: Path, prompts: PromptSet, info) -> None:
+    """Write the run's conditionals for reuse with ``--prompt-embedding`` (then neither the
+    text tower nor the reference images are needed)."""
+    from .prompts import save_conditionals
+
+    labels = [c.label for c in prompts.positives] + prompts.negatives
+    metadata = {
+        "model": info.model_id,
+        "weights_sha256": info.sha256,
+        "negatives": len(prompts.negatives),
+    }
+    save_conditionals(path, prompts.vectors.detach().float().cpu(), labels, metadata)
+
+
+def versions() -> dict:
+    import open_clip
+    import PIL
+
+    return {
+        "clipseg_cli": __version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }

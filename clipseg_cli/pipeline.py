@@ -56,6 +56,7 @@ class RunSummary:
     interrupted: bool = False
     log_path: Path | None = None
     summary_path: Path | None = None
+    report_path: Path | None = None
     details: dict = field(default_factory=dict)
 
     @property
@@ -131,6 +132,10 @@ def run_segment(
                 )
         finally:
             ledger.close()
+        if config.report:
+            from .report import write_report
+
+            summary.report_path = write_report(config.out_dir, config.resolved_log_path)
     summary.details["stale_temporaries_removed"] = removed
     return summary
 
@@ -222,17 +227,26 @@ class _Run:
             # Two phases, each loading only the parts it needs, so peak memory is the larger
             # phase rather than the whole model: prompts (text tower, or the full image tower
             # for --ref), then segmentation (vision blocks up to the last one read + decoder).
-            prompt_parts = {"text"} if config.prompts else set()
+            prompt_parts = {"text"} if config.prompts or config.negatives else set()
             if config.refs:
                 prompt_parts |= {"vision", "image_head"}
-            prompter = self._load(Segmenter, frozenset(prompt_parts))
-            conditionals, labels = items.build_conditionals(prompter, config)
-            del prompter
-            _return_freed_memory()
+            prompts = None
+            if config.prompt_embedding is None:
+                prompter = self._load(Segmenter, frozenset(prompt_parts))
+                prompts = items.build_prompt_set(prompter, config)
+                del prompter
+                _return_freed_memory()
             segmenter = self._load(Segmenter, frozenset({"vision", "decoder"}))
+            if prompts is None:
+                prompts = items.build_prompt_set(segmenter, config)
         else:
-            conditionals, labels = items.build_conditionals(segmenter, config)
+            prompts = items.build_prompt_set(segmenter, config)
             segmenter.release_prompt_encoders()
+        prompts.vectors = prompts.vectors.to(segmenter.device)
+        if config.save_prompt is not None:
+            items.save_prompt_set(config.save_prompt, prompts, segmenter.info)
+        labels = prompts.positives
+        conditionals = prompts.vectors
         self.ledger.note(
             weights_sha256=segmenter.info.sha256,
             embeddings_sha256=items.tensor_sha256(conditionals),
@@ -279,7 +293,7 @@ class _Run:
                         writes.append((_done(items.failure_for(failed)), by_key[failed.item.key]))
                     if batch:
                         start = time.perf_counter()
-                        results = items.predict_batch(segmenter, batch, conditionals, keep_logits)
+                        results = items.predict_batch(segmenter, batch, prompts, keep_logits)
                         self.infer_seconds += time.perf_counter() - start
                         for prepared, (probs, logits) in zip(batch, results, strict=True):
                             future = writer_pool.submit(
@@ -334,7 +348,7 @@ class _Run:
         summary, config = self.summary, self.config
         summary.seconds = time.perf_counter() - self.started
         summary.details = {
-            "command": "segment",
+            "command": config.command,
             "run": self.run_id,
             "counts": {
                 "total": summary.total,

@@ -320,6 +320,12 @@ def write_soft(path: Path, prob: np.ndarray, bits: int = 8) -> None:
     _save_image(path, im)
 
 
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB image, uint8 [H,W,3] (e.g. a composite), as PNG or JPEG by extension."""
+    _check_rgb(rgb, rgb.shape[:2])
+    _save_image(path, Image.fromarray(rgb))
+
+
 def write_overlay(
     path: Path,
     rgb: np.ndarray,

@@ -1,0 +1,333 @@
+"""``clipseg train``: manifest parsing, the validation split, learning, checkpoints and export.
+
+Everything runs on tiny models and tiny synthetic scenes, a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clipseg_cli.cli import ExitCode, app
+from clipseg_cli.synthetic import write_training_set
+from clipseg_cli.train import (
+    CHECKPOINT_JSON,
+    ManifestError,
+    TrainConfig,
+    TrainError,
+    load_checkpoint,
+    read_manifest,
+    split_examples,
+    train,
+    trainable_parameters,
+)
+from clipseg_cli.weights import load_weights
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight small synthetic scenes (64x64) with masks, negatives and manifest.jsonl."""
+    directory = tmp_path_factory.mktemp("shapes")
+    return write_training_set(directory, 8, first_seed=500, size=64)
+
+
+def _config(manifest: Path, out: Path, model_dir: Path, **overrides) -> TrainConfig:
+    values = {
+        "manifest": manifest,
+        "out_dir": out,
+        "model": str(model_dir),
+        "epochs": 1,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "val_fraction": 0.25,
+        "device": "cpu",
+    }
+    return TrainConfig(**{**values, **overrides})
+
+
+def _write_manifest(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+
+def test_manifest_paths_are_relative_to_its_folder_and_null_masks_are_negatives(shapes: Path):
+    examples = read_manifest(shapes)
+    assert all(e.image.is_file() and e.image.parent == shapes.parent / "images" for e in examples)
+    negatives = [e for e in examples if e.mask is None]
+    positives = [e for e in examples if e.mask is not None]
+    assert len(negatives) == 8 and positives
+    assert all(e.mask.is_file() for e in positives)
+    # The synthetic writer names classes; the prompt is a phrasing of it.
+    assert all(e.label in e.prompt for e in examples)
+    assert [e.line for e in examples] == list(range(1, len(examples) + 1))
+
+
+def test_class_defaults_to_the_prompt_and_comments_are_skipped(tmp_path: Path, shapes: Path):
+    image = shapes.parent / "images" / "000500.png"
+    manifest = _write_manifest(
+        tmp_path / "m.jsonl",
+        ["# a comment", "", json.dumps({"image": str(image), "mask": None, "prompt": " a dog "})],
+    )
+    (example,) = read_manifest(manifest)
+    assert (example.prompt, example.label, example.line, example.split) == (
+        "a dog",
+        "a dog",
+        3,
+        None,
+    )
+
+
+def test_missing_file_is_one_line_naming_the_line_and_file(tmp_path: Path, shapes: Path):
+    image = shapes.parent / "images" / "000500.png"
+    manifest = _write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            json.dumps({"image": str(image), "mask": None, "prompt": "a dog"}),
+            json.dumps({"image": "nowhere/x.png", "mask": None, "prompt": "a dog"}),
+        ],
+    )
+    with pytest.raises(ManifestError) as info:
+        read_manifest(manifest)
+    message = str(info.value)
+    assert message.startswith(f"{manifest}:2: image ") and "nowhere/x.png: no such file" in message
+    assert "\n" not in message
+
+
+def test_bad_json_line_names_its_line_number(tmp_path: Path, shapes: Path):
+    image = shapes.parent / "images" / "000500.png"
+    good = json.dumps({"image": str(image), "mask": None, "prompt": "a dog"})
+    manifest = _write_manifest(tmp_path / "m.jsonl", [good, good, '{"image": "a.png", oops}'])
+    with pytest.raises(ManifestError, match=r"m\.jsonl:3: not valid JSON \(") as info:
+        read_manifest(manifest)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"image": "a.png", "prompt": "x"}, "missing 'mask'"),
+        ({"image": "a.png", "mask": None, "prompt": ""}, "'prompt' must be a non-empty string"),
+        ({"image": "a.png", "mask": None, "prompt": "x", "split": "test"}, "'split' must be"),
+        ([1, 2], "expected a JSON object, got list"),
+    ],
+)
+def test_malformed_rows_are_refused(tmp_path: Path, row, reason: str):
+    manifest = _write_manifest(tmp_path / "m.jsonl", [json.dumps(row)])
+    with pytest.raises(ManifestError, match=rf"m\.jsonl:1: {reason}"):
+        read_manifest(manifest, check_files=False)
+
+
+def test_missing_or_empty_manifest(tmp_path: Path):
+    with pytest.raises(ManifestError, match=r"nope\.jsonl: no such file"):
+        read_manifest(tmp_path / "nope.jsonl")
+    with pytest.raises(ManifestError, match=r"empty\.jsonl: no examples"):
+        read_manifest(_write_manifest(tmp_path / "empty.jsonl", ["# nothing"]))
+
+
+# -- the validation split -------------------------------------------------------------------------
+
+
+def test_val_split_is_seeded_per_image_and_independent_of_line_order(shapes: Path):
+    examples = read_manifest(shapes)
+    train_a, val_a = split_examples(examples, 0.25, seed=3)
+    train_b, val_b = split_examples(list(reversed(examples)), 0.25, seed=3)
+    assert {e.image for e in val_a} == {e.image for e in val_b}
+    assert len({e.image for e in val_a}) == 2  # 25% of 8 images
+    # Every example of an image lands on the same side.
+    assert not {e.image for e in train_a} & {e.image for e in val_a}
+    assert len(train_a) + len(val_a) == len(examples) == len(train_b) + len(val_b)
+    others = {frozenset(e.image for e in split_examples(examples, 0.25, s)[1]) for s in range(8)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_explicit_splits_are_honoured(tmp_path: Path, shapes: Path):
+    images = sorted((shapes.parent / "images").glob("*.png"))
+    lines = [
+        json.dumps({"image": str(path), "mask": None, "prompt": "x", "split": "val"})
+        for path in images[:2]
+    ] + [json.dumps({"image": str(path), "mask": None, "prompt": "x"}) for path in images[2:]]
+    examples = read_manifest(_write_manifest(tmp_path / "m.jsonl", lines))
+    train_part, val_part = split_examples(examples, 0.0, seed=0)
+    assert {e.image for e in val_part} == set(images[:2])
+    assert {e.image for e in train_part} == set(images[2:])
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_on_a_tiny_task(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
+    config = _config(
+        shapes, tmp_path / "out", tiny_model_dir, epochs=20, batch_size=8, val_fraction=0.0
+    )
+    result = train(config)
+    losses = [stats.train_loss for stats in result.history]
+    assert len(losses) == 20 and result.val_images == 0
+    assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
+
+
+def test_decoder_only_fine_tuning_leaves_clip_bit_identical_and_export_reloads(
+    tmp_path: Path, shapes: Path, tiny_model_dir: Path
+):
+    before, _ = load_weights(str(tiny_model_dir))
+    events = []
+    result = train(_config(shapes, tmp_path / "out", tiny_model_dir), on_progress=events.append)
+    trained = result.model
+    for name, tensor in before.backbone.state_dict().items():
+        assert torch.equal(tensor, trained.backbone.state_dict()[name]), name
+    assert any(
+        not torch.equal(tensor, trained.decoder.state_dict()[name])
+        for name, tensor in before.decoder.state_dict().items()
+    )
+    # Progress: steps, then one epoch report with the validation IoU.
+    assert [e.kind for e in events if e.kind != "validate"] == ["step", "step", "epoch"]
+    assert events[-1].stats.val_iou is not None and 0.0 <= events[-1].stats.val_iou <= 1.0
+
+    reloaded, info = load_weights(str(tmp_path / "out"))
+    assert info.layout == "transformers"
+    pixels = torch.randn(2, 3, 352, 352, generator=torch.Generator().manual_seed(0))
+    conditionals = torch.randn(3, trained.arch.embed_dim, generator=torch.Generator())
+    with torch.inference_mode():
+        assert torch.equal(reloaded(pixels, conditionals), trained(pixels, conditionals))
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert record["history"][0]["val_iou"] == result.history[0].val_iou
+
+
+def test_trainable_parameters_respect_the_backbone_switch(tiny_model_dir: Path):
+    model, _ = load_weights(str(tiny_model_dir))
+    decoder_only = trainable_parameters(model, train_backbone=False)
+    assert sum(p.numel() for p in decoder_only) == sum(
+        p.numel() for p in model.decoder.parameters()
+    )
+    everything = trainable_parameters(model, train_backbone=True)
+    assert len(everything) == len(list(model.parameters()))
+
+
+class _StopError(Exception):
+    """Raised from the progress callback to simulate an interrupted run."""
+
+
+def test_resume_continues_from_the_saved_epoch_with_identical_state(
+    tmp_path: Path, shapes: Path, tiny_model_dir: Path
+):
+    common = {"epochs": 3, "image_prompt_fraction": 0.5, "hflip": True}
+    straight = train(
+        _config(shapes, tmp_path / "a", tiny_model_dir, checkpoint_dir=tmp_path / "ca", **common)
+    )
+
+    def stop_after_first_epoch(progress) -> None:
+        if progress.kind == "epoch" and progress.epoch == 1:
+            raise _StopError
+
+    interrupted = _config(
+        shapes, tmp_path / "b", tiny_model_dir, checkpoint_dir=tmp_path / "cb", **common
+    )
+    with pytest.raises(_StopError):
+        train(interrupted, on_progress=stop_after_first_epoch)
+    meta = json.loads((tmp_path / "cb" / CHECKPOINT_JSON).read_text())
+    assert meta["epoch"] == 1 and meta["global_step"] == 2
+
+    # The saved optimizer state is the one the run had: restoring it into a fresh optimizer
+    # reproduces the moments exactly.
+    model, _ = load_weights(str(tiny_model_dir))
+    params = trainable_parameters(model, train_backbone=False)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    epoch, step, history = load_checkpoint(
+        tmp_path / "cb", model, optimizer, _fingerprint_of(interrupted)
+    )
+    assert (epoch, step, len(history)) == (1, 2, 1)
+    assert all(len(optimizer.state[p]) == 3 for p in params)  # step, exp_avg, exp_avg_sq
+
+    events = []
+    resumed = train(replace_config(interrupted, resume=True), on_progress=events.append)
+    assert resumed.resumed_from_epoch == 1
+    assert {e.epoch for e in events} == {2, 3}
+    assert [s.epoch for s in resumed.history] == [1, 2, 3]
+    assert [s.train_loss for s in resumed.history] == [s.train_loss for s in straight.history]
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def _fingerprint_of(config: TrainConfig) -> dict:
+    from clipseg_cli.train import _fingerprint, _sha256
+
+    return _fingerprint(config, _sha256(config.manifest))
+
+
+def replace_config(config: TrainConfig, **changes) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def test_checkpoint_guards(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
+    config = _config(shapes, tmp_path / "out", tiny_model_dir, checkpoint_dir=tmp_path / "c")
+    with pytest.raises(TrainError, match=r"no checkpoint\.json to resume from"):
+        train(replace_config(config, resume=True))
+    train(config)
+    with pytest.raises(TrainError, match="already holds a checkpoint; pass --resume"):
+        train(config)
+    with pytest.raises(TrainError, match=r"different settings \(lr\)"):
+        train(replace_config(config, resume=True, lr=5e-4, epochs=2))
+    # Checkpoints hold tensors in safetensors and the rest in JSON: no pickles.
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert files == ["checkpoint.json", "epoch-0001.safetensors"]
+
+
+def test_options_are_validated(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
+    config = _config(shapes, tmp_path / "out", tiny_model_dir)
+    for changes, message in [
+        ({"from_scratch": "tiny"}, "--model and --from-scratch exclude each other"),
+        ({"val_fraction": 1.0}, "--val-fraction must be in"),
+        ({"resume": True}, "--resume needs --checkpoint-dir"),
+        ({"model": None, "from_scratch": "huge"}, "unknown architecture 'huge'"),
+    ]:
+        with pytest.raises(TrainError, match=message):
+            train(replace_config(config, **changes))
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_cli_trains_from_scratch_with_image_prompts(tmp_path: Path, shapes: Path):
+    out = tmp_path / "model"
+    result = runner.invoke(
+        app,
+        [
+            "train", str(shapes), "--from-scratch", "tiny", "--out", str(out), "--epochs", "1",
+            "--batch-size", "8", "--val-fraction", "0.25", "--image-prompt-fraction", "1",
+            "--align-weight", "0.1", "--save-dtype", "fp16", "--device", "cpu",
+            "--progress", "lines",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1" in result.output and "(image prompts)" in result.output
+    model, info = load_weights(str(out))
+    assert info.variant == "demo"  # the tiny architecture is the demo model's
+    assert model.arch.input_size == 224
+    header = json.loads((out / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+
+
+def test_cli_reports_manifest_errors_in_one_line(tmp_path: Path):
+    manifest = _write_manifest(tmp_path / "m.jsonl", ["{not json"])
+    result = runner.invoke(app, ["train", str(manifest), "--out", str(tmp_path / "o")])
+    assert result.exit_code == ExitCode.USAGE
+    lines = result.output.strip().splitlines()
+    assert lines == [f"clipseg: error: {manifest}:1: not valid JSON (Expecting property name "
+                     "enclosed in double quotes)"]  # fmt: skip
+
+
+def test_cli_synthetic_writes_a_training_set(tmp_path: Path):
+    result = runner.invoke(app, ["synthetic", str(tmp_path / "s"), "--count", "2", "--size", "64"])
+    assert result.exit_code == 0, result.output
+    assert len(read_manifest(tmp_path / "s" / "manifest.jsonl")) >= 4
