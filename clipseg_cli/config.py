@@ -20,6 +20,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 REF_MODES = ("raw", "engineered")
 CUTOUT_ALPHAS = ("soft", "mask")
+ENGINES = ("local", "ray")
 LOG_NAME = "clipseg-log.jsonl"
 SUMMARY_NAME = "clipseg-summary.json"
 
@@ -86,6 +87,10 @@ class SegmentConfig:
     overwrite: bool = False
     retry_failed: bool = False
     report: bool = False  # write OUT/report.html after the run
+    engine: str = "local"  # or "ray" (clipseg_cli.engines.ray_engine)
+    ray_address: str | None = None
+    num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
+    actors: int | None = None  # None: one per GPU, or per 2 CPUs
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -105,6 +110,10 @@ class SegmentConfig:
                 raise ValueError("--mix needs both --prompt and --ref")
             if not 0.0 <= self.mix <= 1.0:
                 raise ValueError(f"--mix {self.mix}: must be between 0 and 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine}: choose from {', '.join(ENGINES)}")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("--actors must be at least 1")
         if self.refine not in REFINE_METHODS:
             raise ValueError(f"--refine {self.refine}: choose from {', '.join(REFINE_METHODS)}")
         if any(not prompt.strip() for prompt in self.prompts):
@@ -179,6 +188,10 @@ class SegmentConfig:
             "overwrite": self.overwrite,
             "retry_failed": self.retry_failed,
             "report": self.report,
+            "engine": self.engine,
+            "ray_address": self.ray_address,
+            "num_gpus": self.num_gpus,
+            "actors": self.actors,
         }
 
     def fingerprint_parts(self, tool_version: str) -> dict:

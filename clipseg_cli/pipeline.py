@@ -26,6 +26,7 @@ from .ledger import InputSignature, Ledger, RunLock, fingerprint
 from .logrows import failure_row
 
 if TYPE_CHECKING:
+    from . import items
     from .items import Failed, Prepared
     from .predictor import Segmenter
 
@@ -218,38 +219,64 @@ class _Run:
 
     def _process(self, todo: list[_Work], segmenter: Segmenter | None) -> None:
         # Imported here: torch and the model are only paid for when there is work.
-        from . import items
         from .predictor import Segmenter
 
         config = self.config
         _limit_malloc_arenas()
+        if config.engine == "ray":
+            # Actors load their own model; the driver only embeds the prompts.
+            prompter, prompts = self._prompts(Segmenter, segmenter)
+            self._describe(prompter, prompts)
+            del prompter
+            _return_freed_memory()
+            from .engines.ray_engine import process_with_ray
+
+            process_with_ray(self, todo, prompts)
+            return
         if segmenter is None:
-            # Two phases, each loading only the parts it needs, so peak memory is the larger
-            # phase rather than the whole model: prompts (text tower, or the full image tower
-            # for --ref), then segmentation (vision blocks up to the last one read + decoder).
-            prompt_parts = {"text"} if config.prompts or config.negatives else set()
-            if config.refs:
-                prompt_parts |= {"vision", "image_head"}
-            prompts = None
-            if config.prompt_embedding is None:
-                prompter = self._load(Segmenter, frozenset(prompt_parts))
-                prompts = items.build_prompt_set(prompter, config)
+            prompter, prompts = self._prompts(Segmenter, None)
+            if config.prompt_embedding is not None:
+                segmenter = prompter  # already the segmentation parts
+            else:
                 del prompter
                 _return_freed_memory()
-            segmenter = self._load(Segmenter, frozenset({"vision", "decoder"}))
-            if prompts is None:
-                prompts = items.build_prompt_set(segmenter, config)
+                segmenter = self._load(Segmenter, frozenset({"vision", "decoder"}))
         else:
-            prompts = items.build_prompt_set(segmenter, config)
+            _, prompts = self._prompts(Segmenter, segmenter)
             segmenter.release_prompt_encoders()
-        prompts.vectors = prompts.vectors.to(segmenter.device)
+        self._describe(segmenter, prompts)
+        self._stream_local(todo, segmenter, prompts)
+
+    def _prompts(self, segmenter_class: type[Segmenter], segmenter: Segmenter | None):
+        """(the segmenter that embedded them, the run's PromptSet), written to --save-prompt.
+
+        Without a given segmenter, only the parts prompts need are loaded (text tower, or the
+        full image tower for --ref), so peak memory is this phase or the segmentation phase
+        (vision blocks up to the last one read + decoder), never the whole model.
+        """
+        from . import items
+
+        config = self.config
+        if segmenter is None:
+            parts = {"text"} if config.prompts or config.negatives else set()
+            if config.refs:
+                parts |= {"vision", "image_head"}
+            if config.prompt_embedding is not None:
+                parts = {"vision", "decoder"}  # to check the file against these weights
+            segmenter = self._load(segmenter_class, frozenset(parts))
+        prompts = items.build_prompt_set(segmenter, config)
         if config.save_prompt is not None:
             items.save_prompt_set(config.save_prompt, prompts, segmenter.info)
+        return segmenter, prompts
+
+    def _describe(self, segmenter: Segmenter, prompts: items.PromptSet) -> None:
+        """Record which weights and conditionals this run uses (ledger note, run summary)."""
+        from . import items
+
         labels = prompts.positives
-        conditionals = prompts.vectors
         self.ledger.note(
             weights_sha256=segmenter.info.sha256,
-            embeddings_sha256=items.tensor_sha256(conditionals),
+            embeddings_sha256=items.tensor_sha256(prompts.vectors),
         )
         self.model_details = {
             "model": {
@@ -261,11 +288,23 @@ class _Run:
             },
             "device": str(segmenter.device),
             "dtype": str(segmenter.dtype).removeprefix("torch."),
+            "engine": self.config.engine,
             "prompts": [{"label": c.label, "slug": c.slug} for c in labels],
+            "negatives": prompts.negatives,
             "labels_legend": {"0": "background"}
             | {str(i + 1): c.label for i, c in enumerate(labels)},
             "versions": items.versions(),
         }
+
+    def _stream_local(
+        self, todo: list[_Work], segmenter: Segmenter, prompts: items.PromptSet
+    ) -> None:
+        """Decode workers -> batched model -> writer threads, all bounded."""
+        from . import items
+
+        config = self.config
+        prompts.vectors = prompts.vectors.to(segmenter.device)
+        labels = prompts.positives
         batch_size = config.batch_size_for(segmenter.device.type)
         self.model_details["batch_size"] = batch_size
         out_keys = writers.casefold_collisions(work.item.key for work in todo)
