@@ -35,8 +35,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Speed/memory against a plain transformers script, then matte and no-op-rerun timings.
+# Run on an idle machine; results land in bench/_work/*.md.
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
+	$(BIN)/python bench/extra_bench.py
 
 demo: $(STAMP)
 	$(BIN)/clipseg segment sample_data --prompt "a cat" --prompt "a cup of coffee" \

@@ -501,3 +501,18 @@ def test_resize_for_model_rejects_bad_input() -> None:
         resize_for_model(np.zeros((4, 4, 3), np.float32))
     with pytest.raises(ValueError, match="positive"):
         resize_for_model(np.zeros((4, 4, 3), np.uint8), (0, 4))
+
+
+def test_keys_are_relative_to_the_named_folder_and_stay_stable(tmp_path: Path) -> None:
+    """Keys must not change when files appear elsewhere later (resume relies on it)."""
+    root = tmp_path / "photos"
+    (root / "2024").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(root / "2024" / "a.png")
+    first = collect_inputs([str(root)])
+    assert [str(item.key) for item in first.items] == ["2024/a.png"]
+    (root / "2025").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "2025" / "b.png")
+    second = collect_inputs([str(root)])
+    assert [str(item.key) for item in second.items] == ["2024/a.png", "2025/b.png"]
+    globbed = collect_inputs([str(root / "2024" / "*.png")])
+    assert [str(item.key) for item in globbed.items] == ["a.png"]
