@@ -40,6 +40,8 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py
 	$(BIN)/python bench/extra_bench.py
+	$(BIN)/python bench/engines_bench.py --model bench/_work/model-rd64-refined \
+		--images bench/_work/images-1024x768 --count 8
 
 demo: $(STAMP)
 	$(BIN)/clipseg segment sample_data --prompt "a cat" --prompt "a cup of coffee" \

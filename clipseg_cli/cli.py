@@ -252,6 +252,36 @@ BitsOpt = Annotated[int, typer.Option(help="Bit depth of probability/alpha PNGs:
 ReportOpt = Annotated[
     bool, typer.Option(help="Write OUT/report.html: a static page to review every result.")
 ]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="local (this machine) or ray (a Ray cluster: pip install 'clipseg-cli[ray]'; "
+        "see docs/ray.md)."
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ray cluster to join (auto, ray://host:10001, host:6379) [default: $RAY_ADDRESS, "
+        "else a local cluster started for the run].",
+        show_default=False,
+    ),
+]
+NumGpusOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="GPUs per Ray actor (fractions share a GPU) [default: 1 if the cluster has GPUs, "
+        "else 0].",
+        show_default=False,
+    ),
+]
+ActorsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Ray actors holding the model [default: one per GPU, else one per 8 CPUs].",
+        show_default=False,
+    ),
+]
 
 
 def _run_images(common: dict, progress: str) -> None:
@@ -365,6 +395,10 @@ def segment(
     overwrite: OverwriteOpt = False,
     retry_failed: RetryOpt = False,
     report: ReportOpt = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    num_gpus: NumGpusOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Segment images with text and/or image prompts; write masks and a JSON log."""
     common = dict(locals())
@@ -422,6 +456,10 @@ def matte(
     overwrite: OverwriteOpt = False,
     retry_failed: RetryOpt = False,
     report: ReportOpt = False,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    num_gpus: NumGpusOpt = None,
+    actors: ActorsOpt = None,
 ) -> None:
     """Full-resolution alpha mattes (and cutouts, composites) from text or image prompts."""
     common = dict(locals())

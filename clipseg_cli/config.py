@@ -90,7 +90,7 @@ class SegmentConfig:
     engine: str = "local"  # or "ray" (clipseg_cli.engines.ray_engine)
     ray_address: str | None = None
     num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
-    actors: int | None = None  # None: one per GPU, or per 2 CPUs
+    actors: int | None = None  # None: one per GPU, or per 8 CPUs (engines/ray_engine.py)
 
     def __post_init__(self) -> None:
         if not self.inputs:

@@ -65,17 +65,29 @@ def prepare_item(
 
 
 def predict_batch(
-    segmenter: Segmenter, batch: list[Prepared], prompts: PromptSet, keep_logits: bool
+    segmenter: Segmenter,
+    batch: list[Prepared],
+    prompts: PromptSet,
+    keep_logits: bool,
+    pad_to: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Probabilities at each image's size ``[K, H, W]`` (and logits ``[K, h, w]`` if asked).
 
     Negative prompts are applied here (``p_k * (1 - max_n p_neg_n)``, at full resolution);
     logits are the positive prompts' raw logits. Upsampling runs on the model's device and
     results come back with one synchronisation per batch rather than per image.
+
+    ``pad_to``: run a short batch padded with blank images to this size. The model's kernels
+    round differently for different batch sizes (last-bit differences), but not for different
+    companions in a batch of the same size: padding makes each image's numbers independent of
+    how inputs happened to be grouped (the last batch, a resumed run, another engine).
     """
     from .prompts import apply_negatives
 
-    pixels = stack_uint8([prepared.model_input for prepared in batch])
+    inputs = [prepared.model_input for prepared in batch]
+    if pad_to is not None and len(inputs) < pad_to:
+        inputs += [np.zeros_like(inputs[0])] * (pad_to - len(inputs))
+    pixels = stack_uint8(inputs)
     if segmenter.device.type == "cuda":
         pixels = pixels.pin_memory()
     logits = segmenter.logits(pixels, prompts.vectors)
@@ -85,7 +97,7 @@ def predict_batch(
         probs = probabilities_at_size(logits[i], prepared.image.rgb.shape[:2])
         probs = apply_negatives(probs[:k], probs[k:])
         host_probs.append(probs.to("cpu", non_blocking=True))
-    host_logits = logits[:, :k].to("cpu", non_blocking=True) if keep_logits else None
+    host_logits = logits[: len(batch), :k].to("cpu", non_blocking=True) if keep_logits else None
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
     return [

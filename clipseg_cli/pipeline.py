@@ -114,6 +114,10 @@ def run_segment(
         WeightsError: the model could not be loaded.
     """
     started = time.perf_counter()
+    if config.engine == "ray":
+        from .engines.ray_engine import require_ray
+
+        require_ray()  # before anything is locked, loaded or logged
     sources.configure_pillow_limits(config.max_pixels)
     listing = _listing(config, stdin)
     parts = config.fingerprint_parts(__version__)
@@ -227,11 +231,12 @@ class _Run:
             # Actors load their own model; the driver only embeds the prompts.
             prompter, prompts = self._prompts(Segmenter, segmenter)
             self._describe(prompter, prompts)
+            input_size = prompter.input_size
             del prompter
             _return_freed_memory()
             from .engines.ray_engine import process_with_ray
 
-            process_with_ray(self, todo, prompts)
+            process_with_ray(self, todo, prompts, input_size)
             return
         if segmenter is None:
             prompter, prompts = self._prompts(Segmenter, None)
@@ -332,7 +337,9 @@ class _Run:
                         writes.append((_done(items.failure_for(failed)), by_key[failed.item.key]))
                     if batch:
                         start = time.perf_counter()
-                        results = items.predict_batch(segmenter, batch, prompts, keep_logits)
+                        results = items.predict_batch(
+                            segmenter, batch, prompts, keep_logits, pad_to=batch_size
+                        )
                         self.infer_seconds += time.perf_counter() - start
                         for prepared, (probs, logits) in zip(batch, results, strict=True):
                             future = writer_pool.submit(

@@ -1,0 +1,371 @@
+"""The Ray Data engine (``--engine ray``): the local engine's stages on a Ray cluster.
+
+Pipeline: input paths -> decode ``map`` tasks (a decode problem becomes that row's failure, not
+the task's) -> an actor pool that holds the model once per actor (``map_batches``) -> write
+``map`` tasks -> rows streamed back to the driver, which logs each and then writes its ledger
+line. Every stage calls the engine-independent functions of :mod:`clipseg_cli.items`, so both
+engines decode, predict and write the same way.
+
+Rows between stages carry their payload (:class:`~clipseg_cli.items.Prepared` / ``Failed``,
+then the probabilities) pickled in one binary column: it keeps float32 maps exact, input names
+that are not valid UTF-8 intact, and ``None`` fields (no alpha, no logits) out of Arrow's way.
+
+This module imports Ray (and torch) only when a run uses it; see ``docs/ray.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from .. import sources, writers
+from ..config import SegmentConfig
+from ..errors import DiskFullError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..items import Conditional, PromptSet
+    from ..pipeline import _Run, _Work
+
+__all__ = ["RayNotInstalledError", "process_with_ray", "require_ray"]
+
+INSTALL_HINT = "pip install 'clipseg-cli[ray]'"
+#: Set to 1 to see Ray Data's own progress bars and execution messages.
+PROGRESS_ENV = "CLIPSEG_RAY_PROGRESS"
+#: Inputs per decode task: small enough to spread over a cluster, large enough that task
+#: overhead (~ms) stays small next to decoding (~10-50 ms per photo).
+ROWS_PER_DECODE_TASK = 16
+
+
+class RayNotInstalledError(ValueError):
+    """``--engine ray`` without Ray Data installed (a usage error: the fix is an install)."""
+
+
+def require_ray() -> ModuleType:
+    """Import Ray with Ray Data, or raise :class:`RayNotInstalledError` saying how to get it."""
+    try:
+        import ray
+        import ray.data  # the engine needs the Data library, not just Ray core
+    except ImportError:
+        raise RayNotInstalledError(
+            f"--engine ray needs Ray Data, which is not installed: {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class _Sizing:
+    """How the actor pool is sized on the cluster it runs on."""
+
+    actors: int
+    num_gpus: float  # per actor
+    num_cpus: float  # per actor; on CPU actors also the torch thread count
+    batch_size: int
+    device_type: str
+
+    @property
+    def memory(self) -> int:
+        """Host memory an actor reserves (bytes): the model and torch (an rd64-refined CPU
+        actor peaks at ~1.1 GiB with batches of 2) and a batch's full-resolution results, so
+        Ray never packs a node with more actors than fit."""
+        return (1536 + 128 * self.batch_size) * 2**20
+
+
+def _size(config: SegmentConfig, resources: dict[str, float], largest_node_cpus: float) -> _Sizing:
+    """GPU actors when the cluster has GPUs (one per GPU), else CPU actors (one per 8 CPUs).
+
+    CPU actors share the cluster with the decode and write tasks: a quarter of the CPUs (at
+    least one) is left to those, the rest is split between the actors, and each actor runs
+    torch with as many threads as CPUs it holds.
+    """
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+    num_gpus = config.num_gpus if config.num_gpus is not None else (1.0 if gpus > 0 else 0.0)
+    if num_gpus > 0:
+        actors = config.actors or max(1, int(gpus // num_gpus))
+        num_cpus = 1.0  # feeding a GPU takes one core; the rest decode and write
+    else:
+        actors = config.actors or max(1, int(cpus // 8))
+        reserved = max(1, int(cpus // 4))
+        num_cpus = float(max(1, min(int(largest_node_cpus), int(cpus - reserved) // actors)))
+    if config.device != "auto":
+        device_type = config.device.split(":")[0]
+    else:
+        device_type = "cuda" if num_gpus > 0 else "cpu"
+    return _Sizing(actors, num_gpus, num_cpus, config.batch_size_for(device_type), device_type)
+
+
+# -- the stages (run in Ray workers) --------------------------------------------------------------
+
+
+def _enter(cwd: str) -> None:
+    """Run in the driver's working directory: relative inputs and ``--out`` then name the same
+    files on every node (given a shared filesystem), and log rows name them as locally."""
+    if str(Path.cwd()) != cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as error:
+            raise RuntimeError(
+                f"clipseg's working directory {cwd} does not exist on this Ray node "
+                f"({error.strerror}); run from a folder every node mounts at the same path"
+            ) from None
+
+
+def _decode(row: dict[str, Any], config: SegmentConfig, size: tuple[int, int], cwd: str) -> dict:
+    """Decode task: one input -> its pickled Prepared, or Failed with the decode error."""
+    from ..items import prepare_item
+
+    _enter(cwd)
+    sources.configure_pillow_limits(config.max_pixels)  # process-wide, so once per worker
+    item, out_key = pickle.loads(row["item"])
+    prepared = prepare_item(item, out_key, config, size)
+    return {"i": row["i"], "item": pickle.dumps(prepared, protocol=5)}
+
+
+class _Predictor:
+    """Actor: loads the segmentation parts of the model once, then predicts batches."""
+
+    def __init__(
+        self,
+        config: SegmentConfig,
+        vectors: np.ndarray,
+        positives: list[Conditional],
+        negatives: list[str],
+        sizing: _Sizing,
+    ) -> None:
+        import torch
+
+        from ..items import PromptSet
+        from ..predictor import Segmenter
+
+        if sizing.num_gpus == 0:
+            # Ray already sets OMP_NUM_THREADS from num_cpus; said again so that the thread
+            # count (which changes results in the last bits) never depends on the environment.
+            torch.set_num_threads(max(1, int(sizing.num_cpus)))
+        self.segmenter = Segmenter.load(
+            config.model,
+            clip_weights=config.clip_weights,
+            device=config.device,
+            precision=config.precision,
+            components=frozenset({"vision", "decoder"}),
+        )
+        device = self.segmenter.device
+        self.prompts = PromptSet(torch.tensor(vectors, device=device), positives, negatives)
+        self.batch_size = sizing.batch_size
+        self.keep_logits = "logits" in config.save
+        dtype = str(self.segmenter.dtype).removeprefix("torch.")
+        self.description = json.dumps({"device": str(device), "dtype": dtype})
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from ..items import Prepared, predict_batch
+
+        entries = [pickle.loads(payload) for payload in batch["item"]]
+        prepared = [entry for entry in entries if isinstance(entry, Prepared)]
+        results: dict[int, tuple] = {}
+        seconds = 0.0
+        # Ray's batches follow its blocks, and failed decodes leave gaps: model batches are
+        # re-formed at exactly --batch-size (padded, like the local engine's) so that every
+        # image's numbers are the ones the local engine computes.
+        for start in range(0, len(prepared), self.batch_size):
+            chunk = prepared[start : start + self.batch_size]
+            began = time.perf_counter()
+            outputs = predict_batch(
+                self.segmenter, chunk, self.prompts, self.keep_logits, pad_to=self.batch_size
+            )
+            seconds += time.perf_counter() - began
+            results.update((id(p), out) for p, out in zip(chunk, outputs, strict=True))
+        payloads = []
+        for entry in entries:
+            probs, logits = results.get(id(entry), (None, None))
+            payloads.append(pickle.dumps((entry, probs, logits), protocol=5))
+        share = seconds / max(1, len(prepared))
+        return {
+            "i": list(batch["i"]),
+            "item": payloads,
+            "infer_s": [share if id(entry) in results else 0.0 for entry in entries],
+            "actor": [self.description] * len(entries),
+        }
+
+
+def _write(row: dict[str, Any], config: SegmentConfig, labels: list[Conditional], cwd: str) -> dict:
+    """Write task: one input's outputs (or its failure) -> its JSON log row.
+
+    A full disk is not this row's failure but the run's: it comes back as ``fatal`` for the
+    driver to raise, after logging what finished before it.
+    """
+    from ..items import Failed, failure_for, write_or_fail
+
+    _enter(cwd)
+    entry, probs, logits = pickle.loads(row["item"])
+    fatal, fatal_errno = "", 0
+    if isinstance(entry, Failed):
+        result = failure_for(entry)
+    else:
+        try:
+            result = write_or_fail(entry, probs, logits, config, labels)
+        except DiskFullError as error:
+            result, fatal, fatal_errno = {}, error.strerror or str(error), error.errno or 0
+    return {
+        "i": row["i"],
+        "row": json.dumps(result),
+        "infer_s": row["infer_s"],
+        "actor": row["actor"],
+        "fatal": fatal,
+        "fatal_errno": fatal_errno,
+    }
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _cluster(ray: ModuleType, address: str | None) -> Iterator[None]:
+    """Use the Ray this process is already connected to, or connect to ``address``, or start a
+    local single-node cluster; only a connection made here is closed here."""
+    if ray.is_initialized():
+        yield
+        return
+    quiet = os.environ.get(PROGRESS_ENV) != "1"
+    ray.init(
+        address=address or None,
+        include_dashboard=False,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        configure_logging=True,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextmanager
+def _data_context() -> Iterator[Any]:
+    """Ray Data's context for this run: its progress output off unless asked for (the CLI has
+    its own), restored afterwards for callers that use Ray Data themselves."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    fields = ("enable_progress_bars", "print_on_execution_start")
+    saved = {name: getattr(context, name) for name in fields}
+    loud = os.environ.get(PROGRESS_ENV) == "1"
+    # Execution plans are logged at INFO; the progress module warns that bars are off (which
+    # is the point). Other Ray Data warnings (e.g. too few CPUs for the pool) still show.
+    levels = {"ray.data": logging.WARNING, "ray.data._internal.progress": logging.ERROR}
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    saved_levels = {logger: logger.level for logger in loggers}
+    for name in fields:
+        setattr(context, name, loud)
+    if not loud:
+        for logger, level in loggers.items():
+            logger.setLevel(level)
+    try:
+        yield context
+    finally:
+        for name, value in saved.items():
+            setattr(context, name, value)
+        for logger, level in saved_levels.items():
+            logger.setLevel(level)
+
+
+def _largest_node_cpus(ray: ModuleType) -> float:
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    return max((node["Resources"].get("CPU", 0.0) for node in alive), default=1.0)
+
+
+def process_with_ray(
+    run: _Run, todo: list[_Work], prompts: PromptSet, input_size: tuple[int, int]
+) -> None:
+    """Process ``todo`` on Ray Data; each finished input is recorded through ``run.record``.
+
+    Args:
+        run: The run: its config, counters, log and ledger (``record`` is driver-side only).
+        todo: Inputs to process, in input order.
+        prompts: The run's embedded prompts (shipped to every actor).
+        input_size: The model's input size (decode tasks resize to it).
+
+    Raises:
+        RayNotInstalledError: Ray Data is not installed.
+        DiskFullError: outputs could not be written for lack of space (resumable).
+    """
+    ray = require_ray()
+    config = run.config
+    out_keys = writers.casefold_collisions(work.item.key for work in todo)
+    items = [
+        {"i": i, "item": pickle.dumps((work.item, out_keys[work.item.key]), protocol=5)}
+        for i, work in enumerate(todo)
+    ]
+    cwd = str(Path.cwd())
+    with _cluster(ray, config.ray_address), _data_context():
+        sizing = _size(config, ray.cluster_resources(), _largest_node_cpus(ray))
+        run.model_details["batch_size"] = sizing.batch_size
+        run.model_details["ray"] = {
+            "address": config.ray_address,
+            "actors": sizing.actors,
+            "num_gpus_per_actor": sizing.num_gpus,
+            "num_cpus_per_actor": sizing.num_cpus,
+            "memory_per_actor": sizing.memory,
+        }
+        blocks = max(1, math.ceil(len(items) / ROWS_PER_DECODE_TASK))
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=blocks)
+            .map(_decode, fn_kwargs={"config": config, "size": input_size, "cwd": cwd})
+            .map_batches(
+                _Predictor,
+                fn_constructor_kwargs={
+                    "config": config,
+                    "vectors": prompts.vectors.detach().float().cpu().numpy(),
+                    "positives": prompts.positives,
+                    "negatives": prompts.negatives,
+                    "sizing": sizing,
+                },
+                batch_size=sizing.batch_size,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=sizing.actors),
+                num_gpus=sizing.num_gpus,
+                num_cpus=sizing.num_cpus,
+                # Reserving the actor's memory also keeps Ray Data from fusing the decode
+                # tasks into the actors (it fuses stages whose options are equal), which would
+                # decode one image at a time per actor instead of across the cluster.
+                memory=sizing.memory,
+            )
+            .map(_write, fn_kwargs={"config": config, "labels": prompts.positives, "cwd": cwd})
+        )
+        _consume(run, todo, dataset.iter_rows())
+
+
+def _consume(run: _Run, todo: list[_Work], rows: Any) -> None:
+    """Record rows as they finish (completion order); stop early when asked or the disk is full.
+
+    Stopping closes the stream, which shuts the Ray Data execution down; outputs written by
+    tasks still in flight have no ledger line, so a rerun redoes them (writes are atomic and
+    deterministic, so redoing is safe).
+    """
+    stream = iter(rows)
+    described = False
+    try:
+        for result in stream:
+            if result["fatal"]:
+                raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
+            if not described:
+                # The summary names the actors' device, not the driver's (prompts only).
+                run.model_details.update(json.loads(result["actor"]))
+                described = True
+            run.infer_seconds += float(result["infer_s"])
+            run.record(json.loads(result["row"]), todo[int(result["i"])])
+            if run.should_stop():
+                run.summary.interrupted = True
+                break
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()

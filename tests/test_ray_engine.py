@@ -1,0 +1,168 @@
+"""``--engine ray``: same outputs, log rows and ledger as the local engine, on a local Ray."""
+
+from __future__ import annotations
+
+import builtins
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipseg_cli import pipeline
+from clipseg_cli.cli import ExitCode, app
+from clipseg_cli.config import SegmentConfig
+from clipseg_cli.ledger import LEDGER_NAME, STATE_DIR
+
+runner = CliRunner()
+SAVE = "mask,soft,logits,labels"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local single-node cluster for the module (starting one takes seconds).
+
+    Three logical CPUs: one actor holding two (so it runs torch on two threads, like the
+    local engine on this machine's two cores: thread counts change the last bits) and one
+    for the decode and write tasks. The CLI, run in this process, joins it.
+    """
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight small photos in sub-folders, a zero-byte JPEG and a text file named .png."""
+    root = tmp_path_factory.mktemp("ray-in")
+    rng = np.random.default_rng(7)
+    for i in range(8):
+        path = root / f"sub{i % 2}" / f"img{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (40 + 4 * i, 30 + 2 * i)  # sizes differ: outputs are upsampled to each
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)).save(path)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "sub1" / "notes.png").write_text("not an image")
+    return root
+
+
+def _segment(inputs: Path, out: Path, model: Path, *extra: str):
+    args = ["segment", str(inputs), "-p", "a dog", "-p", "a cat", "--save", SAVE]
+    args += ["--out", str(out), "--model", str(model), "--device", "cpu", "--progress", "none"]
+    return runner.invoke(app, [*args, "--batch-size", "2", *extra])
+
+
+def _ray(*extra: str) -> tuple[str, ...]:
+    return ("--engine", "ray", "--actors", "1", *extra)
+
+
+def _output_files(out: Path) -> dict[str, bytes]:
+    """Every output file (not logs, summary or ledger) -> its bytes."""
+    return {
+        path.relative_to(out).as_posix(): path.read_bytes()
+        for path in sorted(out.rglob("*"))
+        if path.is_file() and not path.relative_to(out).as_posix().startswith((STATE_DIR, "clip"))
+    }
+
+
+def _text(path: Path, out: Path) -> str:
+    """A file of the run in ``out``, with ``out`` itself written as ``OUT`` (to compare runs)."""
+    return path.read_text().replace(json.dumps(str(out))[1:-1], "OUT")
+
+
+def _ledger(out: Path) -> dict[str, tuple]:
+    lines = _text(out / STATE_DIR / LEDGER_NAME, out).splitlines()
+    rows = [row for row in map(json.loads, lines) if "key" in row]
+    return {row["key"]: (row["status"], sorted(row["outputs"]), row["error"]) for row in rows}
+
+
+def _log(out: Path) -> dict[str, dict]:
+    """The log's rows by key, without what differs from run to run (run id, timings)."""
+    rows = [json.loads(line) for line in _text(out / "clipseg-log.jsonl", out).splitlines()]
+    return {
+        row["key"]: {k: v for k, v in row.items() if k not in ("run", "timings")} for row in rows
+    }
+
+
+@pytest.fixture(scope="module")
+def local_out(tiny_model_dir: Path, photos: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("local") / "out"
+    result = _segment(photos, out, tiny_model_dir)
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
+    return out
+
+
+def test_ray_engine_matches_the_local_engine_byte_for_byte(
+    ray_cluster, tiny_model_dir, photos, local_out, tmp_path
+):
+    out = tmp_path / "out"
+    result = _segment(photos, out, tiny_model_dir, *_ray())
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output  # the two bad files
+    expected = _output_files(local_out)
+    assert len(expected) == 8 * (3 * 2 + 1)  # mask, soft, logits per prompt + labels
+    assert _output_files(out) == expected
+    assert _ledger(out) == _ledger(local_out)
+    assert _log(out) == _log(local_out)
+    statuses = {key: row["status"] for key, row in _log(out).items()}
+    assert statuses.pop("empty.jpg") == statuses.pop("sub1/notes.png") == "failed"
+    assert set(statuses.values()) == {"ok"}
+    summary = json.loads((out / "clipseg-summary.json").read_text())
+    assert summary["engine"] == "ray" and summary["ray"]["actors"] == 1
+    assert summary["device"] == "cpu" and summary["batch_size"] == 2
+
+
+def test_interrupted_ray_run_resumes_from_the_ledger(
+    ray_cluster, tiny_model_dir, photos, local_out, tmp_path
+):
+    out = tmp_path / "out"
+    done = []
+    config = SegmentConfig(
+        inputs=(str(photos),),
+        out_dir=out,
+        prompts=("a dog", "a cat"),
+        save=tuple(SAVE.split(",")),
+        model=str(tiny_model_dir),
+        device="cpu",
+        batch_size=2,
+        engine="ray",
+        actors=1,
+    )
+    summary = pipeline.run_segment(
+        config,
+        on_progress=lambda progress: done.append(progress.done),
+        should_stop=lambda: len(done) >= 3,
+    )
+    assert summary.interrupted and summary.ok + summary.failed == 3
+    assert len(_ledger(out)) == 3  # only what the driver saw finished
+
+    result = _segment(photos, out, tiny_model_dir, *_ray())
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
+    assert _ledger(out) == _ledger(local_out)
+    assert _output_files(out) == _output_files(local_out)
+    last_run = [json.loads(line) for line in (out / "clipseg-log.jsonl").read_text().splitlines()]
+    last_run = [row for row in last_run if row["run"] == last_run[-1]["run"]]
+    assert sum(row["status"] == "skipped" for row in last_run) == 3
+    assert len(last_run) == 10
+
+
+def test_without_ray_the_engine_says_how_to_install_it(
+    tiny_model_dir, photos, tmp_path, monkeypatch
+):
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    out = tmp_path / "out"
+    result = _segment(photos, out, tiny_model_dir, *_ray())
+    assert result.exit_code == ExitCode.USAGE
+    message = result.output.strip()
+    assert "\n" not in message and "pip install 'clipseg-cli[ray]'" in message
+    assert not out.exists()  # refused before anything was locked or written
