@@ -324,6 +324,9 @@ def main() -> None:
         "--rss-images", type=int, default=0, help="RSS-flatness run on this many images (0: skip)"
     )
     parser.add_argument("--skip-reference", action="store_true", help="only run our CLI")
+    parser.add_argument(
+        "--rss-only", action="store_true", help="with --rss-images: skip the speed runs"
+    )
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "_work")
     parser.add_argument(
         "--no-startup-runs",
@@ -408,7 +411,7 @@ def main() -> None:
         return best
 
     configs = [("fp32", 1), ("fp32", 5), ("bf16", 1), ("bf16", 5)]
-    for k in (1, 5):
+    for k in () if args.rss_only else (1, 5):
         prompts = PROMPTS_1 if k == 1 else PROMPTS_5
         for count, folder in ((n, images_n), (1, images_1)):
             if count == 1 and args.no_startup_runs:

@@ -329,7 +329,7 @@ class _Run:
             ThreadPoolExecutor(config.writer_threads, thread_name_prefix="write") as writer_pool,
         ):
             stream = self._prepared_stream(
-                todo, out_keys, segmenter.input_size, decoders, batch_size * 2 + config.workers
+                todo, out_keys, segmenter.input_size, decoders, batch_size + config.workers
             )
             try:
                 for batch, failures in _batches(stream, batch_size):
@@ -346,7 +346,7 @@ class _Run:
                                 items.write_or_fail, prepared, probs, logits, config, labels
                             )
                             writes.append((future, by_key[prepared.item.key]))
-                    drain(batch_size * 2)
+                    drain(batch_size + config.writer_threads)
                     if self.should_stop():
                         self.summary.interrupted = True
                         break
