@@ -37,6 +37,19 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_training_set(directory, 8, first_seed=500, size=64)
 
 
+@pytest.fixture(scope="module")
+def small_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random model at a 64x64 input size (a 4x4 token grid): training steps take
+    milliseconds instead of seconds, and every code path stays the same."""
+    directory = tmp_path_factory.mktemp("small-model")
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = json.loads((directory / "config.json").read_text())
+    config["clipseg_input_size"] = 64
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
 def _config(manifest: Path, out: Path, model_dir: Path, **overrides) -> TrainConfig:
     values = {
         "manifest": manifest,
@@ -165,22 +178,22 @@ def test_explicit_splits_are_honoured(tmp_path: Path, shapes: Path):
 # -- training -------------------------------------------------------------------------------------
 
 
-def test_loss_decreases_on_a_tiny_task(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
+def test_loss_decreases_on_a_tiny_task(tmp_path: Path, shapes: Path, small_model_dir: Path):
     config = _config(
-        shapes, tmp_path / "out", tiny_model_dir, epochs=20, batch_size=8, val_fraction=0.0
+        shapes, tmp_path / "out", small_model_dir, epochs=60, batch_size=8, val_fraction=0.0
     )
     result = train(config)
     losses = [stats.train_loss for stats in result.history]
-    assert len(losses) == 20 and result.val_images == 0
+    assert len(losses) == 60 and result.val_images == 0
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
 
 
 def test_decoder_only_fine_tuning_leaves_clip_bit_identical_and_export_reloads(
-    tmp_path: Path, shapes: Path, tiny_model_dir: Path
+    tmp_path: Path, shapes: Path, small_model_dir: Path
 ):
-    before, _ = load_weights(str(tiny_model_dir))
+    before, _ = load_weights(str(small_model_dir))
     events = []
-    result = train(_config(shapes, tmp_path / "out", tiny_model_dir), on_progress=events.append)
+    result = train(_config(shapes, tmp_path / "out", small_model_dir), on_progress=events.append)
     trained = result.model
     for name, tensor in before.backbone.state_dict().items():
         assert torch.equal(tensor, trained.backbone.state_dict()[name]), name
@@ -202,8 +215,8 @@ def test_decoder_only_fine_tuning_leaves_clip_bit_identical_and_export_reloads(
     assert record["history"][0]["val_iou"] == result.history[0].val_iou
 
 
-def test_trainable_parameters_respect_the_backbone_switch(tiny_model_dir: Path):
-    model, _ = load_weights(str(tiny_model_dir))
+def test_trainable_parameters_respect_the_backbone_switch(small_model_dir: Path):
+    model, _ = load_weights(str(small_model_dir))
     decoder_only = trainable_parameters(model, train_backbone=False)
     assert sum(p.numel() for p in decoder_only) == sum(
         p.numel() for p in model.decoder.parameters()
@@ -217,11 +230,11 @@ class _StopError(Exception):
 
 
 def test_resume_continues_from_the_saved_epoch_with_identical_state(
-    tmp_path: Path, shapes: Path, tiny_model_dir: Path
+    tmp_path: Path, shapes: Path, small_model_dir: Path
 ):
     common = {"epochs": 3, "image_prompt_fraction": 0.5, "hflip": True}
     straight = train(
-        _config(shapes, tmp_path / "a", tiny_model_dir, checkpoint_dir=tmp_path / "ca", **common)
+        _config(shapes, tmp_path / "a", small_model_dir, checkpoint_dir=tmp_path / "ca", **common)
     )
 
     def stop_after_first_epoch(progress) -> None:
@@ -229,7 +242,7 @@ def test_resume_continues_from_the_saved_epoch_with_identical_state(
             raise _StopError
 
     interrupted = _config(
-        shapes, tmp_path / "b", tiny_model_dir, checkpoint_dir=tmp_path / "cb", **common
+        shapes, tmp_path / "b", small_model_dir, checkpoint_dir=tmp_path / "cb", **common
     )
     with pytest.raises(_StopError):
         train(interrupted, on_progress=stop_after_first_epoch)
@@ -238,7 +251,7 @@ def test_resume_continues_from_the_saved_epoch_with_identical_state(
 
     # The saved optimizer state is the one the run had: restoring it into a fresh optimizer
     # reproduces the moments exactly.
-    model, _ = load_weights(str(tiny_model_dir))
+    model, _ = load_weights(str(small_model_dir))
     params = trainable_parameters(model, train_backbone=False)
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     epoch, step, history = load_checkpoint(
@@ -269,8 +282,8 @@ def replace_config(config: TrainConfig, **changes) -> TrainConfig:
     return replace(config, **changes)
 
 
-def test_checkpoint_guards(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
-    config = _config(shapes, tmp_path / "out", tiny_model_dir, checkpoint_dir=tmp_path / "c")
+def test_checkpoint_guards(tmp_path: Path, shapes: Path, small_model_dir: Path):
+    config = _config(shapes, tmp_path / "out", small_model_dir, checkpoint_dir=tmp_path / "c")
     with pytest.raises(TrainError, match=r"no checkpoint\.json to resume from"):
         train(replace_config(config, resume=True))
     train(config)
@@ -283,16 +296,40 @@ def test_checkpoint_guards(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
     assert files == ["checkpoint.json", "epoch-0001.safetensors"]
 
 
-def test_options_are_validated(tmp_path: Path, shapes: Path, tiny_model_dir: Path):
-    config = _config(shapes, tmp_path / "out", tiny_model_dir)
+def test_options_are_validated(tmp_path: Path, shapes: Path, small_model_dir: Path):
+    config = _config(shapes, tmp_path / "out", small_model_dir)
     for changes, message in [
         ({"from_scratch": "tiny"}, "--model and --from-scratch exclude each other"),
         ({"val_fraction": 1.0}, "--val-fraction must be in"),
         ({"resume": True}, "--resume needs --checkpoint-dir"),
         ({"model": None, "from_scratch": "huge"}, "unknown architecture 'huge'"),
+        ({"token_class_weight": 1.0}, "--token-class-weight trains the vision tower"),
     ]:
         with pytest.raises(TrainError, match=message):
             train(replace_config(config, **changes))
+
+
+def test_token_classifier_labels_tokens_mostly_covered_by_one_mask():
+    from types import SimpleNamespace
+
+    from clipseg_cli.train import TokenClassifier
+
+    classifier = TokenClassifier(width=3, classes=["a", "b"])
+    with torch.no_grad():
+        classifier.head.weight.copy_(torch.eye(2, 3) * 10)
+        classifier.head.bias.zero_()
+    target = torch.zeros(3, 8, 8)
+    target[0, :4, :4] = 1.0  # token 0: class "a"
+    target[1, :4, 4:] = 0.4  # token 1: not covered enough: ignored
+    target[2, 4:, :] = 1.0  # tokens 2, 3: a negative example's target is never used
+    batch = SimpleNamespace(
+        targets=[target], positive=[[True, True, False]], labels=[["a", "b", "b"]]
+    )
+    features = torch.zeros(1, 5, 3)  # class token + 2x2 tokens
+    features[0, 1] = torch.tensor([1.0, 0.0, 0.0])  # token 0 looks like "a": low loss
+    assert classifier.loss(features, batch, patch=4).item() < 1e-3
+    features[0, 1] = torch.tensor([0.0, 1.0, 0.0])  # now like "b": high loss
+    assert classifier.loss(features, batch, patch=4).item() > 5
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -305,7 +342,8 @@ def test_cli_trains_from_scratch_with_image_prompts(tmp_path: Path, shapes: Path
         [
             "train", str(shapes), "--from-scratch", "tiny", "--out", str(out), "--epochs", "1",
             "--batch-size", "8", "--val-fraction", "0.25", "--image-prompt-fraction", "1",
-            "--align-weight", "0.1", "--save-dtype", "fp16", "--device", "cpu",
+            "--align-weight", "0.1", "--token-class-weight", "1", "--save-dtype", "fp16",
+            "--device", "cpu",
             "--progress", "lines",
         ],
     )  # fmt: skip
