@@ -303,33 +303,9 @@ def test_options_are_validated(tmp_path: Path, shapes: Path, small_model_dir: Pa
         ({"val_fraction": 1.0}, "--val-fraction must be in"),
         ({"resume": True}, "--resume needs --checkpoint-dir"),
         ({"model": None, "from_scratch": "huge"}, "unknown architecture 'huge'"),
-        ({"token_class_weight": 1.0}, "--token-class-weight trains the vision tower"),
     ]:
         with pytest.raises(TrainError, match=message):
             train(replace_config(config, **changes))
-
-
-def test_token_classifier_labels_tokens_mostly_covered_by_one_mask():
-    from types import SimpleNamespace
-
-    from clipseg_cli.train import TokenClassifier
-
-    classifier = TokenClassifier(width=3, classes=["a", "b"])
-    with torch.no_grad():
-        classifier.head.weight.copy_(torch.eye(2, 3) * 10)
-        classifier.head.bias.zero_()
-    target = torch.zeros(3, 8, 8)
-    target[0, :4, :4] = 1.0  # token 0: class "a"
-    target[1, :4, 4:] = 0.4  # token 1: not covered enough: ignored
-    target[2, 4:, :] = 1.0  # tokens 2, 3: a negative example's target is never used
-    batch = SimpleNamespace(
-        targets=[target], positive=[[True, True, False]], labels=[["a", "b", "b"]]
-    )
-    features = torch.zeros(1, 5, 3)  # class token + 2x2 tokens
-    features[0, 1] = torch.tensor([1.0, 0.0, 0.0])  # token 0 looks like "a": low loss
-    assert classifier.loss(features, batch, patch=4).item() < 1e-3
-    features[0, 1] = torch.tensor([0.0, 1.0, 0.0])  # now like "b": high loss
-    assert classifier.loss(features, batch, patch=4).item() > 5
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -342,8 +318,7 @@ def test_cli_trains_from_scratch_with_image_prompts(tmp_path: Path, shapes: Path
         [
             "train", str(shapes), "--from-scratch", "tiny", "--out", str(out), "--epochs", "1",
             "--batch-size", "8", "--val-fraction", "0.25", "--image-prompt-fraction", "1",
-            "--align-weight", "0.1", "--token-class-weight", "1", "--save-dtype", "fp16",
-            "--device", "cpu",
+            "--align-weight", "0.1", "--save-dtype", "fp16", "--device", "cpu",
             "--progress", "lines",
         ],
     )  # fmt: skip
