@@ -43,9 +43,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/engines_bench.py --model bench/_work/model-rd64-refined \
 		--images bench/_work/images-1024x768 --count 8
 
+# The main job on the bundled photos. Needs the real weights (CIDAS/clipseg-rd64-refined,
+# downloaded once into the Hugging Face cache); offline without them it exits 4 and says so.
 demo: $(STAMP)
 	$(BIN)/clipseg segment sample_data --prompt "a cat" --prompt "a cup of coffee" \
-		--save mask,overlay --out out/demo
+		--prompt "a rocket" --save mask,overlay --report --out out/demo
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

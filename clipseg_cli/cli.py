@@ -475,13 +475,18 @@ def models() -> None:
     On a terminal a table; otherwise tab-separated lines (name, hub id, cached, original file,
     description) for scripts.
     """
-    from .weights import cached_hub_files
+    from .errors import WeightsError
+    from .weights import bundled_model_dir, cached_hub_files
 
     rows = []
     for spec in MODEL_SPECS.values():
         default = " (default)" if spec.hub_id == DEFAULT_MODEL else ""
         if spec.hub_id is None:
-            source, cached = "(bundled with clipseg)", "yes"
+            source = "(bundled with clipseg)"
+            try:
+                cached = "yes" if bundled_model_dir(spec.name) else "no"
+            except WeightsError:
+                cached = "missing from this install"
         else:
             source, cached = spec.hub_id, "yes" if cached_hub_files(spec.hub_id) else "no"
         original = spec.original_filename or "-"
