@@ -92,11 +92,19 @@ def display_path(p: str | os.PathLike[str]) -> str:
     as is. Because backslashes are always escaped, the mapping is reversible with
     :func:`parse_display_path`.
     """
-    s = os.fspath(p)
+    return escape_undecodable(os.fspath(p), double_backslashes=True)
+
+
+def escape_undecodable(text: str, *, double_backslashes: bool = False) -> str:
+    """``text`` with surrogate escapes written as ``\\xNN`` / ``\\uXXXX`` (valid UTF-8).
+
+    :func:`display_path` doubles backslashes too, so paths can be parsed back; free text (error
+    messages) keeps its backslashes as they are.
+    """
     out: list[str] = []
-    for ch in s:
+    for ch in text:
         code = ord(ch)
-        if ch == "\\":
+        if ch == "\\" and double_backslashes:
             out.append("\\\\")
         elif 0xDC80 <= code <= 0xDCFF:
             out.append(f"\\x{code - 0xDC00:02x}")

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .sources import display_path
+from .sources import display_path, escape_undecodable
 
 __all__ = [
     "SLUG_MAX_LEN",
@@ -411,7 +411,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, str):
         # Lone surrogates (raw os.fsdecode names) cannot be encoded as UTF-8.
         if any(0xD800 <= ord(c) <= 0xDFFF for c in obj):
-            return _escape_surrogates(obj)
+            return escape_undecodable(obj)
         return obj
     if isinstance(obj, os.PathLike):
         return display_path(obj)
@@ -422,21 +422,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
-
-
-def _escape_surrogates(text: str) -> str:
-    """Like :func:`display_path` minus backslash doubling: free text is not meant to be parsed
-    back, and doubling would garble ordinary strings that contain backslashes."""
-    out = []
-    for c in text:
-        code = ord(c)
-        if 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(c)
-    return "".join(out)
 
 
 def _dumps(obj: Any, indent: int | None = None) -> str:
