@@ -43,11 +43,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/engines_bench.py --model bench/_work/model-rd64-refined \
 		--images bench/_work/images-1024x768 --count 8
 
-# The main job on the bundled photos. Needs the real weights (CIDAS/clipseg-rd64-refined,
-# downloaded once into the Hugging Face cache); offline without them it exits 4 and says so.
+# The main job, offline: the bundled demo model on the bundled shape scenes.
 demo: $(STAMP)
-	$(BIN)/clipseg segment sample_data --prompt "a cat" --prompt "a cup of coffee" \
-		--prompt "a rocket" --save mask,overlay --report --out out/demo
+	$(BIN)/clipseg segment 'sample_data/shapes-*.png' --model demo --prompt "a red circle" \
+		--prompt "a blue square" --prompt "a yellow triangle" --save mask,overlay --report \
+		--out out/demo
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache

@@ -134,7 +134,9 @@ class ClipBackbone(nn.Module):
         clip = self.clip
         if clip.token_embedding is None:
             raise RuntimeError("the text tower was released after the prompts were embedded")
-        x = clip.token_embedding(tokens) + clip.positional_embedding
+        # Shorter inputs (cut after the last end-of-text token) give the same embedding: the
+        # mask is causal, so positions after the end-of-text token never reach it.
+        x = clip.token_embedding(tokens) + clip.positional_embedding[: tokens.shape[1]]
         mask = causal_mask(tokens.shape[1]).to(device=x.device, dtype=x.dtype)
         for block in clip.transformer.resblocks:
             x = block(x, attn_mask=mask)

@@ -50,6 +50,7 @@ class _TrainReporter:
         self._last = time.monotonic()
         self._bar = None
         self._task = None
+        self._epoch: str | None = None
 
     def __enter__(self) -> _TrainReporter:
         if self.mode == "bar":
@@ -99,12 +100,13 @@ class _TrainReporter:
     def _update_bar(self, progress) -> None:
         epoch = f"{progress.epoch}/{progress.epochs}"
         stage = "validating" if progress.kind == "validate" else ""
-        if self._task is None or self._bar.tasks[self._task].fields["epoch"] != epoch:
+        if self._epoch != epoch:  # one bar per epoch
             if self._task is not None:
                 self._bar.remove_task(self._task)
             self._task = self._bar.add_task(
                 "train", total=progress.steps, epoch=epoch, loss=progress.loss, stage=stage
             )
+            self._epoch = epoch
         self._bar.update(self._task, completed=progress.step, loss=progress.loss, stage=stage)
 
     def _epoch_line(self, progress) -> None:
@@ -172,6 +174,13 @@ def train_command(
         float,
         typer.Option(help="Weight of the contrastive text/image-embedding alignment loss."),
     ] = 0.0,
+    token_class_weight: Annotated[
+        float,
+        typer.Option(
+            help="Weight of an auxiliary loss teaching every vision token the class of the "
+            "object under it (needs a trained backbone; helps from scratch)."
+        ),
+    ] = 0.0,
     hflip: Annotated[bool, typer.Option(help="Randomly mirror training images.")] = False,
     threshold: Annotated[
         float, typer.Option(help="Probability threshold of the validation IoU.")
@@ -222,6 +231,7 @@ def train_command(
         seed=seed,
         image_prompt_fraction=image_prompt_fraction,
         align_weight=align_weight,
+        token_class_weight=token_class_weight,
         hflip=hflip,
         threshold=threshold,
         checkpoint_dir=checkpoint_dir,
@@ -259,6 +269,10 @@ def synthetic_command(
     negatives: Annotated[
         int, typer.Option(help="Prompts per scene that name an absent object (empty mask).")
     ] = 1,
+    one_colour_fraction: Annotated[
+        float,
+        typer.Option(help="Share of scenes in one colour, where only the shape tells apart."),
+    ] = 0.0,
 ) -> None:
     """Write a toy training set of coloured shapes (images, masks, manifest.jsonl)."""
     from .cli import ExitCode
@@ -269,9 +283,16 @@ def synthetic_command(
             "--count must be >= 1, --size >= 32, --negatives and --first-seed >= 0",
             ExitCode.USAGE,
         )
+    if not 0.0 <= one_colour_fraction <= 1.0:
+        raise _fail("--one-colour-fraction must be in [0, 1]", ExitCode.USAGE)
     try:
         manifest = write_training_set(
-            out, count, first_seed=first_seed, size=size, negatives=negatives
+            out,
+            count,
+            first_seed=first_seed,
+            size=size,
+            negatives=negatives,
+            one_colour_fraction=one_colour_fraction,
         )
     except OSError as error:
         raise _fail(f"{out}: {error.strerror or error}", ExitCode.USAGE) from None

@@ -42,6 +42,10 @@ BACKGROUNDS = ("noise", "gradient", "stripes")
 DEFAULT_SIZE = 224
 # An object may lose at most this fraction of its area to objects drawn over it.
 _MAX_OCCLUDED = 0.25
+# Squares are axis-aligned and triangles stand on their base: edge orientations then tell the
+# shapes apart locally. A small ViT trained from scratch for minutes learns that; with rotated
+# squares it could not tell them from circles (measured: ~65% vs ~94% shape accuracy on crops
+# after 300 steps).
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 # -- objects --------------------------------------------------------------------------------------
 
 
-def _shape_mask(shape: str, centre: tuple[float, float], radius: float, angle: float, size: int):
-    """bool ``[size, size]``: a shape of circumradius-like size ``radius`` (pixels)."""
+def _shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int) -> np.ndarray:
+    """bool ``[size, size]``: an upright shape of circumradius-like size ``radius`` (pixels)."""
     canvas = np.zeros((size, size), np.uint8)
     cx, cy = centre
     if shape == "circle":
@@ -124,10 +128,10 @@ def _shape_mask(shape: str, centre: tuple[float, float], radius: float, angle: f
         return canvas.astype(bool)
     if shape == "square":
         # Half side ~ 0.85 r: a square about as large as a circle of radius r.
-        corners, half = 4, radius * 0.85 * math.sqrt(2)
+        corners, half, angle = 4, radius * 0.85 * math.sqrt(2), math.pi / 4
     else:
         # A triangle needs a larger circumradius to look as large as the others.
-        corners, half = 3, radius * 1.4
+        corners, half, angle = 3, radius * 1.4, -math.pi / 2
     points = [
         (
             cx + half * math.cos(angle + 2 * math.pi * i / corners),
@@ -183,7 +187,7 @@ def make_scene(
             radius = rng.uniform(0.11, 0.2) * size
             margin = radius * 0.8
             centre = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
-            mask = _shape_mask(shape, centre, radius, rng.uniform(0, 2 * math.pi), size)
+            mask = _shape_mask(shape, centre, radius, size)
             # Drawing it on top must leave every earlier object mostly visible.
             if all((m & ~mask).sum() >= (1 - _MAX_OCCLUDED) * m.sum() for m in masks):
                 break
@@ -204,6 +208,27 @@ def make_scene(
 # -- training sets --------------------------------------------------------------------------------
 
 
+def training_scene(seed: int, size: int = DEFAULT_SIZE, one_colour_fraction: float = 0.0) -> Scene:
+    """The scene of a training set: :func:`make_scene`, except that a seeded
+    ``one_colour_fraction`` of the scenes only use one colour, so that only the shape tells
+    the objects apart (colour alone is learnt first, and then shape only slowly)."""
+    rng = np.random.default_rng([seed, 2])
+    if rng.random() >= one_colour_fraction:
+        return make_scene(seed, size)
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    others = tuple(label for label in CLASSES if not label.startswith(colour + " "))
+    return make_scene(seed, size, min_objects=2, exclude=others)
+
+
+def hard_negatives(scene: Scene, count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` absent classes, those sharing a colour with a present object first (the
+    mistakes a colour-only model makes), each group in random order."""
+    colours = {obj.colour for obj in scene.objects}
+    absent = [scene.absent_classes()[i] for i in rng.permutation(len(scene.absent_classes()))]
+    absent.sort(key=lambda label: label.split(" ")[0] not in colours)  # stable: keeps the draw
+    return absent[:count]
+
+
 def write_training_set(
     directory: Path,
     count: int,
@@ -211,13 +236,15 @@ def write_training_set(
     first_seed: int = 0,
     size: int = DEFAULT_SIZE,
     negatives: int = 1,
+    one_colour_fraction: float = 0.0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write ``count`` scenes (seeds ``first_seed ..``) in the ``clipseg train`` layout.
 
     ``images/NNNNNN.png``, ``masks/NNNNNN_K.png`` (0/255) and ``manifest.jsonl`` with one line
     per object (``image``, ``mask``, ``prompt``, ``class``) plus ``negatives`` lines per scene
-    naming a class the scene does not show (``"mask": null``: nothing matches).
+    naming a class the scene does not show (``"mask": null``: nothing matches; see
+    :func:`hard_negatives`). ``one_colour_fraction``: see :func:`training_scene`.
 
     Returns:
         The manifest's path.
@@ -228,7 +255,7 @@ def write_training_set(
     lines = []
     for index in range(count):
         seed = first_seed + index
-        scene = make_scene(seed, size)
+        scene = training_scene(seed, size, one_colour_fraction)
         # A separate stream for the negatives, so they do not change the scene.
         rng = np.random.default_rng([seed, 1])
         name = f"{seed:06d}"
@@ -240,8 +267,7 @@ def write_training_set(
             lines.append(
                 {"image": image_rel, "mask": mask_rel, "prompt": obj.prompt, "class": obj.label}
             )
-        absent = scene.absent_classes()
-        for label in rng.permutation(absent)[:negatives]:
+        for label in hard_negatives(scene, negatives, rng):
             lines.append(
                 {"image": image_rel, "mask": None, "prompt": phrase(label, rng), "class": label}
             )

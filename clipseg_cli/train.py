@@ -200,6 +200,8 @@ class TrainConfig:
     image_prompt_fraction: float = 0.0
     # Weight of the contrastive text/image-embedding alignment loss (needs image prompts).
     align_weight: float = 0.0
+    # Weight of the auxiliary per-token class loss (TokenClassifier; needs a trained backbone).
+    token_class_weight: float = 0.0
     hflip: bool = False
     threshold: float = DEFAULT_THRESHOLD
     checkpoint_dir: Path | None = None
@@ -217,8 +219,13 @@ class TrainConfig:
             raise TrainError("--lr must be > 0, --weight-decay and --warmup-steps >= 0")
         if not 0.0 <= self.image_prompt_fraction <= 1.0:
             raise TrainError("--image-prompt-fraction must be in [0, 1]")
-        if self.align_weight < 0:
-            raise TrainError("--align-weight must be >= 0")
+        if self.align_weight < 0 or self.token_class_weight < 0:
+            raise TrainError("--align-weight and --token-class-weight must be >= 0")
+        if self.token_class_weight > 0 and not self.trains_backbone:
+            raise TrainError(
+                "--token-class-weight trains the vision tower: it needs --train-backbone or "
+                "--from-scratch"
+            )
         if not 0.0 < self.threshold < 1.0:
             raise TrainError("--threshold must be in (0, 1)")
         if self.save_dtype not in _SAVE_DTYPES:
@@ -340,10 +347,12 @@ class _Batch:
     ref_pixels: torch.Tensor | None  # uint8 [R, S, S, 3]
     ref_prompts: list[str]  # the text prompt each visual prompt stands for
     ref_labels: list[str]
+    labels: list[list[str]]  # per image, the class of each of its K_b prompts
+    positive: list[list[bool]]  # per image and prompt: has a mask (False: names nothing)
 
 
 def _load_batch(plans: list[_ImagePlan], size: tuple[int, int]) -> _Batch:
-    images, targets, prompts, ref_index = [], [], [], []
+    images, targets, prompts, ref_index, labels, positive = [], [], [], [], [], []
     ref_images: list[np.ndarray] = []
     ref_prompts: list[str] = []
     ref_labels: list[str] = []
@@ -367,6 +376,8 @@ def _load_batch(plans: list[_ImagePlan], size: tuple[int, int]) -> _Batch:
             )
         )
         prompts.append([e.prompt for e in plan.examples])
+        labels.append([e.label for e in plan.examples])
+        positive.append([e.mask is not None for e in plan.examples])
         indices = []
         for example, ref in zip(plan.examples, plan.refs, strict=True):
             if ref is None:
@@ -387,6 +398,8 @@ def _load_batch(plans: list[_ImagePlan], size: tuple[int, int]) -> _Batch:
         ref_pixels=stack_uint8(ref_images) if ref_images else None,
         ref_prompts=ref_prompts,
         ref_labels=ref_labels,
+        labels=labels,
+        positive=positive,
     )
 
 
@@ -483,7 +496,49 @@ class _Tokenizer:
         self._tokenizer = SimpleTokenizer(context_length=context_length)
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self._tokenizer(list(prompts))
+        """Token ids ``[K, L]``, cut after the longest prompt's end-of-text token (L <= the
+        context length): the causal text tower gives the same embeddings, several times
+        faster for short prompts."""
+        tokens = self._tokenizer(list(prompts))
+        return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+
+
+class TokenClassifier(torch.nn.Module):
+    """Training-only auxiliary head: the class of the object under each vision token.
+
+    A linear layer on the deepest activation the decoder reads (class token dropped). Its
+    cross-entropy, on tokens more than half covered by one annotated mask, makes every token of
+    an object, not only the ones on its outline, carry what the object is (e.g. its shape);
+    pretrained CLIP features have that, a backbone trained from scratch learns it only slowly
+    from the mask loss. Never exported.
+    """
+
+    def __init__(self, width: int, classes: Sequence[str]) -> None:
+        super().__init__()
+        self.index = {label: i for i, label in enumerate(classes)}
+        self.head = torch.nn.Linear(width, len(classes))
+
+    def loss(self, activation: torch.Tensor, batch: _Batch, patch: int) -> torch.Tensor | None:
+        """Mean cross-entropy over labelled tokens of ``activation`` ``[B, 1 + T, width]``;
+        None if no token is labelled."""
+        features, classes = [], []
+        for b, target in enumerate(batch.targets):
+            rows = [k for k, positive in enumerate(batch.positive[b]) if positive]
+            if not rows:
+                continue
+            # Coverage of each patch by each mask: [P, T] in the token order of the ViT.
+            cover = F.avg_pool2d(target[rows].to(activation.device), patch).flatten(1)
+            best, which = cover.max(0)
+            keep = best > 0.5
+            if not keep.any():
+                continue
+            names = [batch.labels[b][rows[int(i)]] for i in which[keep]]
+            classes.append(torch.tensor([self.index[n] for n in names], device=cover.device))
+            features.append(activation[b, 1:][keep])
+        if not features:
+            return None
+        logits = self.head(torch.cat(features).float())
+        return F.cross_entropy(logits, torch.cat(classes))
 
 
 def _step_loss(
@@ -492,8 +547,10 @@ def _step_loss(
     tokenizer: _Tokenizer,
     device: torch.device,
     config: TrainConfig,
+    token_classifier: TokenClassifier | None = None,
 ) -> torch.Tensor:
-    """BCE over every (image, prompt) pair of the batch, plus the alignment loss if asked."""
+    """BCE over every (image, prompt) pair of the batch, plus the alignment and token-class
+    losses if asked."""
     backbone_grad = torch.enable_grad() if config.trains_backbone else torch.no_grad()
     unique = sorted({p for prompts in batch.prompts for p in prompts} | set(batch.ref_prompts))
     position = {prompt: i for i, prompt in enumerate(unique)}
@@ -519,6 +576,10 @@ def _step_loss(
     if config.align_weight > 0 and images is not None and len(batch.ref_labels) > 1:
         ref_text = text[[position[p] for p in batch.ref_prompts]]
         loss = loss + config.align_weight * _alignment_loss(images, ref_text, batch.ref_labels)
+    if token_classifier is not None:
+        token_loss = token_classifier.loss(activations[-1], batch, patch)
+        if token_loss is not None:
+            loss = loss + config.token_class_weight * token_loss
     return loss
 
 
@@ -632,8 +693,10 @@ def save_checkpoint(
     global_step: int,
     fingerprint: dict,
     history: list[EpochStats],
+    token_classifier: TokenClassifier | None = None,
 ) -> Path:
-    """Write ``epoch-N.safetensors`` (model, optimizer tensors, torch RNG) and then
+    """Write ``epoch-N.safetensors`` (model, optimizer tensors, torch RNG, the training-only
+    token classifier if any) and then
     ``checkpoint.json`` (everything else) atomically; older tensor files are removed.
 
     The JSON is written last with an atomic rename, so a crash leaves the previous checkpoint
@@ -653,6 +716,9 @@ def save_checkpoint(
             tensors[f"optim.{index}.{name}"] = value.detach().cpu().contiguous()
             layout[str(index)].append(name)
     tensors["rng.torch"] = torch.get_rng_state()
+    if token_classifier is not None:
+        for key, value in token_classifier.state_dict().items():
+            tensors[f"aux.{key}"] = value.detach().cpu().contiguous()
     name = f"epoch-{epoch:04d}.safetensors"
     save_file(tensors, str(directory / (name + ".tmp")))
     (directory / (name + ".tmp")).replace(directory / name)
@@ -675,7 +741,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    directory: Path, model: ClipSegModel, optimizer: torch.optim.Optimizer, fingerprint: dict
+    directory: Path,
+    model: ClipSegModel,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: dict,
+    token_classifier: TokenClassifier | None = None,
 ) -> tuple[int, int, list[EpochStats]]:
     """Restore model, optimizer and torch RNG from ``directory``; (epoch, global step, history).
 
@@ -702,6 +772,9 @@ def load_checkpoint(
         )
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state, strict=True)
+    if token_classifier is not None:
+        aux_state = {k[len("aux.") :]: v for k, v in tensors.items() if k.startswith("aux.")}
+        token_classifier.load_state_dict(aux_state, strict=True)
     optim_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
     for index, names in meta["optimizer"]["state_layout"].items():
         optim_state["state"][int(index)] = {n: tensors[f"optim.{index}.{n}"] for n in names}
@@ -737,6 +810,11 @@ def train(
     model, origin = build_training_model(config)
     model = model.float().to(device).train()
     params = trainable_parameters(model, config.trains_backbone)
+    token_classifier = None
+    if config.token_class_weight > 0:
+        classes = sorted({e.label for e in train_examples if e.mask is not None})
+        token_classifier = TokenClassifier(model.arch.vision.width, classes).to(device)
+        params += list(token_classifier.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(groups) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -747,7 +825,7 @@ def train(
         exists = (config.checkpoint_dir / CHECKPOINT_JSON).is_file()
         if config.resume:
             done, global_step, history = load_checkpoint(
-                config.checkpoint_dir, model, optimizer, fingerprint
+                config.checkpoint_dir, model, optimizer, fingerprint, token_classifier
             )
             first_epoch = done + 1
         elif exists:
@@ -779,7 +857,7 @@ def train(
                     pending = loader.submit(_load_batch, batches[step], size)
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(global_step, total_steps, config)
-                loss = _step_loss(model, batch, tokenizer, device, config)
+                loss = _step_loss(model, batch, tokenizer, device, config, token_classifier)
                 if not torch.isfinite(loss):
                     raise TrainError(
                         f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr"
@@ -826,6 +904,7 @@ def train(
                     global_step=global_step,
                     fingerprint=fingerprint,
                     history=result.history,
+                    token_classifier=token_classifier,
                 )
             if on_progress is not None:
                 on_progress(
@@ -910,6 +989,7 @@ def export_model(
             for k, v in asdict(config).items()
             if k not in {"out_dir", "checkpoint_dir", "resume", "device"}
         },
+        "manifest_sha256": _sha256(config.manifest),
         "train_images": result.train_images,
         "val_images": result.val_images,
         "history": [asdict(s) for s in result.history],

@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from clipseg_cli.cli import ExitCode, app
+from clipseg_cli.specs import MODEL_SPECS
 from clipseg_cli.synthetic import write_training_set
 from clipseg_cli.train import (
     CHECKPOINT_JSON,
@@ -303,9 +304,47 @@ def test_options_are_validated(tmp_path: Path, shapes: Path, small_model_dir: Pa
         ({"val_fraction": 1.0}, "--val-fraction must be in"),
         ({"resume": True}, "--resume needs --checkpoint-dir"),
         ({"model": None, "from_scratch": "huge"}, "unknown architecture 'huge'"),
+        ({"token_class_weight": 1.0}, "--token-class-weight trains the vision tower"),
     ]:
         with pytest.raises(TrainError, match=message):
             train(replace_config(config, **changes))
+
+
+def test_token_classifier_labels_tokens_mostly_covered_by_one_mask():
+    from types import SimpleNamespace
+
+    from clipseg_cli.train import TokenClassifier
+
+    classifier = TokenClassifier(width=3, classes=["a", "b"])
+    with torch.no_grad():
+        classifier.head.weight.copy_(torch.eye(2, 3) * 10)
+        classifier.head.bias.zero_()
+    target = torch.zeros(3, 8, 8)
+    target[0, :4, :4] = 1.0  # token 0: class "a"
+    target[1, :4, 4:] = 0.4  # token 1: not covered enough: ignored
+    target[2, 4:, :] = 1.0  # tokens 2, 3: a negative example's target is never used
+    batch = SimpleNamespace(
+        targets=[target], positive=[[True, True, False]], labels=[["a", "b", "b"]]
+    )
+    features = torch.zeros(1, 5, 3)  # class token + 2x2 tokens
+    features[0, 1] = torch.tensor([1.0, 0.0, 0.0])  # token 0 looks like "a": low loss
+    assert classifier.loss(features, batch, patch=4).item() < 1e-3
+    features[0, 1] = torch.tensor([0.0, 1.0, 0.0])  # now like "b": high loss
+    assert classifier.loss(features, batch, patch=4).item() > 5
+
+
+def test_prompts_are_cut_after_their_end_of_text_token_without_changing_embeddings(
+    tiny_model_dir: Path,
+):
+    from clipseg_cli.train import _Tokenizer
+
+    model, _ = load_weights(str(tiny_model_dir))
+    prompts = ["a dog", "a picture of a red circle"]
+    short = _Tokenizer(77)(prompts)
+    assert short.shape == (2, 8)  # start of text, 6 words, end of text
+    full = torch.nn.functional.pad(short, (0, 77 - short.shape[1]))
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode_text(short), model.encode_text(full))
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -318,7 +357,8 @@ def test_cli_trains_from_scratch_with_image_prompts(tmp_path: Path, shapes: Path
         [
             "train", str(shapes), "--from-scratch", "tiny", "--out", str(out), "--epochs", "1",
             "--batch-size", "8", "--val-fraction", "0.25", "--image-prompt-fraction", "1",
-            "--align-weight", "0.1", "--save-dtype", "fp16", "--device", "cpu",
+            "--align-weight", "0.1", "--token-class-weight", "1", "--save-dtype", "fp16",
+            "--device", "cpu",
             "--progress", "lines",
         ],
     )  # fmt: skip
@@ -326,9 +366,21 @@ def test_cli_trains_from_scratch_with_image_prompts(tmp_path: Path, shapes: Path
     assert "epoch 1/1" in result.output and "(image prompts)" in result.output
     model, info = load_weights(str(out))
     assert info.variant == "demo"  # the tiny architecture is the demo model's
-    assert model.arch.input_size == 224
+    assert model.arch == MODEL_SPECS["demo"].architecture
     header = json.loads((out / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+
+
+def test_cli_progress_bar_spans_several_epochs(tmp_path: Path, shapes: Path, small_model_dir: Path):
+    result = runner.invoke(
+        app,
+        [
+            "train", str(shapes), "--model", str(small_model_dir), "--out", str(tmp_path / "m"),
+            "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--progress", "bar",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2, loss" in result.output and "Traceback" not in result.output
 
 
 def test_cli_reports_manifest_errors_in_one_line(tmp_path: Path):
