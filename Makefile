@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # by accident; users who pip install the package keep their own torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install browser test lint format bench demo clean
+.PHONY: install browser test lint format bench demo demo-model clean
 
 install: $(STAMP)
 
@@ -48,6 +48,22 @@ demo: $(STAMP)
 	$(BIN)/clipseg segment 'sample_data/shapes-*.png' --model demo --prompt "a red circle" \
 		--prompt "a blue square" --prompt "a yellow triangle" --save mask,overlay --report \
 		--out out/demo
+
+# Retrains the bundled demo model with the command in clipseg_cli/assets/demo/README.md (about
+# 28 minutes on 2 cores). It writes to out/demo-model unless told otherwise (to replace the
+# bundled one: make demo-model DEMO_MODEL_OUT=clipseg_cli/assets/demo); run again after an
+# interruption and it resumes from the last epoch's checkpoint.
+DEMO_MODEL_OUT ?= out/demo-model
+DEMO_WORK := out/demo-model-work
+demo-model: $(STAMP)
+	test -f $(DEMO_WORK)/shapes/manifest.jsonl || $(BIN)/clipseg synthetic $(DEMO_WORK)/shapes \
+		--count 3200 --first-seed 0 --negatives 2 --one-colour-fraction 0.35
+	$(BIN)/clipseg train $(DEMO_WORK)/shapes/manifest.jsonl --from-scratch tiny \
+		--out $(DEMO_MODEL_OUT) --checkpoint-dir $(DEMO_WORK)/checkpoints \
+		--epochs 11 --batch-size 8 --lr 1e-3 --warmup-steps 100 --val-fraction 0.05 --seed 0 \
+		--image-prompt-fraction 0.2 --align-weight 0.25 --token-class-weight 1.0 \
+		--save-dtype fp16 --device cpu --threads 1 --progress lines \
+		$$(test -f $(DEMO_WORK)/checkpoints/checkpoint.json && echo --resume)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache
