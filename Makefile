@@ -50,7 +50,7 @@ demo: $(STAMP)
 		--out out/demo
 
 # Retrains the bundled demo model with the command in clipseg_cli/assets/demo/README.md (about
-# 28 minutes on 2 cores). It writes to out/demo-model unless told otherwise (to replace the
+# 25 minutes on 2 cores). It writes to out/demo-model unless told otherwise (to replace the
 # bundled one: make demo-model DEMO_MODEL_OUT=clipseg_cli/assets/demo); run again after an
 # interruption and it resumes from the last epoch's checkpoint.
 DEMO_MODEL_OUT ?= out/demo-model

@@ -19,9 +19,16 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import open_clip
+import torch
 from PIL import Image
-from transformers import CLIPSegProcessor, CLIPTokenizer, ViTImageProcessor
+from transformers import (
+    CLIPSegProcessor,
+    CLIPTokenizer,
+    ViTImageProcessor,
+    ViTImageProcessorPil,
+)
 
 # CLIP's BPE file has a header line, then merges; CLIP keeps exactly this many of them so that
 # 256 bytes + 256 "</w>" bytes + merges + 2 special tokens = 49408 vocabulary entries.
@@ -111,18 +118,36 @@ def build_clip_tokenizer() -> CLIPTokenizer:
     return tokenizer
 
 
+#: The image preprocessor settings of CIDAS/clipseg-rd64-refined (its preprocessor_config.json).
+IMAGE_PROCESSOR_SETTINGS = {
+    "do_resize": True,
+    "size": {"height": 352, "width": 352},
+    "resample": Image.Resampling.BILINEAR,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+}
+
+
 def build_image_processor() -> ViTImageProcessor:
-    """The image preprocessor of CIDAS/clipseg-rd64-refined (its preprocessor_config.json)."""
-    return ViTImageProcessor(
-        do_resize=True,
-        size={"height": 352, "width": 352},
-        resample=Image.Resampling.BILINEAR,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    """transformers' default (torchvision-backed) processor with the hub checkpoint's settings."""
+    return ViTImageProcessor(**IMAGE_PROCESSOR_SETTINGS)
+
+
+def build_pil_image_processor() -> ViTImageProcessorPil:
+    """The PIL-backed processor with the hub checkpoint's settings: the one whose pixels ours
+    equal exactly."""
+    return ViTImageProcessorPil(**IMAGE_PROCESSOR_SETTINGS)
+
+
+def reference_pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
+    """float32 [1, 3, 352, 352]: a Pillow image (converted to RGB) or a uint8 [H, W, 3] array
+    as the PIL processor gives it."""
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+    return build_pil_image_processor()(images=image, return_tensors="pt")["pixel_values"]
 
 
 def build_clipseg_processor() -> CLIPSegProcessor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_processor import reference_pixels
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -69,18 +70,10 @@ def test_logits_contract_matches_transformers(tiny_model_dir, tiny_reference, tm
     assert logits.dtype == np.float32 and logits.shape == (352, 352)
 
     from open_clip.tokenizer import SimpleTokenizer
-    from transformers import ViTImageProcessorPil
 
-    processor = ViTImageProcessorPil(
-        size={"height": 352, "width": 352},
-        resample=2,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
-    pixels = processor(images=Image.open(image).convert("RGB"), return_tensors="pt")
     with torch.no_grad():
         expected = tiny_reference(
-            input_ids=SimpleTokenizer()(["a dog"]), pixel_values=pixels["pixel_values"]
+            input_ids=SimpleTokenizer()(["a dog"]), pixel_values=reference_pixels(Image.open(image))
         ).logits[0]
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
 
@@ -108,23 +101,10 @@ def test_ref_raw_image_prompt_matches_transformers(tiny_model_dir, tiny_referenc
     assert row["outputs"][0]["prompt"] == f"ref:{support}"
     logits = np.load(row["outputs"][0]["path"])
 
-    from transformers import ViTImageProcessorPil
-
-    processor = ViTImageProcessorPil(
-        size={"height": 352, "width": 352},
-        resample=2,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
-
-    def pixels(path):
-        return processor(images=Image.open(path).convert("RGB"), return_tensors="pt")[
-            "pixel_values"
-        ]
-
     with torch.no_grad():
         expected = tiny_reference(
-            pixel_values=pixels(image), conditional_pixel_values=pixels(support)
+            pixel_values=reference_pixels(Image.open(image)),
+            conditional_pixel_values=reference_pixels(Image.open(support)),
         ).logits[0]
     assert np.abs(logits - expected.numpy()).max() <= 1e-4
 

@@ -5,20 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hf_processor import IMAGE_PROCESSOR_SETTINGS, build_image_processor, reference_pixels
 from open_clip.tokenizer import SimpleTokenizer
-from transformers import ViTImageProcessor, ViTImageProcessorPil
 
 from clipseg_cli.predictor import Segmenter, resolve_device, resolve_precision
 from clipseg_cli.transforms import resize_rgb
 from clipseg_cli.weights import load_weights
-
-PROCESSOR_SETTINGS = {
-    "do_resize": True,
-    "size": {"height": 352, "width": 352},
-    "resample": 2,  # bilinear, as in CIDAS/clipseg-rd64-refined's preprocessor_config.json
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-}
 
 
 def _count_calls(module: torch.nn.Module, calls: list) -> None:
@@ -73,23 +65,19 @@ def test_predict_matches_the_reference_processor_and_model(tiny_segmenter, tiny_
     rng = np.random.default_rng(0)
     photo = (rng.random((300, 451, 3)) * 255).astype(np.uint8)
     # The PIL processor is the one the weights were published with (transformers 4.x default).
-    reference_pixels = ViTImageProcessorPil(**PROCESSOR_SETTINGS)(
-        images=photo, return_tensors="pt"
-    )["pixel_values"]
+    expected_pixels = reference_pixels(photo)
     resized = torch.from_numpy(resize_rgb(photo, (352, 352)).copy())
     ours = tiny_segmenter.model.normalize(resized[None])
-    assert (ours - reference_pixels).abs().max().item() <= 1e-5
+    assert (ours - expected_pixels).abs().max().item() <= 1e-5
     # transformers 5's default (torchvision) backend rounds some pixels one level differently.
-    torchvision_pixels = ViTImageProcessor(**PROCESSOR_SETTINGS)(images=photo, return_tensors="pt")[
-        "pixel_values"
-    ]
-    one_level = 1.0 / 255 / min(PROCESSOR_SETTINGS["image_std"])
+    torchvision_pixels = build_image_processor()(images=photo, return_tensors="pt")["pixel_values"]
+    one_level = 1.0 / 255 / min(IMAGE_PROCESSOR_SETTINGS["image_std"])
     assert (ours - torchvision_pixels).abs().max().item() <= one_level + 1e-5
 
     conditionals = tiny_segmenter.embed_texts(["a dog", "a cat"])
     (probs,) = tiny_segmenter.predict([photo], conditionals)
     tokens = SimpleTokenizer()(["a dog", "a cat"])
-    logits = tiny_reference(input_ids=tokens, pixel_values=reference_pixels.expand(2, -1, -1, -1))
+    logits = tiny_reference(input_ids=tokens, pixel_values=expected_pixels.expand(2, -1, -1, -1))
     expected = torch.nn.functional.interpolate(
         torch.sigmoid(logits.logits)[None], size=(300, 451), mode="bilinear", align_corners=False
     )[0]
@@ -110,9 +98,8 @@ def test_image_embedding_is_the_clip_image_feature(tiny_segmenter, tiny_referenc
     rng = np.random.default_rng(1)
     support = (rng.random((352, 352, 3)) * 255).astype(np.uint8)
     ours = tiny_segmenter.embed_images([support])
-    pixels = ViTImageProcessorPil(**PROCESSOR_SETTINGS)(images=support, return_tensors="pt")
     with torch.no_grad():
-        expected = tiny_reference.clip.get_image_features(pixels["pixel_values"]).pooler_output
+        expected = tiny_reference.clip.get_image_features(reference_pixels(support)).pooler_output
     assert (ours - expected).abs().max().item() <= 1e-4
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_processor import reference_pixels
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -94,17 +95,9 @@ def test_raw_square_reference_equals_the_reference_clip_image_embedding(
 ):
     ref = _image(tmp_path / "square.png", size=(352, 352), seed=4)
     vectors, _, _ = _saved(tmp_path, tiny_model_dir, "--ref", str(ref), "--ref-mode", "raw")
-    from transformers import ViTImageProcessorPil
-
-    processor = ViTImageProcessorPil(
-        size={"height": 352, "width": 352},
-        resample=2,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
-    pixels = processor(images=Image.open(ref).convert("RGB"), return_tensors="pt")
     with torch.no_grad():
-        expected = tiny_reference.clip.get_image_features(pixels["pixel_values"]).pooler_output
+        pixels = reference_pixels(Image.open(ref))
+        expected = tiny_reference.clip.get_image_features(pixels).pooler_output
     assert (vectors[0] - expected[0]).abs().max().item() <= 1e-4
 
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from clipseg_cli.logrows import failure_row
 from clipseg_cli.report import REPORT_NAME, THUMBNAIL_DIR, load_entries, write_report
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -61,18 +62,8 @@ def _ok(key: str, run: str, outputs: list[dict], **stats: float) -> dict:
 
 
 def _failed(key: str | None, run: str, error: str, status: str = "failed") -> dict:
-    return {
-        "input": f"photos/{key}" if key else "photos/missing-*.png",
-        "key": key,
-        "status": status,
-        "error": error,
-        "width": None,
-        "height": None,
-        "prompts": [],
-        "outputs": [],
-        "timings": {},
-        "run": run,
-    }
+    path = f"photos/{key}" if key else "photos/missing-*.png"
+    return {**failure_row(path, key, error, status), "run": run}
 
 
 def _embedded(report: Path) -> dict:
