@@ -1,12 +1,12 @@
 """The ``clipseg`` command line: parses options into a config, runs, prints, exits.
 
-This is the only module that prints or exits. Exit codes are listed in :class:`ExitCode`
-(and in the README).
+With :mod:`.commands_eval`, :mod:`.commands_train` and :mod:`.console` this is the CLI layer,
+the only one that prints or exits. Exit codes are listed in :class:`.console.ExitCode` (and in
+the README).
 """
 
 from __future__ import annotations
 
-import enum
 import sys
 import time
 from pathlib import Path
@@ -21,23 +21,9 @@ from .config import (
     parse_kinds,
     read_prompts_file,
 )
+from .console import ExitCode, fail, progress_bar
 from .sources import DEFAULT_MAX_PIXELS
 from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, MODEL_SPECS
-
-
-class ExitCode(enum.IntEnum):
-    """Process exit codes."""
-
-    OK = 0  # every input processed
-    SOME_FAILED = 1  # the run finished, but some inputs failed (see the log)
-    USAGE = 2  # bad options or arguments
-    NO_INPUTS = 3  # the inputs named no files
-    MODEL = 4  # the model could not be loaded (missing, offline, corrupt)
-    LOCKED = 5  # another run is writing to the same --out; nothing was written
-    CONFIG_MISMATCH = 6  # --out holds results of another configuration (see --overwrite)
-    DISK_FULL = 7  # outputs could not be written (no space, quota, read-only); rerun resumes
-    INTERRUPTED = 130  # SIGINT (Ctrl-C): finished work is kept; rerun resumes
-    TERMINATED = 143  # SIGTERM: same
 
 
 class _StopSignals:
@@ -84,11 +70,6 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: ExitCode) -> typer.Exit:
-    typer.echo(f"clipseg: error: {message}", err=True)
-    return typer.Exit(int(code))
-
-
 class _ProgressReporter:
     """A rich progress bar on a terminal; plain periodic lines (no control characters) else."""
 
@@ -101,29 +82,9 @@ class _ProgressReporter:
 
     def __enter__(self) -> _ProgressReporter:
         if self.interactive:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
+            self._bar = progress_bar(
+                "[bold]segment", "{task.fields[rate]:.2f} img/s", "{task.fields[failed]} failed"
             )
-
-            self._bar = Progress(
-                TextColumn("[bold]segment"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.2f} img/s"),
-                TextColumn("{task.fields[failed]} failed"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=False,
-            )
-            self._bar.start()
             self._task = self._bar.add_task("segment", total=None, rate=0.0, failed=0)
         return self
 
@@ -314,7 +275,7 @@ def _run_images(common: dict, progress: str) -> None:
             **common,
         )
     except ValueError as error:
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
 
     interactive = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
     quiet = progress == "none"
@@ -327,18 +288,18 @@ def _run_images(common: dict, progress: str) -> None:
                 should_stop=lambda: signals.received is not None,
             )
     except pipeline.NoInputsError as error:
-        raise _fail(str(error), ExitCode.NO_INPUTS) from None
+        raise fail(str(error), ExitCode.NO_INPUTS) from None
     except LockedError as error:
-        raise _fail(str(error), ExitCode.LOCKED) from None
+        raise fail(str(error), ExitCode.LOCKED) from None
     except ConfigMismatchError as error:
-        raise _fail(str(error), ExitCode.CONFIG_MISMATCH) from None
+        raise fail(str(error), ExitCode.CONFIG_MISMATCH) from None
     except pipeline.DiskFullError as error:
         message = f"{error.strerror}; finished outputs are kept, rerun to resume"
-        raise _fail(message, ExitCode.DISK_FULL) from None
+        raise fail(message, ExitCode.DISK_FULL) from None
     except WeightsError as error:
-        raise _fail(str(error), ExitCode.MODEL) from None
+        raise fail(str(error), ExitCode.MODEL) from None
     except ValueError as error:
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
 
     typer.echo(
         f"clipseg: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .console import ExitCode, fail
 from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
 
 # Shown on the terminal: at most this many per-file errors (all of them are in the JSON).
@@ -59,20 +60,14 @@ KeepOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"clipseg: error: {message}", err=True)
-    return typer.Exit(code)
-
-
 def _run(config_kwargs: dict[str, Any]):
     """Build the config and run; every failure becomes a one-line error and an exit code."""
     from . import evaluate
-    from .cli import ExitCode
 
     try:
         config = evaluate.EvalConfig(**config_kwargs)
     except ValueError as error:
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
     # Only --images loads a model; importing the weights module (and torch) for --pred alone
     # would cost seconds.
     model_errors: tuple[type[Exception], ...] = ()
@@ -93,11 +88,11 @@ def _run(config_kwargs: dict[str, Any]):
             config, on_progress=progress if config.images_dir is not None else None
         )
     except evaluate.NoInputsError as error:
-        raise _fail(str(error), ExitCode.NO_INPUTS) from None
+        raise fail(str(error), ExitCode.NO_INPUTS) from None
     except model_errors as error:
-        raise _fail(str(error), ExitCode.MODEL) from None
+        raise fail(str(error), ExitCode.MODEL) from None
     except ValueError as error:
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
     for entry in report.errors[:_MAX_ERRORS_SHOWN]:
         typer.echo(f"clipseg: {entry['file']}: {entry['error']}", err=True)
     if len(report.errors) > _MAX_ERRORS_SHOWN:
@@ -189,13 +184,12 @@ def eval_command(
 ) -> None:
     """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting)."""
     from . import evaluate
-    from .cli import ExitCode
     from .config import read_prompts_file
 
     try:
         prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
     except ValueError as error:
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
     report = _run(
         {
             "gt_dir": gt,
@@ -224,7 +218,7 @@ def eval_command(
         if plot is not None and report.segmentation is not None:
             evaluate.write_pr_curve(plot, report.segmentation, threshold)
     except (OSError, ValueError) as error:
-        raise _fail(f"cannot write the report: {error}", ExitCode.SOME_FAILED) from None
+        raise fail(f"cannot write the report: {error}", ExitCode.SOME_FAILED) from None
     _print_summary(report)
     written = [str(p) for p in (json_path, csv_path) if p is not None]
     if plot is not None and report.segmentation is not None:
@@ -232,7 +226,7 @@ def eval_command(
     if written:
         typer.echo(f"clipseg: wrote {', '.join(written)}", err=True)
     if report.ok == 0:
-        raise _fail("no pair could be evaluated", ExitCode.SOME_FAILED)
+        raise fail("no pair could be evaluated", ExitCode.SOME_FAILED)
     if report.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
 
@@ -260,11 +254,10 @@ def calibrate_command(
 ) -> None:
     """Find the threshold that maximises IoU_FG on a labelled set and write it to --out."""
     from . import evaluate
-    from .cli import ExitCode
 
     if metric not in evaluate.CALIBRATION_METRICS:
         choices = ", ".join(evaluate.CALIBRATION_METRICS)
-        raise _fail(f"--metric {metric}: choose from {choices}", ExitCode.USAGE)
+        raise fail(f"--metric {metric}: choose from {choices}", ExitCode.USAGE)
     report = _run(
         {
             "gt_dir": gt,
@@ -281,13 +274,13 @@ def calibrate_command(
         }
     )
     if report.ok == 0:
-        raise _fail("nothing to calibrate on: no pair could be evaluated", ExitCode.SOME_FAILED)
+        raise fail("nothing to calibrate on: no pair could be evaluated", ExitCode.SOME_FAILED)
     content = evaluate.calibration(report, metric)
     try:
         evaluate.write_threshold_file(out, content)
     except OSError as error:
         reason = error.strerror or error
-        raise _fail(f"{out}: cannot write ({reason})", ExitCode.SOME_FAILED) from None
+        raise fail(f"{out}: cannot write ({reason})", ExitCode.SOME_FAILED) from None
     now = content["at_threshold"][metric]
     typer.echo(
         f"clipseg: best threshold {content['threshold']:g} ({metric} {content[metric]:.4f}; "

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from .console import ExitCode, fail, progress_bar
 from .specs import DEFAULT_THRESHOLD
 
 _TRAIN_HELP = "\n\n".join(
@@ -34,11 +35,6 @@ _TRAIN_HELP = "\n\n".join(
 )
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    typer.echo(f"clipseg: error: {message}", err=True)
-    return typer.Exit(code)
-
-
 class _TrainReporter:
     """A rich progress bar on a terminal; otherwise a plain line every ``interval`` seconds.
     Epoch summaries are always printed as lines."""
@@ -54,28 +50,11 @@ class _TrainReporter:
 
     def __enter__(self) -> _TrainReporter:
         if self.mode == "bar":
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
+            self._bar = progress_bar(
+                "[bold]epoch {task.fields[epoch]}",
+                "loss {task.fields[loss]:.4f}",
+                "{task.fields[stage]}",
             )
-
-            self._bar = Progress(
-                TextColumn("[bold]epoch {task.fields[epoch]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"),
-                TextColumn("{task.fields[stage]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self._bar.start()
         return self
 
     def __call__(self, progress) -> None:
@@ -204,15 +183,14 @@ def train_command(
         str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
     ] = "auto",
 ) -> None:
-    from .cli import ExitCode
     from .train import ManifestError, TrainConfig, TrainError, train
     from .weights import WeightsError
 
     if progress not in {"auto", "bar", "lines", "none"}:
-        raise _fail(f"--progress {progress}: expected auto, bar, lines or none", ExitCode.USAGE)
+        raise fail(f"--progress {progress}: expected auto, bar, lines or none", ExitCode.USAGE)
     if threads is not None:
         if threads < 1:
-            raise _fail("--threads must be at least 1", ExitCode.USAGE)
+            raise fail("--threads must be at least 1", ExitCode.USAGE)
         import torch
 
         torch.set_num_threads(threads)
@@ -243,14 +221,14 @@ def train_command(
         with _TrainReporter(progress) as reporter:
             result = train(config, on_progress=reporter)
     except (ManifestError, TrainError) as error:
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
     except WeightsError as error:
-        raise _fail(str(error), ExitCode.MODEL) from None
+        raise fail(str(error), ExitCode.MODEL) from None
     except ValueError as error:  # e.g. an unavailable --device
-        raise _fail(str(error), ExitCode.USAGE) from None
+        raise fail(str(error), ExitCode.USAGE) from None
     except KeyboardInterrupt:
         hint = " (resume with --resume)" if checkpoint_dir is not None else ""
-        raise _fail(f"interrupted{hint}", 130) from None
+        raise fail(f"interrupted{hint}", ExitCode.INTERRUPTED) from None
 
     last = result.history[-1] if result.history else None
     summary = f"clipseg train: wrote {result.out_dir} in {result.seconds:.0f}s"
@@ -275,16 +253,15 @@ def synthetic_command(
     ] = 0.0,
 ) -> None:
     """Write a toy training set of coloured shapes (images, masks, manifest.jsonl)."""
-    from .cli import ExitCode
     from .synthetic import write_training_set
 
     if count < 1 or size < 32 or negatives < 0 or first_seed < 0:
-        raise _fail(
+        raise fail(
             "--count must be >= 1, --size >= 32, --negatives and --first-seed >= 0",
             ExitCode.USAGE,
         )
     if not 0.0 <= one_colour_fraction <= 1.0:
-        raise _fail("--one-colour-fraction must be in [0, 1]", ExitCode.USAGE)
+        raise fail("--one-colour-fraction must be in [0, 1]", ExitCode.USAGE)
     try:
         manifest = write_training_set(
             out,
@@ -295,7 +272,7 @@ def synthetic_command(
             one_colour_fraction=one_colour_fraction,
         )
     except OSError as error:
-        raise _fail(f"{out}: {error.strerror or error}", ExitCode.USAGE) from None
+        raise fail(f"{out}: {error.strerror or error}", ExitCode.USAGE) from None
     typer.echo(f"clipseg synthetic: wrote {count} scenes, manifest {manifest}", err=True)
 
 
