@@ -309,6 +309,9 @@ def _run_images(common: dict, progress: str) -> None:
     )
     if summary.report_path is not None:
         typer.echo(f"clipseg: report {summary.report_path}", err=True)
+    named = MODEL_SPECS.get(config.model)
+    if named is not None and named.run_note is not None:
+        typer.echo(f"clipseg: note: {named.run_note}", err=True)
     stopped = signals.exit_code()
     if stopped is not None:
         typer.echo("clipseg: interrupted; rerun the same command to resume", err=True)

@@ -85,6 +85,8 @@ class ModelSpec:
     description: str
     # Folder (transformers layout) relative to the clipseg_cli package, for bundled models.
     bundled: str | None = None
+    # Said after every run with this model: what its masks can and cannot be trusted for.
+    run_note: str | None = None
 
 
 VIT_B16 = ArchitectureSpec()
@@ -134,6 +136,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             architecture=TINY,
             description="offline demo: coloured shapes only (trained on clipseg_cli.synthetic)",
             bundled="assets/demo",
+            run_note="the demo model only knows coloured shapes (red, green, blue, yellow "
+            "circles, squares, triangles); real photos need the real weights: --model "
+            f"{DEFAULT_MODEL} (about 600 MB, downloaded on first use)",
         ),
     )
 }

@@ -130,6 +130,7 @@ def test_folder_walk_mirrors_the_tree_and_writes_every_kind(tiny_model_dir, phot
         tiny_model_dir,
     )
     assert result.exit_code == 0, result.output
+    assert "note:" not in result.output  # only named models with a caveat add one
     rows = _rows(out / "clipseg-log.jsonl")
     # content-sniffed, sorted, recursive; notes.txt is not an image
     assert [r["key"] for r in rows] == ["a.png", "b.jpg", "nested/d.bmp", "nested/deeper/c.webp"]

@@ -114,6 +114,7 @@ def test_absent_object_is_empty_in_the_segment_log(tmp_path: Path, scenes: list[
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    assert "real photos need the real weights" in result.output  # the run says what it is
     (row,) = [json.loads(line) for line in (out / "clipseg-log.jsonl").read_text().splitlines()]
     stats = {p["prompt"]: p for p in row["prompts"]}
     assert stats["a yellow triangle"]["empty"] is True
