@@ -169,6 +169,40 @@ def test_write_mask(tmp_path: Path) -> None:
     assert _temp_files(tmp_path) == []
 
 
+def test_mask_png_is_valid_for_every_reader(tmp_path: Path) -> None:
+    """Our own PNG encoder: CRCs and zlib stream check out (Pillow verify, a full decode),
+    OpenCV reads the same pixels, odd sizes and a single row work, and it is smaller than
+    Pillow's own encoding of the same mask."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    for height, width in [(1, 1), (1, 7), (37, 1), (41, 333)]:
+        mask = rng.random((height, width)) > 0.5
+        path = tmp_path / f"m{height}x{width}.png"
+        write_mask(path, mask)
+        with Image.open(path) as im:
+            im.verify()  # chunk CRCs
+        with Image.open(path) as im:
+            im.load()
+            np.testing.assert_array_equal(np.asarray(im) == 255, mask)
+            assert set(np.unique(np.asarray(im))) <= {0, 255}
+        np.testing.assert_array_equal(cv2.imread(str(path), cv2.IMREAD_UNCHANGED) == 255, mask)
+    blob = _disk_mask()
+    ours = tmp_path / "ours.png"
+    write_mask(ours, blob)
+    pillow = tmp_path / "pillow.png"
+    Image.fromarray(blob.astype(np.uint8) * 255).save(pillow, compress_level=1)
+    assert ours.stat().st_size <= pillow.stat().st_size
+
+
+def test_mask_with_another_extension_goes_through_pillow(tmp_path: Path) -> None:
+    mask = _disk_mask()
+    write_mask(tmp_path / "m.jpg", mask)
+    with Image.open(tmp_path / "m.jpg") as im:
+        assert im.format == "JPEG" and im.mode == "L"
+        assert np.mean((np.asarray(im) > 127) == mask) > 0.98
+
+
 @pytest.mark.parametrize("bits", [8, 16])
 def test_write_soft(tmp_path: Path, bits: int) -> None:
     prob = np.tile(np.linspace(0, 1, 300, dtype=np.float32), (5, 1))
@@ -277,7 +311,7 @@ def test_overwrite_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> Non
 
 def test_failed_write_keeps_previous_file_and_removes_temp(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "m.png"
-    write_mask(path, np.zeros((8, 8), bool))
+    write_soft(path, np.zeros((8, 8), np.float32))
     before = path.read_bytes()
     seen_temp: list[str] = []
 
@@ -288,7 +322,7 @@ def test_failed_write_keeps_previous_file_and_removes_temp(tmp_path: Path, monke
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(OSError, match="No space"):
-        write_mask(path, np.ones((8, 8), bool))
+        write_soft(path, np.ones((8, 8), np.float32))
     assert path.read_bytes() == before
     assert seen_temp and seen_temp[0].startswith(".m.png.tmp-")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.png"]
