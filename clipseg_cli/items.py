@@ -46,6 +46,48 @@ class Failed:
     error: str
 
 
+@dataclass
+class Prediction:
+    """One image's model output, kept at the model's resolution until it is written.
+
+    Full-size probabilities are made one prompt at a time by :meth:`probabilities`: holding
+    all K of them (K x H x W float32, 16 MB for 5 prompts on a 1024x768 photo) for every
+    image in flight would make memory grow with the prompt count.
+
+    Attributes:
+        low_res_logits: float32 ``[K + N, h, w]``: the K positive prompts, then N negatives.
+        positives: K.
+        size: ``(H, W)``, the image's size.
+    """
+
+    low_res_logits: np.ndarray
+    positives: int
+    size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        self._negative_probs: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> np.ndarray:
+        """float32 ``[K, h, w]``: the positive prompts' raw logits."""
+        return self.low_res_logits[: self.positives]
+
+    def probabilities(self, k: int) -> np.ndarray:
+        """float32 ``[H, W]``: prompt ``k``'s probability at the image's size (sigmoid, then
+        bilinear upsampling, as a transformers user writes it), negatives applied:
+        ``p * (1 - max_n p_negative_n)``."""
+        from .prompts import apply_negatives
+
+        logits = torch.from_numpy(self.low_res_logits[k : k + 1])
+        prob = probabilities_at_size(logits, self.size)
+        if self.low_res_logits.shape[0] > self.positives:
+            if self._negative_probs is None:
+                negatives = torch.from_numpy(self.low_res_logits[self.positives :])
+                self._negative_probs = probabilities_at_size(negatives, self.size)
+            prob = apply_negatives(prob, self._negative_probs)
+        return prob[0].numpy()
+
+
 # -- item functions (shared by every engine) ------------------------------------------------------
 
 
@@ -68,22 +110,17 @@ def predict_batch(
     segmenter: Segmenter,
     batch: list[Prepared],
     prompts: PromptSet,
-    keep_logits: bool,
     pad_to: int | None = None,
-) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """Probabilities at each image's size ``[K, H, W]`` (and logits ``[K, h, w]`` if asked).
+) -> list[Prediction]:
+    """One :class:`Prediction` per image of ``batch`` (logits at the model's resolution).
 
-    Negative prompts are applied here (``p_k * (1 - max_n p_neg_n)``, at full resolution);
-    logits are the positive prompts' raw logits. Upsampling runs on the model's device and
-    results come back with one synchronisation per batch rather than per image.
+    Results come back from the device with one synchronisation per batch rather than per image.
 
     ``pad_to``: run a short batch padded with blank images to this size. The model's kernels
     round differently for different batch sizes (last-bit differences), but not for different
     companions in a batch of the same size: padding makes each image's numbers independent of
     how inputs happened to be grouped (the last batch, a resumed run, another engine).
     """
-    from .prompts import apply_negatives
-
     inputs = [prepared.model_input for prepared in batch]
     if pad_to is not None and len(inputs) < pad_to:
         inputs += [np.zeros_like(inputs[0])] * (pad_to - len(inputs))
@@ -91,44 +128,43 @@ def predict_batch(
     if segmenter.device.type == "cuda":
         pixels = pixels.pin_memory()
     logits = segmenter.logits(pixels, prompts.vectors)
-    k = prompts.count
-    host_probs = []
-    for i, prepared in enumerate(batch):
-        probs = probabilities_at_size(logits[i], prepared.image.rgb.shape[:2])
-        probs = apply_negatives(probs[:k], probs[k:])
-        host_probs.append(probs.to("cpu", non_blocking=True))
-    host_logits = logits[: len(batch), :k].to("cpu", non_blocking=True) if keep_logits else None
+    host = logits[: len(batch)].float().to("cpu", non_blocking=True)
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
     return [
-        (probs.numpy(), host_logits[i].numpy() if host_logits is not None else None)
-        for i, probs in enumerate(host_probs)
+        Prediction(host[i].numpy(), prompts.count, prepared.image.rgb.shape[:2])
+        for i, prepared in enumerate(batch)
     ]
 
 
-def _prompt_stats(probs: np.ndarray, threshold: float, conditionals: list[Conditional]) -> list:
-    stats = []
-    for k, conditional in enumerate(conditionals):
-        above = probs[k] > threshold
-        coverage = float(above.mean())
-        stats.append(
-            {
-                "prompt": conditional.label,
-                "max": round(float(probs[k].max()), 6),
-                "mean": round(float(probs[k].mean()), 6),
-                "coverage": round(coverage, 6),
-                "empty": not above.any(),
-            }
-        )
-    return stats
+def _prompt_stats(prob: np.ndarray, mask: np.ndarray, conditional: Conditional) -> dict:
+    return {
+        "prompt": conditional.label,
+        "max": round(float(prob.max()), 6),
+        "mean": round(float(prob.mean()), 6),
+        "coverage": round(float(mask.mean()), 6),
+        "empty": not mask.any(),
+    }
 
 
-def label_map(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """uint8 ``[H, W]``: 1 + argmax over prompts where the best probability passes the
-    threshold, else 0 (background). ``probs`` is ``[K, H, W]``."""
-    best = probs.argmax(axis=0)
-    passes = probs.max(axis=0) > threshold
-    return np.where(passes, best + 1, 0).astype(np.uint8)
+class LabelMap:
+    """The ``labels`` output, built one prompt at a time: 1 + the index of the most probable
+    prompt where its probability passes the threshold, else 0 (background). Ties go to the
+    earlier prompt."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self._best = np.full(size, -np.inf, np.float32)
+        self._label = np.zeros(size, np.uint8)
+
+    def add(self, k: int, prob: np.ndarray) -> None:
+        """Take prompt ``k``'s probabilities, float ``[H, W]``, into account."""
+        better = prob > self._best
+        self._best[better] = prob[better]
+        self._label[better] = k + 1
+
+    def labels(self, threshold: float) -> np.ndarray:
+        """uint8 ``[H, W]``."""
+        return np.where(self._best > threshold, self._label, np.uint8(0))
 
 
 def composite_background(rgb: np.ndarray, background: str) -> np.ndarray:
@@ -169,8 +205,7 @@ def parse_colour(text: str) -> tuple[int, int, int] | None:
 
 def write_item(
     prepared: Prepared,
-    probs: np.ndarray,
-    logits: np.ndarray | None,
+    prediction: Prediction,
     config: SegmentConfig,
     conditionals: list[Conditional],
 ) -> dict:
@@ -196,9 +231,14 @@ def write_item(
 
     matting = config.command == "matte"
     background = None
+    stats = []
+    labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
-        prob = probs[k]
+        prob = prediction.probabilities(k)
         mask = prob > config.threshold
+        stats.append(_prompt_stats(prob, mask, conditional))
+        if labels is not None:
+            labels.add(k, prob)
         matte = None
         if matting:
             matte = refine_matte(rgb, prob, method=config.refine, threshold=config.threshold)
@@ -213,7 +253,7 @@ def write_item(
                 alpha = matte if matting else prob if config.cutout_alpha == "soft" else mask
                 writers.write_cutout(target("cutout", "png", conditional), rgb, alpha)
             elif kind == "logits":
-                writers.write_logits(target("logits", "npy", conditional), logits[k])
+                writers.write_logits(target("logits", "npy", conditional), prediction.logits[k])
             elif kind == "matte":
                 writers.write_soft(target("matte", "png", conditional), matte, config.soft_bits)
             elif kind == "composite":
@@ -223,10 +263,10 @@ def write_item(
                 composed = rgb * blend + background * (1.0 - blend)
                 image = np.clip(np.rint(composed), 0, 255).astype(np.uint8)
                 writers.write_rgb(target("composite", "png", conditional), image)
-    if "labels" in config.save:
+    if labels is not None:
         palette = writers.label_palette(len(conditionals))
         path = target("labels", "png", None)
-        writers.write_labels(path, label_map(probs, config.threshold), palette)
+        writers.write_labels(path, labels.labels(config.threshold), palette)
     height, width = rgb.shape[:2]
     return {
         "input": sources.display_path(prepared.item.path),
@@ -236,7 +276,7 @@ def write_item(
         "width": width,
         "height": height,
         "mode": prepared.image.mode,
-        "prompts": _prompt_stats(probs, config.threshold, conditionals),
+        "prompts": stats,
         "outputs": outputs,
         "timings": {
             "decode_s": round(prepared.decode_seconds, 4),
@@ -253,14 +293,13 @@ def failure_for(failed: Failed) -> dict:
 
 def write_or_fail(
     prepared: Prepared,
-    probs: np.ndarray,
-    logits: np.ndarray | None,
+    prediction: Prediction,
     config: SegmentConfig,
     labels: list[Conditional],
 ) -> dict:
     """Write outputs; a disk problem for one image becomes its failed row."""
     try:
-        return write_item(prepared, probs, logits, config, labels)
+        return write_item(prepared, prediction, config, labels)
     except OSError as error:
         if error.errno in FATAL_WRITE_ERRNOS:
             raise DiskFullError(

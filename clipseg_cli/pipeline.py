@@ -317,7 +317,6 @@ class _Run:
         self.model_details["batch_size"] = batch_size
         out_keys = writers.casefold_collisions(work.item.key for work in todo)
         by_key = {work.item.key: work for work in todo}
-        keep_logits = "logits" in config.save
         writes: deque[tuple[Future, _Work]] = deque()
         gate = gate_for(segmenter.device.type)
         write = gate.sharing(items.write_or_fail)
@@ -344,13 +343,11 @@ class _Run:
                         with gate.exclusive():
                             start = time.perf_counter()
                             results = items.predict_batch(
-                                segmenter, batch, prompts, keep_logits, pad_to=batch_size
+                                segmenter, batch, prompts, pad_to=batch_size
                             )
                             self.infer_seconds += time.perf_counter() - start
-                        for prepared, (probs, logits) in zip(batch, results, strict=True):
-                            future = writer_pool.submit(
-                                write, prepared, probs, logits, config, labels
-                            )
+                        for prepared, prediction in zip(batch, results, strict=True):
+                            future = writer_pool.submit(write, prepared, prediction, config, labels)
                             writes.append((future, by_key[prepared.item.key]))
                     drain(batch_size + config.writer_threads)
                     if self.should_stop():

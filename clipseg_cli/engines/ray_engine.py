@@ -162,16 +162,15 @@ class _Predictor:
         device = self.segmenter.device
         self.prompts = PromptSet(torch.tensor(vectors, device=device), positives, negatives)
         self.batch_size = sizing.batch_size
-        self.keep_logits = "logits" in config.save
         dtype = str(self.segmenter.dtype).removeprefix("torch.")
         self.description = json.dumps({"device": str(device), "dtype": dtype})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from ..items import Prepared, predict_batch
+        from ..items import Prediction, Prepared, predict_batch
 
         entries = [pickle.loads(payload) for payload in batch["item"]]
         prepared = [entry for entry in entries if isinstance(entry, Prepared)]
-        results: dict[int, tuple] = {}
+        results: dict[int, Prediction] = {}
         seconds = 0.0
         # Ray's batches follow its blocks, and failed decodes leave gaps: model batches are
         # re-formed at exactly --batch-size (padded, like the local engine's) so that every
@@ -179,15 +178,12 @@ class _Predictor:
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start : start + self.batch_size]
             began = time.perf_counter()
-            outputs = predict_batch(
-                self.segmenter, chunk, self.prompts, self.keep_logits, pad_to=self.batch_size
-            )
+            outputs = predict_batch(self.segmenter, chunk, self.prompts, pad_to=self.batch_size)
             seconds += time.perf_counter() - began
             results.update((id(p), out) for p, out in zip(chunk, outputs, strict=True))
         payloads = []
         for entry in entries:
-            probs, logits = results.get(id(entry), (None, None))
-            payloads.append(pickle.dumps((entry, probs, logits), protocol=5))
+            payloads.append(pickle.dumps((entry, results.get(id(entry))), protocol=5))
         share = seconds / max(1, len(prepared))
         return {
             "i": list(batch["i"]),
@@ -206,13 +202,13 @@ def _write(row: dict[str, Any], config: SegmentConfig, labels: list[Conditional]
     from ..items import Failed, failure_for, write_or_fail
 
     _enter(cwd)
-    entry, probs, logits = pickle.loads(row["item"])
+    entry, prediction = pickle.loads(row["item"])
     fatal, fatal_errno = "", 0
     if isinstance(entry, Failed):
         result = failure_for(entry)
     else:
         try:
-            result = write_or_fail(entry, probs, logits, config, labels)
+            result = write_or_fail(entry, prediction, config, labels)
         except DiskFullError as error:
             result, fatal, fatal_errno = {}, error.strerror or str(error), error.errno or 0
     return {
