@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from .config import (
+    DEFAULT_BATCH_SIZES,
     MATTE_KINDS,
     SEGMENT_KINDS,
     SegmentConfig,
@@ -165,7 +166,8 @@ PromptEmbeddingOpt = Annotated[
 ThresholdOpt = Annotated[
     float | None,
     typer.Option(
-        help="Probability above which a pixel is foreground [default: 0.3, the paper's].",
+        help=f"Probability above which a pixel is foreground (default: {DEFAULT_THRESHOLD}, the "
+        "paper's).",
         show_default=False,
     ),
 ]
@@ -189,7 +191,11 @@ PrecisionOpt = Annotated[
 ]
 BatchOpt = Annotated[
     int | None,
-    typer.Option(help="Images per model batch [default: 2 on CPU, 16 on GPU].", show_default=False),
+    typer.Option(
+        help=f"Images per model batch (default: {DEFAULT_BATCH_SIZES['cpu']} on CPU, "
+        f"{DEFAULT_BATCH_SIZES['cuda']} on GPU).",
+        show_default=False,
+    ),
 ]
 WorkersOpt = Annotated[int, typer.Option(help="Decode/resize worker threads.")]
 MaxPixelsOpt = Annotated[
@@ -198,7 +204,7 @@ MaxPixelsOpt = Annotated[
 TruncatedOpt = Annotated[bool, typer.Option(help="Decode truncated files instead of failing them.")]
 LogOpt = Annotated[
     Path | None,
-    typer.Option(help="JSON-lines log, one row per input [default: OUT/clipseg-log.jsonl]."),
+    typer.Option(help="JSON-lines log, one row per input (default: OUT/clipseg-log.jsonl)."),
 ]
 ProgressOpt = Annotated[
     str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
@@ -223,23 +229,23 @@ EngineOpt = Annotated[
 RayAddressOpt = Annotated[
     str | None,
     typer.Option(
-        help="Ray cluster to join (auto, ray://host:10001, host:6379) [default: $RAY_ADDRESS, "
-        "else a local cluster started for the run].",
+        help="Ray cluster to join (auto, ray://host:10001, host:6379) (default: $RAY_ADDRESS, "
+        "else a local cluster started for the run).",
         show_default=False,
     ),
 ]
 NumGpusOpt = Annotated[
     float | None,
     typer.Option(
-        help="GPUs per Ray actor (fractions share a GPU) [default: 1 if the cluster has GPUs, "
-        "else 0].",
+        help="GPUs per Ray actor (fractions share a GPU) (default: 1 if the cluster has GPUs, "
+        "else 0).",
         show_default=False,
     ),
 ]
 ActorsOpt = Annotated[
     int | None,
     typer.Option(
-        help="Ray actors holding the model [default: one per GPU, else one per 8 CPUs].",
+        help="Ray actors holding the model (default: one per GPU, else one per 8 CPUs).",
         show_default=False,
     ),
 ]

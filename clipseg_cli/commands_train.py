@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from .console import ExitCode, fail, progress_bar
-from .specs import DEFAULT_THRESHOLD
+from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
 
 _TRAIN_HELP = "\n\n".join(
     [
@@ -120,7 +120,7 @@ def train_command(
         str | None,
         typer.Option(
             help="Weights to start from: hub id, short name, folder or decoder file "
-            "[default: CIDAS/clipseg-rd64-refined]."
+            f"(default: {DEFAULT_MODEL})."
         ),
     ] = None,
     from_scratch: Annotated[
@@ -177,7 +177,7 @@ def train_command(
     ] = "fp32",
     threads: Annotated[
         int | None,
-        typer.Option(help="CPU threads for PyTorch [default: PyTorch's choice]."),
+        typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice)."),
     ] = None,
     progress: Annotated[
         str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")

@@ -409,3 +409,21 @@ def test_models_lists_the_known_models():
     for name in ("CIDAS/clipseg-rd64-refined", "CIDAS/clipseg-rd64", "CIDAS/clipseg-rd16"):
         assert name in result.output
     assert "no" in result.output  # nothing is cached on a test machine
+
+
+def test_help_shows_the_defaults_that_options_describe():
+    """Rich would swallow "[default: ...]" in a help text as markup; ours must reach the user."""
+    import re
+
+    from clipseg_cli.config import DEFAULT_BATCH_SIZES
+    from clipseg_cli.specs import DEFAULT_THRESHOLD
+
+    result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    text = re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", result.output))
+    assert (
+        f"(default: {DEFAULT_BATCH_SIZES['cpu']} on CPU, {DEFAULT_BATCH_SIZES['cuda']} on GPU)"
+        in text
+    )
+    assert f"(default: {DEFAULT_THRESHOLD}, the paper's)" in text
+    assert "(default: OUT/clipseg-log.jsonl)" in text

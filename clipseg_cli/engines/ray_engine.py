@@ -77,7 +77,7 @@ class _Sizing:
     @property
     def memory(self) -> int:
         """Host memory an actor reserves (bytes): the model and torch (an rd64-refined CPU
-        actor peaks at ~1.1 GiB with batches of 2) and a batch's full-resolution results, so
+        actor peaks at ~1.1 GiB with batches of 1-2) and a batch's full-resolution results, so
         Ray never packs a node with more actors than fit."""
         return (1536 + 128 * self.batch_size) * 2**20
 
