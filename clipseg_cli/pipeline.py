@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from . import __version__, sources, writers
 from .config import SegmentConfig
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from . import items
     from .items import Failed, Prepared
     from .predictor import Segmenter
+
+T = TypeVar("T")
 
 __all__ = ["DiskFullError", "NoInputsError", "Progress", "RunSummary", "run_segment"]
 
@@ -336,7 +338,7 @@ class _Run:
                 todo, out_keys, segmenter.input_size, decoders, batch_size + config.workers, gate
             )
             try:
-                for batch, failures in _batches(stream, batch_size):
+                for batch, failures in _one_ahead(_batches(stream, batch_size)):
                     for failed in failures:
                         writes.append((_done(items.failure_for(failed)), by_key[failed.item.key]))
                     if batch:
@@ -442,6 +444,21 @@ def _batches(stream: Iterator[Prepared | Failed], size: int) -> Iterator[tuple[l
             batch, failures = [], []
     if batch or failures:
         yield batch, failures
+
+
+def _one_ahead(batches: Iterator[T]) -> Iterator[T]:
+    """Yield each batch once the next one is decoded too.
+
+    On a CPU the model holds the cores alone (:mod:`clipseg_cli.cpu_gate`): decoding the next
+    batch before the model starts on this one lets it run alongside the previous batch's
+    writes, instead of after the model, on cores the model would then leave idle."""
+    previous = next(batches, None)
+    if previous is None:
+        return
+    for batch in batches:
+        yield previous
+        previous = batch
+    yield previous
 
 
 def _mallopt(parameter: int, value: int) -> None:

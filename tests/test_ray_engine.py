@@ -112,7 +112,7 @@ def test_ray_engine_matches_the_local_engine_byte_for_byte(
     assert set(statuses.values()) == {"ok"}
     summary = json.loads((out / "clipseg-summary.json").read_text())
     assert summary["engine"] == "ray" and summary["ray"]["actors"] == 1
-    assert summary["device"] == "cpu" and summary["batch_size"] == 1
+    assert summary["device"] == "cpu" and summary["batch_size"] == 2
 
 
 def test_interrupted_ray_run_resumes_from_the_ledger(
