@@ -22,7 +22,7 @@ from .config import (
     parse_kinds,
     read_prompts_file,
 )
-from .console import ExitCode, fail, progress_bar
+from .console import ExitCode, fail, progress_bar, wants_bar
 from .sources import DEFAULT_MAX_PIXELS
 from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, MODEL_SPECS
 
@@ -283,7 +283,7 @@ def _run_images(common: dict, progress: str) -> None:
     except ValueError as error:
         raise fail(str(error), ExitCode.USAGE) from None
 
-    interactive = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+    interactive = wants_bar(progress)
     quiet = progress == "none"
     try:
         with _StopSignals() as signals, _ProgressReporter(interactive) as reporter:

@@ -7,14 +7,13 @@ CLI layer only: parses options, shows progress, prints, exits. The work is in
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .console import ExitCode, fail, progress_bar
+from .console import ExitCode, fail, progress_bar, wants_bar
 from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
 
 _TRAIN_HELP = "\n\n".join(
@@ -40,8 +39,7 @@ class _TrainReporter:
     Epoch summaries are always printed as lines."""
 
     def __init__(self, mode: str, interval: float = 30.0) -> None:
-        interactive = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.mode = "bar" if interactive else mode if mode == "none" else "lines"
+        self.mode = "bar" if wants_bar(mode) else mode if mode == "none" else "lines"
         self.interval = interval
         self._last = time.monotonic()
         self._bar = None

@@ -33,6 +33,13 @@ def fail(message: str, code: ExitCode) -> typer.Exit:
     return typer.Exit(int(code))
 
 
+def wants_bar(progress: str) -> bool:
+    """``--progress`` -> whether to draw a rich bar: ``bar``, or ``auto`` on a terminal."""
+    import sys
+
+    return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+
+
 def progress_bar(title: str, *fields: str) -> Progress:
     """A started rich bar on stderr: ``title``, the bar, done/total, then one text column per
     entry of ``fields`` (rich format strings over the task's fields), elapsed time and ETA."""

@@ -5,7 +5,7 @@ outputs. The local pipeline and the Ray engine both schedule exactly these.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -63,9 +63,8 @@ class Prediction:
     low_res_logits: np.ndarray
     positives: int
     size: tuple[int, int]
-
-    def __post_init__(self) -> None:
-        self._negative_probs: torch.Tensor | None = None
+    # The negatives' full-size probabilities, made once when the first prompt needs them.
+    _negative_probs: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def logits(self) -> np.ndarray:

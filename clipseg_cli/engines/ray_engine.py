@@ -77,8 +77,8 @@ class _Sizing:
     @property
     def memory(self) -> int:
         """Host memory an actor reserves (bytes): the model and torch (an rd64-refined CPU
-        actor peaks at ~1.1 GiB with batches of 1-2) and a batch's full-resolution results, so
-        Ray never packs a node with more actors than fit."""
+        actor peaks at ~1.1 GiB with batches of 1-2) and a batch's results, with room to spare,
+        so Ray never packs a node with more actors than fit."""
         return (1536 + 128 * self.batch_size) * 2**20
 
 
