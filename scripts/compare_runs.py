@@ -308,9 +308,8 @@ def main() -> int:
             problems.append(f"{what}: exit {a['code']} vs {b['code']}")
         if a["stderr"] != b["stderr"]:
             # Messages may change on purpose (a fixed message); shown for a person to judge.
-            print(
-                f"messages differ, {what}:\n  base: {a['stderr'].strip()}\n  new:  {b['stderr'].strip()}"
-            )
+            base, new = a["stderr"].strip(), b["stderr"].strip()
+            print(f"messages differ, {what}:\n  base: {base}\n  new:  {new}")
     problems += compare(work / "base-out", work / "new-out", roots, args.pixels)
     for result in sides["new"]:
         print(f"exit {result['code']}: clipseg {' '.join(result['argv'])}")
