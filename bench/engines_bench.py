@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_images import make_photo_like_jpegs
 
-from clipseg_cli import pipeline
-from clipseg_cli.config import SegmentConfig
-from clipseg_cli.ledger import STATE_DIR
+from clipseg_cli.run import pipeline
+from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.ledger import STATE_DIR
 
 
 def _outputs(out: Path) -> dict[str, bytes]:

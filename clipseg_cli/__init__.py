@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from clipseg_cli.version import __version__
 
 __all__ = ["Segmenter", "__version__"]
 
@@ -10,7 +10,7 @@ __all__ = ["Segmenter", "__version__"]
 def __getattr__(name: str):
     # Lazy: `clipseg --help` and light imports should not pay for importing torch.
     if name == "Segmenter":
-        from .predictor import Segmenter
+        from clipseg_cli.segmenter import Segmenter
 
         return Segmenter
     raise AttributeError(name)

@@ -122,6 +122,6 @@ def tiny_reference(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_segmenter(tiny_model_dir: Path):
     """Our Segmenter on the tiny model (CPU, fp32); shared, do not release its towers."""
-    from clipseg_cli.predictor import Segmenter
+    from clipseg_cli.segmenter import Segmenter
 
     return Segmenter.load(str(tiny_model_dir), device="cpu", precision="fp32")

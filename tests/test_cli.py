@@ -15,7 +15,7 @@ from hf_processor import reference_pixels
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.cli import ExitCode, app
+from clipseg_cli.commands.app import ExitCode, app
 
 runner = CliRunner()
 
@@ -415,7 +415,7 @@ def test_help_shows_the_defaults_that_options_describe():
     """Rich would swallow "[default: ...]" in a help text as markup; ours must reach the user."""
     import re
 
-    from clipseg_cli.config import DEFAULT_BATCH_SIZES
+    from clipseg_cli.run.config import DEFAULT_BATCH_SIZES
     from clipseg_cli.specs import DEFAULT_THRESHOLD
 
     result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "300"})

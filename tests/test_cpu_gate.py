@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli import items
-from clipseg_cli.cli import app
-from clipseg_cli.cpu_gate import NO_GATE, CpuGate, gate_for
+from clipseg_cli.commands.app import app
+from clipseg_cli.run import items
+from clipseg_cli.run.engines.cpu_gate import NO_GATE, CpuGate, gate_for
 
 WAIT = 5.0  # seconds; generous so that a loaded CI machine does not fail the test
 

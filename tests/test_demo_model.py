@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.cli import app
-from clipseg_cli.predictor import Segmenter
-from clipseg_cli.prompts import engineer_reference
+from clipseg_cli.commands.app import app
+from clipseg_cli.ops.prompts import engineer_reference
+from clipseg_cli.segmenter import Segmenter
 from clipseg_cli.specs import DEFAULT_THRESHOLD, MODEL_SPECS
-from clipseg_cli.synthetic import CLASSES, Scene, make_scene
+from clipseg_cli.train.synthetic import CLASSES, Scene, make_scene
 
 HELD_OUT_SEED = 10_000_000  # far from the training seeds 0..3199
 SCENES = 30

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli import evaluate, metrics, writers
-from clipseg_cli.cli import ExitCode, app
+from clipseg_cli import evaluate
+from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.io import writers
+from clipseg_cli.ops import metrics
 
 runner = CliRunner()
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli import sources
-from clipseg_cli.cli import ExitCode, app
+from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.io import sources
 
 runner = CliRunner()
 

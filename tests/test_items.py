@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clipseg_cli.items import LabelMap, Prediction
+from clipseg_cli.run.items import LabelMap, Prediction
 
 
 def test_label_map_is_the_first_argmax_where_the_best_passes():

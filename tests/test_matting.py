@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from clipseg_cli.matting import REFINE_METHODS, default_radius, guided_filter, refine_matte
+from clipseg_cli.ops.matting import REFINE_METHODS, default_radius, guided_filter, refine_matte
 
 # ---------------------------------------------------------------------------------------------
 # Independent matting metrics (the matting literature's definitions; the project's

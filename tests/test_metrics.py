@@ -12,7 +12,7 @@ from collections import deque
 import numpy as np
 import pytest
 
-from clipseg_cli import metrics as m
+from clipseg_cli.ops import metrics as m
 
 # -------------------------------------------------------------------------------------------
 # Independent reference implementations (pure Python loops)

@@ -8,8 +8,8 @@ import torch
 from hf_processor import IMAGE_PROCESSOR_SETTINGS, build_image_processor, reference_pixels
 from open_clip.tokenizer import SimpleTokenizer
 
-from clipseg_cli.predictor import Segmenter, resolve_device, resolve_precision
-from clipseg_cli.transforms import resize_rgb
+from clipseg_cli.ops.transforms import resize_rgb
+from clipseg_cli.segmenter import Segmenter, resolve_device, resolve_precision
 from clipseg_cli.weights import load_weights
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipseg_cli import __version__
-from clipseg_cli.prompts import (
+from clipseg_cli.ops.prompts import (
     IMAGENET_MEAN_RGB,
     apply_negatives,
     average_conditionals,
@@ -22,7 +22,7 @@ from clipseg_cli.prompts import (
     reference_mask_from_alpha,
     save_conditionals,
 )
-from clipseg_cli.transforms import resize_rgb
+from clipseg_cli.ops.transforms import resize_rgb
 
 # A 200x300 image: constant background, a textured 40x60 rectangle (rows 40..79, columns
 # 100..159) as the object.

@@ -12,8 +12,8 @@ from hf_processor import reference_pixels
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.cli import ExitCode, app
-from clipseg_cli.prompts import engineer_reference, load_conditionals
+from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.ops.prompts import engineer_reference, load_conditionals
 
 runner = CliRunner()
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli import pipeline
-from clipseg_cli.cli import ExitCode, app
-from clipseg_cli.config import SegmentConfig
-from clipseg_cli.ledger import LEDGER_NAME, STATE_DIR
+from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.run import pipeline
+from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.ledger import LEDGER_NAME, STATE_DIR
 
 runner = CliRunner()
 SAVE = "mask,soft,logits,labels"

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.logrows import failure_row
-from clipseg_cli.report import REPORT_NAME, THUMBNAIL_DIR, load_entries, write_report
+from clipseg_cli.io.report import REPORT_NAME, THUMBNAIL_DIR, load_entries, write_report
+from clipseg_cli.run.logrows import failure_row
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 CHROMIUM = "/usr/bin/chromium"
@@ -236,11 +236,12 @@ def test_without_overlays_the_thumbnail_is_the_input_tinted_by_the_mask(
 
 
 def test_summary_name_matches_config_and_module_stays_light() -> None:
-    from clipseg_cli import config, report
+    from clipseg_cli.io import report
+    from clipseg_cli.run import config
 
     assert report.SUMMARY_NAME == config.SUMMARY_NAME
     code = (
-        "import sys, clipseg_cli.report; "
+        "import sys, clipseg_cli.io.report; "
         "bad = {'torch', 'numpy', 'cv2'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -327,7 +328,7 @@ PINNED = {  # key: {prompt: (coverage, max)}; coverage 0 means empty
 def test_report_in_headless_chromium(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing; this test needs Debian's chromium: {INSTALL_HINT}")
-    from clipseg_cli.cli import ExitCode, app
+    from clipseg_cli.commands.app import ExitCode, app
 
     monkeypatch.chdir(tmp_path)
     for name in PINNED:

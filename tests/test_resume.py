@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli import writers
-from clipseg_cli.cli import ExitCode, app
-from clipseg_cli.ledger import LEDGER_NAME, STATE_DIR, RunLock
+from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.io import writers
+from clipseg_cli.run.ledger import LEDGER_NAME, STATE_DIR, RunLock
 
 runner = CliRunner()
 
@@ -90,7 +90,7 @@ def test_rerun_processes_only_new_and_changed_inputs(tiny_model_dir, tmp_path):
 def test_finished_folder_reruns_without_loading_the_model(tiny_model_dir, tmp_path, monkeypatch):
     inputs, out = _photos(tmp_path / "in", 4), tmp_path / "out"
     assert _segment(inputs, out, tiny_model_dir).exit_code == 0
-    from clipseg_cli.predictor import Segmenter
+    from clipseg_cli.segmenter import Segmenter
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model must not be loaded when nothing changed")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from clipseg_cli.sources import (
+from clipseg_cli.io.sources import (
     DecodedImage,
     ImageDecodeError,
     collect_inputs,

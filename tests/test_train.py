@@ -12,9 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipseg_cli.cli import ExitCode, app
+from clipseg_cli.commands.app import ExitCode, app
 from clipseg_cli.specs import MODEL_SPECS
-from clipseg_cli.synthetic import write_training_set
 from clipseg_cli.train import (
     CHECKPOINT_JSON,
     ManifestError,
@@ -26,6 +25,7 @@ from clipseg_cli.train import (
     train,
     trainable_parameters,
 )
+from clipseg_cli.train.synthetic import write_training_set
 from clipseg_cli.weights import load_weights
 
 runner = CliRunner()

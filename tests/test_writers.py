@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipseg_cli import writers
-from clipseg_cli.writers import (
+from clipseg_cli.io import writers
+from clipseg_cli.io.writers import (
     JsonlLog,
     casefold_collisions,
     label_palette,

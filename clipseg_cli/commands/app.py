@@ -14,7 +14,9 @@ from typing import Annotated
 
 import typer
 
-from .config import (
+from clipseg_cli.commands.console import ExitCode, fail, progress_bar, wants_bar
+from clipseg_cli.io.sources import DEFAULT_MAX_PIXELS
+from clipseg_cli.run.config import (
     DEFAULT_BATCH_SIZES,
     MATTE_KINDS,
     SEGMENT_KINDS,
@@ -22,9 +24,7 @@ from .config import (
     parse_kinds,
     read_prompts_file,
 )
-from .console import ExitCode, fail, progress_bar, wants_bar
-from .sources import DEFAULT_MAX_PIXELS
-from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, MODEL_SPECS
+from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, MODEL_SPECS
 
 
 class _StopSignals:
@@ -253,9 +253,9 @@ ActorsOpt = Annotated[
 
 def _run_images(common: dict, progress: str) -> None:
     """Build the config from the options of `segment`/`matte`, run it, print, exit."""
-    from . import pipeline
-    from .errors import WeightsError
-    from .ledger import ConfigMismatchError, LockedError
+    from clipseg_cli.errors import WeightsError
+    from clipseg_cli.run import pipeline
+    from clipseg_cli.run.ledger import ConfigMismatchError, LockedError
 
     try:
         prompts = list(common.pop("prompt") or [])
@@ -266,7 +266,7 @@ def _run_images(common: dict, progress: str) -> None:
         if threshold is not None and threshold_from is not None:
             raise ValueError("give --threshold or --threshold-from, not both")
         if threshold_from is not None:
-            from .evaluate import read_threshold_file
+            from clipseg_cli.evaluate import read_threshold_file
 
             threshold = read_threshold_file(threshold_from)
         command = common["command"]
@@ -445,8 +445,8 @@ def models() -> None:
     On a terminal a table; otherwise tab-separated lines (name, hub id, cached, original file,
     description) for scripts.
     """
-    from .errors import WeightsError
-    from .weights import bundled_model_dir, cached_hub_files
+    from clipseg_cli.errors import WeightsError
+    from clipseg_cli.weights import bundled_model_dir, cached_hub_files
 
     rows = []
     for spec in MODEL_SPECS.values():
@@ -477,8 +477,8 @@ def models() -> None:
 
 
 # --- subcommands defined in their own modules (one line each) ---------------------------------
-from .commands_eval import register as _register_eval  # noqa: E402
-from .commands_train import register as _register_train  # noqa: E402
+from clipseg_cli.commands.eval import register as _register_eval  # noqa: E402
+from clipseg_cli.commands.train import register as _register_train  # noqa: E402
 
 _register_eval(app)
 _register_train(app)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .writers import drop_partial_last_line
+from clipseg_cli.io.writers import drop_partial_last_line
 
 STATE_DIR = ".clipseg"
 LEDGER_NAME = "ledger.jsonl"

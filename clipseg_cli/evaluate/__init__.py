@@ -52,8 +52,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from . import __version__, metrics, sources, writers
-from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+from clipseg_cli.io import sources, writers
+from clipseg_cli.ops import metrics
+from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+from clipseg_cli.version import __version__
 
 #: ``<input name>.<prompt slug>.<kind>.png`` as written by ``clipseg segment``.
 _PRED_NAME_RE = re.compile(
@@ -620,7 +622,7 @@ def _run_model(
     segmenter: Any,
     on_progress: Callable[[int, int], None] | None,
 ) -> None:
-    from .predictor import Segmenter
+    from clipseg_cli.segmenter import Segmenter
 
     config = report.config
     if segmenter is None:

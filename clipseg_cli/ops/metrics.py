@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .specs import DEFAULT_THRESHOLD
+from clipseg_cli.specs import DEFAULT_THRESHOLD
 
 #: The fixed threshold grid: 0.00, 0.01, ..., 1.00 (101 values, float64).
 THRESHOLDS: np.ndarray = np.round(np.arange(101) / 100.0, 2)

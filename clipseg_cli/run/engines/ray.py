@@ -28,15 +28,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .. import sources, writers
-from ..config import SegmentConfig
-from ..errors import DiskFullError
+from clipseg_cli.errors import DiskFullError
+from clipseg_cli.io import sources, writers
+from clipseg_cli.run.config import SegmentConfig
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..items import Conditional, PromptSet
-    from ..pipeline import _Run, _Work
+    from clipseg_cli.run.items import Conditional, PromptSet
+    from clipseg_cli.run.pipeline import _Run, _Work
 
 __all__ = ["RayNotInstalledError", "process_with_ray", "require_ray"]
 
@@ -123,7 +123,7 @@ def _enter(cwd: str) -> None:
 
 def _decode(row: dict[str, Any], config: SegmentConfig, size: tuple[int, int], cwd: str) -> dict:
     """Decode task: one input -> its pickled Prepared, or Failed with the decode error."""
-    from ..items import prepare_item
+    from clipseg_cli.run.items import prepare_item
 
     _enter(cwd)
     sources.configure_pillow_limits(config.max_pixels)  # process-wide, so once per worker
@@ -145,8 +145,8 @@ class _Predictor:
     ) -> None:
         import torch
 
-        from ..items import PromptSet
-        from ..predictor import Segmenter
+        from clipseg_cli.run.items import PromptSet
+        from clipseg_cli.segmenter import Segmenter
 
         if sizing.num_gpus == 0:
             # Ray already sets OMP_NUM_THREADS from num_cpus; said again so that the thread
@@ -166,7 +166,7 @@ class _Predictor:
         self.description = json.dumps({"device": str(device), "dtype": dtype})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from ..items import Prediction, Prepared, predict_batch
+        from clipseg_cli.run.items import Prediction, Prepared, predict_batch
 
         entries = [pickle.loads(payload) for payload in batch["item"]]
         prepared = [entry for entry in entries if isinstance(entry, Prepared)]
@@ -199,7 +199,7 @@ def _write(row: dict[str, Any], config: SegmentConfig, labels: list[Conditional]
     A full disk is not this row's failure but the run's: it comes back as ``fatal`` for the
     driver to raise, after logging what finished before it.
     """
-    from ..items import Failed, failure_for, write_or_fail
+    from clipseg_cli.run.items import Failed, failure_for, write_or_fail
 
     _enter(cwd)
     entry, prediction = pickle.loads(row["item"])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import ClipBackbone
-from .decoder import ClipSegDecoder
-from .specs import IMAGENET_MEAN, IMAGENET_STD, ArchitectureSpec
+from clipseg_cli.model.backbone import ClipBackbone
+from clipseg_cli.model.decoder import ClipSegDecoder
+from clipseg_cli.specs import IMAGENET_MEAN, IMAGENET_STD, ArchitectureSpec
 
 
 class ClipSegModel(nn.Module):

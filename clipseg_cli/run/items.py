@@ -11,12 +11,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from . import __version__, sources, writers
-from .config import SegmentConfig
-from .errors import FATAL_WRITE_ERRNOS, DiskFullError
-from .logrows import failure_row
-from .predictor import Segmenter
-from .transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.errors import FATAL_WRITE_ERRNOS, DiskFullError
+from clipseg_cli.io import sources, writers
+from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.logrows import failure_row
+from clipseg_cli.segmenter import Segmenter
+from clipseg_cli.version import __version__
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Prediction:
         """float32 ``[H, W]``: prompt ``k``'s probability at the image's size (sigmoid, then
         bilinear upsampling, as a transformers user writes it), negatives applied:
         ``p * (1 - max_n p_negative_n)``."""
-        from .prompts import apply_negatives
+        from clipseg_cli.ops.prompts import apply_negatives
 
         logits = torch.from_numpy(self.low_res_logits[k : k + 1])
         prob = probabilities_at_size(logits, self.size)
@@ -209,7 +210,7 @@ def write_item(
     conditionals: list[Conditional],
 ) -> dict:
     """Write every requested output of one image; returns its log row."""
-    from .matting import refine_matte
+    from clipseg_cli.ops.matting import refine_matte
 
     start = time.perf_counter()
     out_dir, key, rgb = config.out_dir, prepared.out_key, prepared.image.rgb
@@ -340,7 +341,7 @@ class PromptSet:
 def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -> np.ndarray:
     """The support image CLIP encodes: engineered around its object when a mask is known
     (``--ref-mask`` or the reference's own alpha), raw otherwise (or with ``--ref-mode raw``)."""
-    from .prompts import engineer_reference, reference_mask_from_alpha
+    from clipseg_cli.ops.prompts import engineer_reference, reference_mask_from_alpha
 
     def decode(path: Path, what: str) -> sources.DecodedImage:
         try:
@@ -368,7 +369,7 @@ def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -
 
 
 def _load_prompt_set(segmenter: Segmenter, path: Path) -> PromptSet:
-    from .prompts import load_conditionals
+    from clipseg_cli.ops.prompts import load_conditionals
 
     vectors, labels, metadata = load_conditionals(path)
     made_with = metadata.get("weights_sha256")
@@ -396,7 +397,7 @@ def build_prompt_set(segmenter: Segmenter, config: SegmentConfig) -> PromptSet:
     Several ``--ref`` images describe one object: their embeddings are averaged into one
     conditional. With ``--mix W`` each text prompt becomes ``W * text + (1 - W) * image``.
     """
-    from .prompts import average_conditionals, mix_conditionals
+    from clipseg_cli.ops.prompts import average_conditionals, mix_conditionals
 
     if config.prompt_embedding is not None:
         return _load_prompt_set(segmenter, config.prompt_embedding)
@@ -434,7 +435,7 @@ def build_prompt_set(segmenter: Segmenter, config: SegmentConfig) -> PromptSet:
 def save_prompt_set(path: Path, prompts: PromptSet, info) -> None:
     """Write the run's conditionals for reuse with ``--prompt-embedding`` (then neither the
     text tower nor the reference images are needed)."""
-    from .prompts import save_conditionals
+    from clipseg_cli.ops.prompts import save_conditionals
 
     labels = [c.label for c in prompts.positives] + prompts.negatives
     metadata = {

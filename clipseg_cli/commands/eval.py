@@ -13,8 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .console import ExitCode, fail
-from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+from clipseg_cli.commands.console import ExitCode, fail
+from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
 
 # Shown on the terminal: at most this many per-file errors (all of them are in the JSON).
 _MAX_ERRORS_SHOWN = 20
@@ -62,7 +62,7 @@ KeepOption = Annotated[
 
 def _run(config_kwargs: dict[str, Any]):
     """Build the config and run; every failure becomes a one-line error and an exit code."""
-    from . import evaluate
+    from clipseg_cli import evaluate
 
     try:
         config = evaluate.EvalConfig(**config_kwargs)
@@ -72,7 +72,7 @@ def _run(config_kwargs: dict[str, Any]):
     # would cost seconds.
     model_errors: tuple[type[Exception], ...] = ()
     if config.images_dir is not None:
-        from .weights import WeightsError
+        from clipseg_cli.weights import WeightsError
 
         model_errors = (WeightsError,)
     last = [0.0]
@@ -107,7 +107,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 def _summary_rows(report: Any) -> tuple[list[str], list[tuple[str, ...]]]:
     """Table header and rows: the numbers with their convention next to them."""
-    from . import metrics
+    from clipseg_cli.ops import metrics
 
     if report.matting is not None:
         conventions = metrics.MATTING_CONVENTIONS
@@ -183,8 +183,8 @@ def eval_command(
     batch_size: BatchOption = 4,
 ) -> None:
     """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting)."""
-    from . import evaluate
-    from .config import read_prompts_file
+    from clipseg_cli import evaluate
+    from clipseg_cli.run.config import read_prompts_file
 
     try:
         prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
@@ -253,7 +253,7 @@ def calibrate_command(
     batch_size: BatchOption = 4,
 ) -> None:
     """Find the threshold that maximises IoU_FG on a labelled set and write it to --out."""
-    from . import evaluate
+    from clipseg_cli import evaluate
 
     if metric not in evaluate.CALIBRATION_METRICS:
         choices = ", ".join(evaluate.CALIBRATION_METRICS)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from .backbone import causal_mask
-from .errors import WeightsError
-from .model import ClipSegModel
-from .specs import (
+from clipseg_cli.errors import WeightsError
+from clipseg_cli.model.backbone import causal_mask
+from clipseg_cli.model.clipseg import ClipSegModel
+from clipseg_cli.specs import (
     DEFAULT_MODEL,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -692,7 +692,7 @@ def bundled_model_dir(model: str) -> Path | None:
     spec = MODEL_SPECS.get(model)
     if spec is None or spec.bundled is None:
         return None
-    directory = Path(__file__).resolve().parent / spec.bundled
+    directory = Path(__file__).resolve().parent.parent / spec.bundled
     if not (directory / "config.json").is_file():
         raise WeightsError(
             f"model {model!r}: its bundled files are missing from {directory} (an incomplete "

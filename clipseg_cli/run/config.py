@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .sources import DEFAULT_MAX_PIXELS
-from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, resolve_model
+from clipseg_cli.io.sources import DEFAULT_MAX_PIXELS
+from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, resolve_model
 
 SEGMENT_KINDS = ("mask", "soft", "overlay", "cutout", "logits", "labels")
 MATTE_KINDS = ("matte", "cutout", "composite")
@@ -202,7 +202,7 @@ class SegmentConfig:
     def fingerprint_parts(self, tool_version: str) -> dict:
         """What determines the outputs, computable without loading the model (reruns into the
         same ``--out`` must match it). Inputs, batch sizes and paths of logs do not count."""
-        from .ledger import file_identity
+        from clipseg_cli.run.ledger import file_identity
 
         kind, path = resolve_model(self.model)
         if kind == "dir":
@@ -242,7 +242,7 @@ class SegmentConfig:
 
 
 def _digest(path: Path, option: str) -> str:
-    from .ledger import small_file_sha256
+    from clipseg_cli.run.ledger import small_file_sha256
 
     try:
         return small_file_sha256(path)

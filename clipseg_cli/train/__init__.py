@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import sources
-from .model import ClipSegModel
-from .predictor import resolve_device
-from .specs import DEFAULT_THRESHOLD, architecture_for
-from .transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.io import sources
+from clipseg_cli.model.clipseg import ClipSegModel
+from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.segmenter import resolve_device
+from clipseg_cli.specs import DEFAULT_THRESHOLD, architecture_for
 
 SPLITS = ("train", "val")
 CHECKPOINT_JSON = "checkpoint.json"
@@ -321,7 +321,7 @@ def _soft_target(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _engineer(rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 ``[*size, 3]``: the paper's visual prompt engineering (crop around the object,
     background darkened to 10% and blurred), as ``clipseg segment`` applies it to references."""
-    from .prompts import engineer_reference
+    from clipseg_cli.ops.prompts import engineer_reference
 
     return engineer_reference(rgb, mask, size=size)
 
@@ -462,8 +462,8 @@ def build_training_model(config: TrainConfig) -> tuple[ClipSegModel, str]:
         torch.manual_seed(config.seed)
         model = ClipSegModel(arch)
         return model, f"from scratch ({config.from_scratch})"
-    from .specs import DEFAULT_MODEL
-    from .weights import load_weights
+    from clipseg_cli.specs import DEFAULT_MODEL
+    from clipseg_cli.weights import load_weights
 
     model, info = load_weights(config.model or DEFAULT_MODEL, dtype=torch.float32)
     return model, f"{info.model_id} ({info.variant}, sha256 {info.sha256[:12]})"
@@ -979,7 +979,7 @@ def export_model(
 ) -> Path:
     """``config.json`` + ``model.safetensors`` (loadable with ``--model OUT``) and
     ``training.json`` (settings and per-epoch numbers) in ``config.out_dir``."""
-    from .weights import save_transformers_dir
+    from clipseg_cli.weights import save_transformers_dir
 
     out = save_transformers_dir(model, config.out_dir, dtype=_SAVE_DTYPES[config.save_dtype])
     record = {

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .sources import display_path, escape_undecodable
+from clipseg_cli.io.sources import display_path, escape_undecodable
 
 __all__ = [
     "SLUG_MAX_LEN",

@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from .specs import IMAGENET_MEAN
-from .transforms import resize_rgb
+from clipseg_cli.ops.transforms import resize_rgb
+from clipseg_cli.specs import IMAGENET_MEAN
+from clipseg_cli.version import __version__
 
 # The colour the original implementation darkened towards: it scaled ImageNet-normalised
 # pixels by 0.1, i.e. moved them 90% of the way to the ImageNet mean, and padded with

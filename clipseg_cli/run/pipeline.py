@@ -20,17 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, TypeVar
 
-from . import __version__, sources, writers
-from .config import SegmentConfig
-from .cpu_gate import CpuGate, gate_for
-from .errors import FATAL_WRITE_ERRNOS, DiskFullError, NoInputsError
-from .ledger import InputSignature, Ledger, RunLock, fingerprint
-from .logrows import failure_row
+from clipseg_cli.errors import FATAL_WRITE_ERRNOS, DiskFullError, NoInputsError
+from clipseg_cli.io import sources, writers
+from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.engines.cpu_gate import CpuGate, gate_for
+from clipseg_cli.run.ledger import InputSignature, Ledger, RunLock, fingerprint
+from clipseg_cli.run.logrows import failure_row
+from clipseg_cli.version import __version__
 
 if TYPE_CHECKING:
-    from . import items
-    from .items import Failed, Prepared
-    from .predictor import Segmenter
+    from clipseg_cli.run import items
+    from clipseg_cli.run.items import Failed, Prepared
+    from clipseg_cli.segmenter import Segmenter
 
 T = TypeVar("T")
 
@@ -119,7 +120,7 @@ def run_segment(
     """
     started = time.perf_counter()
     if config.engine == "ray":
-        from .engines.ray_engine import require_ray
+        from clipseg_cli.run.engines.ray import require_ray
 
         require_ray()  # before anything is locked, loaded or logged
     sources.configure_pillow_limits(config.max_pixels)
@@ -142,7 +143,7 @@ def run_segment(
         finally:
             ledger.close()
         if config.report:
-            from .report import write_report
+            from clipseg_cli.io.report import write_report
 
             summary.report_path = write_report(config.out_dir, config.resolved_log_path)
     summary.details["stale_temporaries_removed"] = removed
@@ -227,7 +228,7 @@ class _Run:
 
     def _process(self, todo: list[_Work], segmenter: Segmenter | None) -> None:
         # Imported here: torch and the model are only paid for when there is work.
-        from .predictor import Segmenter
+        from clipseg_cli.segmenter import Segmenter
 
         config = self.config
         _tune_malloc_for_loading()
@@ -238,7 +239,7 @@ class _Run:
             input_size = prompter.input_size
             del prompter
             _return_freed_memory()
-            from .engines.ray_engine import process_with_ray
+            from clipseg_cli.run.engines.ray import process_with_ray
 
             process_with_ray(self, todo, prompts, input_size)
             return
@@ -264,7 +265,7 @@ class _Run:
         full image tower for --ref), so peak memory is this phase or the segmentation phase
         (vision blocks up to the last one read + decoder), never the whole model.
         """
-        from . import items
+        from clipseg_cli.run import items
 
         config = self.config
         if segmenter is None:
@@ -281,7 +282,7 @@ class _Run:
 
     def _describe(self, segmenter: Segmenter, prompts: items.PromptSet) -> None:
         """Record which weights and conditionals this run uses (ledger note, run summary)."""
-        from . import items
+        from clipseg_cli.run import items
 
         labels = prompts.positives
         self.ledger.note(
@@ -310,7 +311,7 @@ class _Run:
         self, todo: list[_Work], segmenter: Segmenter, prompts: items.PromptSet
     ) -> None:
         """Decode workers -> batched model -> writer threads, all bounded."""
-        from . import items
+        from clipseg_cli.run import items
 
         config = self.config
         prompts.vectors = prompts.vectors.to(segmenter.device)
@@ -380,7 +381,7 @@ class _Run:
         gate: CpuGate,
     ) -> Iterator[Prepared | Failed]:
         """Decode in the pool, yield in input order, at most ``ahead`` decodes in flight."""
-        from .items import prepare_item
+        from clipseg_cli.run.items import prepare_item
 
         config = self.config
         prepare_item = gate.sharing(prepare_item)
@@ -430,7 +431,7 @@ class _Run:
 
 def _batches(stream: Iterator[Prepared | Failed], size: int) -> Iterator[tuple[list, list]]:
     """Group prepared items into model batches; failures pass through with the next batch."""
-    from .items import Failed
+    from clipseg_cli.run.items import Failed
 
     batch: list[Prepared] = []
     failures: list[Failed] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .specs import DecoderSpec
+from clipseg_cli.specs import DecoderSpec
 
 
 def _build_head(spec: DecoderSpec, patch_size: int) -> nn.Module:

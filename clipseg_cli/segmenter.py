@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import ClipSegModel
-from .specs import DEFAULT_MODEL
-from .transforms import probabilities_at_size, resize_rgb, stack_uint8
-from .weights import COMPONENTS, WeightsInfo, load_weights
+from clipseg_cli.model.clipseg import ClipSegModel
+from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.specs import DEFAULT_MODEL
+from clipseg_cli.weights import COMPONENTS, WeightsInfo, load_weights
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from .console import ExitCode, fail, progress_bar, wants_bar
-from .specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+from clipseg_cli.commands.console import ExitCode, fail, progress_bar, wants_bar
+from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
 
 _TRAIN_HELP = "\n\n".join(
     [
@@ -181,8 +181,8 @@ def train_command(
         str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
     ] = "auto",
 ) -> None:
-    from .train import ManifestError, TrainConfig, TrainError, train
-    from .weights import WeightsError
+    from clipseg_cli.train import ManifestError, TrainConfig, TrainError, train
+    from clipseg_cli.weights import WeightsError
 
     if progress not in {"auto", "bar", "lines", "none"}:
         raise fail(f"--progress {progress}: expected auto, bar, lines or none", ExitCode.USAGE)
@@ -251,7 +251,7 @@ def synthetic_command(
     ] = 0.0,
 ) -> None:
     """Write a toy training set of coloured shapes (images, masks, manifest.jsonl)."""
-    from .synthetic import write_training_set
+    from clipseg_cli.train.synthetic import write_training_set
 
     if count < 1 or size < 32 or negatives < 0 or first_seed < 0:
         raise fail(

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
-from .specs import ArchitectureSpec
+from clipseg_cli.specs import ArchitectureSpec
 
 
 def build_open_clip(arch: ArchitectureSpec) -> CLIP:
