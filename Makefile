@@ -27,9 +27,11 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# ruff (lint + format) and the import rules of pyproject.toml's [tool.importlinter].
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format .

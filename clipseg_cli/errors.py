@@ -1,4 +1,9 @@
-"""Run-stopping conditions the CLI maps to exit codes (torch-free, importable anywhere)."""
+"""Every condition that stops a command, and how an exception is told in one line.
+
+Torch-free and importable from every layer. The commands map each of these to an exit code in
+one table (:mod:`clipseg_cli.commands.console`); below the commands nothing prints or exits:
+problems are raised as these exceptions, or ``ValueError`` for bad options (a usage error).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ FATAL_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class NoInputsError(Exception):
-    """Nothing to process: the inputs named no files at all."""
+    """Nothing to process: the inputs (or the ground-truth folder) named no files at all."""
 
 
 class DiskFullError(OSError):
@@ -19,3 +24,29 @@ class DiskFullError(OSError):
 
 class WeightsError(Exception):
     """A model could not be found or loaded. ``str()`` is one line, fit for the user."""
+
+
+class LockedError(Exception):
+    """Another run holds this output folder."""
+
+
+class ConfigMismatchError(Exception):
+    """The output folder holds results of a differently configured run."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one line of at most ``limit`` characters: the first line of its message,
+    or its class name when it has none."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def disk_full(error: OSError, what: str) -> DiskFullError | None:
+    """The run-stopping :class:`DiskFullError` for ``error`` when it says the disk is full (or
+    over quota, or read-only), naming ``what`` could not be written; None for any other error."""
+    if isinstance(error, DiskFullError):
+        return error
+    if error.errno not in FATAL_WRITE_ERRNOS:
+        return None
+    return DiskFullError(error.errno, f"cannot write {what}: {error.strerror}")

@@ -15,16 +15,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from clipseg_cli.model.clipseg import ClipSegModel
+from clipseg_cli.model.precision import DTYPES
+from clipseg_cli.model.tokenizer import ClipTokenizer
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
-from clipseg_cli.specs import DEFAULT_MODEL
+from clipseg_cli.specs import DEFAULT_MODEL, DEVICES, PRECISIONS, is_device_name
 from clipseg_cli.weights import COMPONENTS, WeightsInfo, load_weights
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+class ModelOptions(Protocol):
+    """What a run's options say about the model: ``SegmentConfig`` and ``EvalConfig`` both
+    have these fields, and :meth:`Segmenter.load_for` takes either."""
+
+    model: str
+    clip_weights: Path | None
+    device: str
+    precision: str
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -39,8 +50,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError("--device cuda: no CUDA device is available")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: Apple MPS is not available")
-    if name not in {"cpu", "cuda", "mps"} and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name}: expected auto, cpu, cuda, cuda:N or mps")
+    if not is_device_name(name):
+        raise ValueError(f"--device {name}: expected {', '.join(DEVICES)} or cuda:N")
     return torch.device(name)
 
 
@@ -50,11 +61,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
-    if name not in PRECISIONS:
-        raise ValueError(f"--precision {name}: expected auto, fp32, bf16 or fp16")
+    if name not in DTYPES:
+        raise ValueError(f"--precision {name}: expected {', '.join(PRECISIONS)}")
     if name == "fp16" and device.type == "cpu":
         raise ValueError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
-    return PRECISIONS[name]
+    return DTYPES[name]
 
 
 class Segmenter:
@@ -67,7 +78,7 @@ class Segmenter:
         self.dtype = model.dtype
         size = model.arch.input_size
         self.input_size: tuple[int, int] = (size, size)
-        self._tokenizer = None
+        self._tokenizer: ClipTokenizer | None = None
 
     @classmethod
     def load(
@@ -95,15 +106,25 @@ class Segmenter:
         )
         return cls(built, info, torch_device)
 
+    @classmethod
+    def load_for(cls, options: ModelOptions, components: frozenset[str] = COMPONENTS) -> Segmenter:
+        """:meth:`load` with a run's model options (``--model``, ``--clip-weights``,
+        ``--device``, ``--precision``)."""
+        return cls.load(
+            options.model,
+            clip_weights=options.clip_weights,
+            device=options.device,
+            precision=options.precision,
+            components=components,
+        )
+
     # -- conditionals ---------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids ``[K, context_length]`` with open_clip's CLIP tokenizer."""
+        """Token ids ``[K, context_length]`` with CLIP's tokenizer."""
         if self._tokenizer is None:
-            from open_clip.tokenizer import SimpleTokenizer
-
-            self._tokenizer = SimpleTokenizer(context_length=self.model.arch.text.context_length)
-        return self._tokenizer(list(prompts))
+            self._tokenizer = ClipTokenizer(self.model.arch.text.context_length)
+        return self._tokenizer(prompts)
 
     @torch.inference_mode()
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:

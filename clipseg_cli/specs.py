@@ -1,8 +1,9 @@
-"""The one table of CLIPSeg architectures and named models.
+"""The one table of CLIPSeg architectures and named models, and the names every layer shares.
 
-Every dimension the model, the weight converters and the CLI need comes from here. Facts are
-from the CLIPSeg paper, the original repository (timojl/clipseg) and the transformers port; see
-``../shared/CLIPSEG.md``.
+Every dimension the model, the weight converters and the CLI need comes from here, and so do the
+names of devices, precisions and refinements, and the defaults the options show. Facts are from
+the CLIPSeg paper, the original repository (timojl/clipseg) and the transformers port; see
+``../shared/CLIPSEG.md``. Standard library only: every module may import it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,30 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The paper's default decision threshold on sigmoid probabilities.
 DEFAULT_THRESHOLD = 0.3
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+
+#: ``--device`` values (besides ``cuda:N``); ``auto`` picks CUDA, then Apple MPS, then the CPU.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+#: ``--precision`` values; ``auto`` is half precision on GPUs, fp32 on the CPU.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Edge refinement of probabilities against the full-resolution image (ops.matting).
+REFINE_METHODS = ("none", "guided")
+#: Images per model batch when --batch-size is not given, by device type: on a CPU one image
+#: (485 tokens) already keeps the cores busy, and each extra image costs ~50 MB of fp32
+#: activations (measured on 2 cores: batches of 1 as fast as of 2, peak memory 60-100 MB lower);
+#: GPUs need larger batches to be fed.
+DEFAULT_BATCH_SIZES = {"cpu": 1, "cuda": 16, "mps": 4}
+#: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``): about 179 megapixels, ~0.5 GB as RGB.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+
+def device_type(device: str) -> str:
+    """``cuda:1`` -> ``cuda``; the kind of device a ``--device`` value names."""
+    return device.split(":")[0]
+
+
+def is_device_name(device: str) -> bool:
+    """Whether ``device`` is one of :data:`DEVICES` or ``cuda:N``."""
+    return device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
 
 
 @dataclass(frozen=True)
@@ -154,14 +179,6 @@ def architecture_for(name: str) -> ArchitectureSpec:
         known = ", ".join([*SCRATCH_ALIASES, *MODEL_SPECS])
         raise KeyError(f"unknown architecture {name!r} (known: {known})")
     return spec.architecture
-
-
-def spec_for_hub_id(hub_id: str) -> ModelSpec | None:
-    """The known model published under ``hub_id``, if any."""
-    for spec in MODEL_SPECS.values():
-        if spec.hub_id is not None and spec.hub_id.lower() == hub_id.lower():
-            return spec
-    return None
 
 
 def spec_for_decoder(reduce_dim: int, refined_head: bool) -> ModelSpec | None:

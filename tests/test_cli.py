@@ -15,7 +15,8 @@ from hf_processor import reference_pixels
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
 
 runner = CliRunner()
 
@@ -415,8 +416,7 @@ def test_help_shows_the_defaults_that_options_describe():
     """Rich would swallow "[default: ...]" in a help text as markup; ours must reach the user."""
     import re
 
-    from clipseg_cli.run.config import DEFAULT_BATCH_SIZES
-    from clipseg_cli.specs import DEFAULT_THRESHOLD
+    from clipseg_cli.specs import DEFAULT_BATCH_SIZES, DEFAULT_THRESHOLD
 
     result = runner.invoke(app, ["segment", "--help"], env={"COLUMNS": "300"})
     assert result.exit_code == 0

@@ -12,7 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipseg_cli import evaluate
-from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
 from clipseg_cli.io import writers
 from clipseg_cli.ops import metrics
 

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.commands.app import ExitCode, app
-from clipseg_cli.io import sources
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.io.paths import display_path, parse_display_path
 
 runner = CliRunner()
 
@@ -172,12 +173,12 @@ def test_symlink_loop_is_not_followed(hostile_run):
 
 def test_non_utf8_name_stays_valid_json_and_recoverable(hostile_run):
     _, rows, inputs, _ = hostile_run
-    row = rows[Path(sources.display_path(inputs / NON_UTF8)).name]
+    row = rows[Path(display_path(inputs / NON_UTF8)).name]
     assert row["status"] == "ok"
-    recovered = sources.parse_display_path(row["input"])
+    recovered = parse_display_path(row["input"])
     assert os.fsencode(recovered).endswith(b"caf\xe9.png")
     for output in row["outputs"]:
-        assert sources.parse_display_path(output["path"]).exists()
+        assert Path(parse_display_path(output["path"])).exists()
 
 
 def test_case_colliding_inputs_get_distinct_outputs(hostile_run):
@@ -192,7 +193,7 @@ def test_path_like_prompt_writes_inside_out(hostile_run):
     _, rows, _, out = hostile_run
     for row in rows.values():
         for output in row["outputs"]:
-            path = sources.parse_display_path(output["path"])
+            path = Path(parse_display_path(output["path"]))
             assert path.resolve().is_relative_to(out.resolve())
 
 

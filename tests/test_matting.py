@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from clipseg_cli.ops.matting import REFINE_METHODS, default_radius, guided_filter, refine_matte
+from clipseg_cli.ops.matting import default_radius, guided_filter, refine_matte
+from clipseg_cli.specs import REFINE_METHODS
 
 # ---------------------------------------------------------------------------------------------
 # Independent matting metrics (the matting literature's definitions; the project's

@@ -12,8 +12,10 @@ from hf_processor import reference_pixels
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.commands.app import ExitCode, app
-from clipseg_cli.ops.prompts import engineer_reference, load_conditionals
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.io.conditionals import load_conditionals
+from clipseg_cli.ops.prompts import engineer_reference
 
 runner = CliRunner()
 
@@ -45,7 +47,8 @@ def _saved(tmp_path: Path, model: Path, *args: str) -> tuple[torch.Tensor, list[
         "--out", str(tmp_path / f"out-{prompt_file.stem}"), model=model,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    return load_conditionals(prompt_file)
+    vectors, labels, metadata = load_conditionals(prompt_file)
+    return torch.from_numpy(vectors), labels, metadata
 
 
 def test_several_references_are_averaged_into_one_conditional(

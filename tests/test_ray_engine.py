@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.io.naming import LEDGER_NAME, STATE_DIR
 from clipseg_cli.run import pipeline
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.run.ledger import LEDGER_NAME, STATE_DIR
 
 runner = CliRunner()
 SAVE = "mask,soft,logits,labels"

@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipseg_cli.io.report import REPORT_NAME, THUMBNAIL_DIR, load_entries, write_report
-from clipseg_cli.run.logrows import failure_row
+from clipseg_cli.run.inputs import failure_row
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 CHROMIUM = "/usr/bin/chromium"
@@ -328,7 +328,8 @@ PINNED = {  # key: {prompt: (coverage, max)}; coverage 0 means empty
 def test_report_in_headless_chromium(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is missing; this test needs Debian's chromium: {INSTALL_HINT}")
-    from clipseg_cli.commands.app import ExitCode, app
+    from clipseg_cli.commands.app import app
+    from clipseg_cli.commands.console import ExitCode
 
     monkeypatch.chdir(tmp_path)
     for name in PINNED:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipseg_cli.commands.app import ExitCode, app
-from clipseg_cli.io import writers
-from clipseg_cli.run.ledger import LEDGER_NAME, STATE_DIR, RunLock
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.io import files, writers
+from clipseg_cli.io.naming import LEDGER_NAME, STATE_DIR
+from clipseg_cli.run.ledger import RunLock
 
 runner = CliRunner()
 
@@ -63,7 +66,7 @@ def _output_files(out: Path) -> dict[str, bytes]:
 
 
 def _temporaries(out: Path) -> list[Path]:
-    return [p for p in out.rglob("*") if writers.TEMP_NAME.match(p.name)]
+    return [p for p in out.rglob("*") if files.TEMP_NAME.match(p.name)]
 
 
 def test_rerun_processes_only_new_and_changed_inputs(tiny_model_dir, tmp_path):
@@ -161,13 +164,15 @@ def test_disk_full_stops_cleanly_and_the_rerun_resumes(tiny_model_dir, tmp_path,
         calls["n"] += 1
         if calls["n"] >= 3:
             # What a full disk looks like half-way through writing a temp file.
-            writers._atomic_write(path, lambda f: _raise_enospc(f))
+            files.atomic_write(path, lambda f: _raise_enospc(f))
         real_write_soft(path, prob, bits)
 
     monkeypatch.setattr(writers, "write_soft", fill_up)
     result = _segment(inputs, out, tiny_model_dir, "--batch-size", "1")
     assert result.exit_code == ExitCode.DISK_FULL, result.output
     assert "rerun to resume" in result.output and "Traceback" not in result.output
+    # The message names the output that could not be written (a full disk's OSError has none).
+    assert re.search(r"cannot write \S+\.soft\.png: No space left on device", result.output)
     assert _temporaries(out) == []
     monkeypatch.setattr(writers, "write_soft", real_write_soft)
     assert _segment(inputs, out, tiny_model_dir).exit_code == 0
@@ -177,7 +182,7 @@ def test_disk_full_stops_cleanly_and_the_rerun_resumes(tiny_model_dir, tmp_path,
 
 def _raise_enospc(handle):
     handle.write(b"partial")
-    raise OSError(errno.ENOSPC, "No space left on device", "fake")
+    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def _cli(*args: str) -> list[str]:

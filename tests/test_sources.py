@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from clipseg_cli.io.paths import display_path, parse_display_path
 from clipseg_cli.io.sources import (
     DecodedImage,
     ImageDecodeError,
     collect_inputs,
     decode_image,
-    display_path,
-    parse_display_path,
-    resize_for_model,
 )
 
 
@@ -480,27 +478,6 @@ def test_decoded_image_is_a_dataclass_with_plain_arrays(mode_images) -> None:
     dec = decode_image(mode_images["rgb_png"])
     assert isinstance(dec, DecodedImage)
     assert dec.rgb.flags.c_contiguous and dec.rgb.shape == (24, 32, 3)
-
-
-# ---------------------------------------------------------------------------------------------
-# resize_for_model
-# ---------------------------------------------------------------------------------------------
-
-
-def test_resize_for_model_matches_pil_bilinear() -> None:
-    rgb = np.random.default_rng(2).integers(0, 255, (37, 53, 3), dtype=np.uint8)
-    out = resize_for_model(rgb, (20, 30))
-    assert out.shape == (20, 30, 3) and out.dtype == np.uint8
-    expected = np.asarray(Image.fromarray(rgb).resize((30, 20), Image.Resampling.BILINEAR))
-    np.testing.assert_array_equal(out, expected)
-    assert resize_for_model(rgb).shape == (352, 352, 3)
-
-
-def test_resize_for_model_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="uint8"):
-        resize_for_model(np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(ValueError, match="positive"):
-        resize_for_model(np.zeros((4, 4, 3), np.uint8), (0, 4))
 
 
 def test_keys_are_relative_to_the_named_folder_and_stay_stable(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from clipseg_cli.commands.app import ExitCode, app
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
 from clipseg_cli.specs import MODEL_SPECS
 from clipseg_cli.train import (
     CHECKPOINT_JSON,

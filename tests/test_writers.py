@@ -1,4 +1,5 @@
-"""Tests for clipseg_cli.writers: naming, atomic writers, logs."""
+"""Tests for clipseg_cli.io: output names (naming), atomic files and logs (files), the image and
+array writers (writers), the palette."""
 
 from __future__ import annotations
 
@@ -12,15 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipseg_cli.io import writers
+from clipseg_cli.io import naming
+from clipseg_cli.io.files import JsonlLog, write_json_atomic
+from clipseg_cli.io.naming import casefold_collisions, output_path, prompt_slugs
+from clipseg_cli.io.palette import label_palette
 from clipseg_cli.io.writers import (
-    JsonlLog,
-    casefold_collisions,
-    label_palette,
-    output_path,
-    prompt_slugs,
     write_cutout,
-    write_json_atomic,
     write_labels,
     write_logits,
     write_mask,
@@ -60,7 +58,7 @@ def test_slug_basics() -> None:
     assert prompt_slugs([""]) == ["prompt"]
     assert prompt_slugs(["..."]) == ["prompt"]
     long = prompt_slugs(["word " * 40])[0]
-    assert len(long) <= writers.SLUG_MAX_LEN and SLUG_RE.match(long)
+    assert len(long) <= naming.SLUG_MAX_LEN and SLUG_RE.match(long)
 
 
 def test_empty_slugs_are_disambiguated_by_hash() -> None:
@@ -85,20 +83,20 @@ def test_slugs_are_safe_and_unique_even_for_hostile_prompts(tmp_path: Path) -> N
     for slug in slugs:
         assert SLUG_RE.match(slug), slug
         assert "." not in slug and "/" not in slug and "\\" not in slug
-        assert len(slug) <= writers.SLUG_MAX_LEN + 3
-        out = output_path(tmp_path, PurePosixPath("img.jpg"), "mask", "png", slug)
+        assert len(slug) <= naming.SLUG_MAX_LEN + 3
+        out = output_path(tmp_path, PurePosixPath("img.jpg"), "mask", slug)
         assert out.parent == tmp_path
 
 
 def test_output_path_layout(tmp_path: Path) -> None:
     key = PurePosixPath("sub/dog.jpg")
-    assert output_path(tmp_path, key, "mask", "png", "a-dog") == (
+    assert output_path(tmp_path, key, "mask", "a-dog") == (
         tmp_path / "sub" / "dog.jpg.a-dog.mask.png"
     )
-    assert output_path(tmp_path, key, "labels", "png") == tmp_path / "sub" / "dog.jpg.labels.png"
+    assert output_path(tmp_path, key, "labels") == tmp_path / "sub" / "dog.jpg.labels.png"
     # Same stem, different extension: different outputs.
-    other = output_path(tmp_path, PurePosixPath("sub/dog.png"), "mask", "png", "a-dog")
-    assert other != output_path(tmp_path, key, "mask", "png", "a-dog")
+    other = output_path(tmp_path, PurePosixPath("sub/dog.png"), "mask", "a-dog")
+    assert other != output_path(tmp_path, key, "mask", "a-dog")
 
 
 @pytest.mark.parametrize(
@@ -106,14 +104,14 @@ def test_output_path_layout(tmp_path: Path) -> None:
 )
 def test_output_path_rejects_escaping_keys(tmp_path: Path, key: str) -> None:
     with pytest.raises(ValueError):
-        output_path(tmp_path, PurePosixPath(key), "mask", "png", "a-dog")
+        output_path(tmp_path, PurePosixPath(key), "mask", "a-dog")
 
 
 def test_output_path_rejects_unsafe_parts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="slug"):
-        output_path(tmp_path, PurePosixPath("a.jpg"), "mask", "png", "../x")
-    with pytest.raises(ValueError, match="ext"):
-        output_path(tmp_path, PurePosixPath("a.jpg"), "mask", "png/../..", None)
+        output_path(tmp_path, PurePosixPath("a.jpg"), "mask", "../x")
+    with pytest.raises(ValueError, match="kind"):
+        output_path(tmp_path, PurePosixPath("a.jpg"), "png/../..", None)
 
 
 def test_casefold_collisions() -> None:

@@ -1,19 +1,35 @@
-"""What every ``clipseg`` command shares at the terminal: exit codes, the one-line error, and
-the rich progress bar. CLI layer only (nothing below the CLI prints or exits)."""
+"""What every ``clipseg`` command shares at the terminal: exit codes, the one table that maps an
+exception to its exit code and one-line message, and the rich progress bar.
+
+Only the commands package prints or exits; everything below it raises the exceptions of
+:mod:`clipseg_cli.errors` (or ``ValueError`` for a bad option), and each command runs its work
+inside :func:`exit_on_error`.
+"""
 
 from __future__ import annotations
 
 import enum
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import typer
+
+from clipseg_cli.errors import (
+    ConfigMismatchError,
+    DiskFullError,
+    LockedError,
+    NoInputsError,
+    WeightsError,
+)
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes."""
+    """Process exit codes (the README's table)."""
 
     OK = 0  # every input processed
     SOME_FAILED = 1  # the run finished, but some inputs failed (see the log)
@@ -27,16 +43,47 @@ class ExitCode(enum.IntEnum):
     TERMINATED = 143  # SIGTERM: same
 
 
+#: Exception -> exit code, first match wins (so subclasses come before their bases). ValueError
+#: is any bad option found below the commands (a bad --ref image, a manifest line, a missing
+#: Ray install).
+EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
+    (NoInputsError, ExitCode.NO_INPUTS),
+    (LockedError, ExitCode.LOCKED),
+    (ConfigMismatchError, ExitCode.CONFIG_MISMATCH),
+    (DiskFullError, ExitCode.DISK_FULL),
+    (WeightsError, ExitCode.MODEL),
+    (ValueError, ExitCode.USAGE),
+    (KeyboardInterrupt, ExitCode.INTERRUPTED),
+)
+
+
 def fail(message: str, code: ExitCode) -> typer.Exit:
     """Print ``clipseg: error: MESSAGE`` (one line, stderr) and return the exit to raise."""
     typer.echo(f"clipseg: error: {message}", err=True)
     return typer.Exit(int(code))
 
 
+@contextmanager
+def exit_on_error(*, interrupted: str = "interrupted") -> Iterator[None]:
+    """Turn the exceptions of :data:`EXIT_CODES` into their one-line error and exit code.
+
+    ``interrupted``: what a Ctrl-C that reached the command says (e.g. how to resume).
+    """
+    try:
+        yield
+    except tuple(error for error, _ in EXIT_CODES) as error:
+        code = next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+        if isinstance(error, DiskFullError):
+            message = f"{error.strerror}; finished outputs are kept, rerun to resume"
+        elif isinstance(error, KeyboardInterrupt):
+            message = interrupted
+        else:
+            message = str(error)
+        raise fail(message, code) from None
+
+
 def wants_bar(progress: str) -> bool:
     """``--progress`` -> whether to draw a rich bar: ``bar``, or ``auto`` on a terminal."""
-    import sys
-
     return progress == "bar" or (progress == "auto" and sys.stderr.isatty())
 
 

@@ -184,7 +184,7 @@ def eval_command(
 ) -> None:
     """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting)."""
     from clipseg_cli import evaluate
-    from clipseg_cli.run.config import read_prompts_file
+    from clipseg_cli.commands.options import read_prompts_file
 
     try:
         prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
@@ -290,9 +290,3 @@ def calibrate_command(
     typer.echo(f"{content['threshold']:g}")
     if report.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``eval`` and ``calibrate`` to the ``clipseg`` app."""
-    app.command("eval")(eval_command)
-    app.command("calibrate")(calibrate_command)

@@ -16,7 +16,7 @@ import typer
 from clipseg_cli.commands.console import ExitCode, fail, progress_bar, wants_bar
 from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
 
-_TRAIN_HELP = "\n\n".join(
+TRAIN_HELP = "\n\n".join(
     [
         "Fine-tune CLIPSeg's decoder (CLIP frozen) on your own images, masks and prompts, or "
         "train a small model from scratch.",
@@ -274,10 +274,4 @@ def synthetic_command(
     typer.echo(f"clipseg synthetic: wrote {count} scenes, manifest {manifest}", err=True)
 
 
-train_command.__doc__ = _TRAIN_HELP
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``train`` and ``synthetic`` to the ``clipseg`` app."""
-    app.command("train", help=_TRAIN_HELP)(train_command)
-    app.command("synthetic")(synthetic_command)
+train_command.__doc__ = TRAIN_HELP

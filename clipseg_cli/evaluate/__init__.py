@@ -28,13 +28,7 @@ Image ``images/x/dog.jpg`` is compared with ground truth of key ``x/dog``; with 
 the ground truth of prompt P lies under ``gt/<slug of P>/``. Predictions can be kept as 16-bit
 soft PNGs named like ``clipseg segment``'s, so a later ``--pred`` run finds them.
 
-Reading masks
--------------
-8-bit greyscale: only {0, 255} (or only {0, 1}) -> binary mask, else probability ``v / 255``;
-16-bit: ``v / 65535`` (binary when only {0, 65535}); 1-bit: binary; 32-bit float: values in
-[0, 1] as they are. RGB/palette images are accepted only when every pixel is grey, images with
-transparency never. Segmentation ground truth that is not binary is binarised at ``> 0.5``.
-Sizes must match exactly: nothing is resized.
+Masks are read by :func:`clipseg_cli.io.masks.read_mask` (its docstring has the rules).
 """
 
 from __future__ import annotations
@@ -50,11 +44,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
+from clipseg_cli.evaluate.calibration import (
+    CALIBRATION_METRICS,
+    calibration,
+    read_threshold_file,
+    write_threshold_file,
+)
 from clipseg_cli.io import sources, writers
+from clipseg_cli.io.files import write_json_atomic
+from clipseg_cli.io.masks import MaskArray, MaskError, read_mask
+from clipseg_cli.io.naming import output_path, prompt_slugs
+from clipseg_cli.io.paths import display_path
 from clipseg_cli.ops import metrics
-from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_THRESHOLD
 from clipseg_cli.version import __version__
 
 #: ``<input name>.<prompt slug>.<kind>.png`` as written by ``clipseg segment``.
@@ -62,94 +66,10 @@ _PRED_NAME_RE = re.compile(
     r"^(?P<input>.+)\.(?P<slug>[a-z0-9][a-z0-9-]*)\.(?P<kind>soft|mask)\.png$"
 )
 _KIND_PREFERENCE = {"soft": 0, "mask": 1}
-CALIBRATION_METRICS = ("iou_fg", "binary_iou", "miou")
-THRESHOLD_FILE_FORMAT = "clipseg-threshold"
 
 
 class NoInputsError(Exception):
     """The ground-truth folder holds no image file."""
-
-
-class MaskError(Exception):
-    """A file is not a usable mask; ``str()`` is a one-line reason."""
-
-
-@dataclass(frozen=True)
-class MaskArray:
-    """A mask or matte read from a file: ``values`` float32 ``[H, W]`` in [0, 1]."""
-
-    values: np.ndarray
-    binary: bool
-    bits: int
-
-
-def _from_integers(arr: np.ndarray, maxval: int, bits: int) -> MaskArray:
-    """Integer ``[H, W]`` -> :class:`MaskArray`; {0, max} and {0, 1} images are binary."""
-    present = np.unique(arr)
-    if np.all(np.isin(present, (0, maxval))):
-        return MaskArray((arr == maxval).astype(np.float32), True, bits)
-    if np.all(np.isin(present, (0, 1))):
-        # 0/1 label PNGs are common in datasets; read as probability 1/255 they would vanish.
-        return MaskArray((arr == 1).astype(np.float32), True, bits)
-    return MaskArray((arr.astype(np.float64) / maxval).astype(np.float32), False, bits)
-
-
-def _grey_from_colour(arr: np.ndarray, mode: str) -> np.ndarray:
-    if arr.shape[2] == 4:
-        if np.any(arr[:, :, 3] != 255):
-            raise MaskError(f"{mode} image with transparency: not a mask (save greyscale)")
-        arr = arr[:, :, :3]
-    if np.any(arr[:, :, 0] != arr[:, :, 1]) or np.any(arr[:, :, 0] != arr[:, :, 2]):
-        raise MaskError(f"{mode} image with coloured pixels: not a mask (save greyscale)")
-    return np.ascontiguousarray(arr[:, :, 0])
-
-
-def read_mask(path: Path) -> MaskArray:
-    """Read a mask, probability map or alpha matte (see the module docstring for the rules).
-
-    Raises:
-        MaskError: unreadable file, not an image, or an image that is not a mask.
-    """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode == "P":
-                im = im.convert("RGBA")
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise MaskError("file not found") from None
-    except IsADirectoryError:
-        raise MaskError("is a directory") from None
-    except UnidentifiedImageError:
-        raise MaskError("not an image (cannot identify image file)") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise MaskError(f"cannot read: {reason}") from None
-    if arr.ndim != 2 and mode not in ("P", "RGB", "RGBA", "LA"):
-        raise MaskError(f"mode {mode}: not a mask")
-    if mode == "1":
-        return MaskArray(arr.astype(np.float32), True, 1)
-    if mode == "L":
-        return _from_integers(arr, 255, 8)
-    if mode in ("P", "RGB", "RGBA"):
-        return _from_integers(_grey_from_colour(arr, mode), 255, 8)
-    if mode == "LA":
-        if np.any(arr[:, :, 1] != 255):
-            raise MaskError("LA image with transparency: not a mask (save greyscale)")
-        return _from_integers(np.ascontiguousarray(arr[:, :, 0]), 255, 8)
-    if mode.startswith("I;16"):
-        return _from_integers(arr.astype(np.int64), 65535, 16)
-    if mode == "I":
-        if arr.min() < 0 or arr.max() > 65535:
-            raise MaskError("32-bit integer values outside 0..65535: not a mask")
-        return _from_integers(arr.astype(np.int64), 65535, 16)
-    if mode == "F":
-        if not np.all(np.isfinite(arr)) or arr.min() < 0 or arr.max() > 1:
-            raise MaskError("float image with values outside [0, 1]: not a mask")
-        values = arr.astype(np.float32)
-        return MaskArray(values, bool(np.all(np.isin(values, (0.0, 1.0)))), 32)
-    raise MaskError(f"mode {mode}: not a mask")
 
 
 # -------------------------------------------------------------------------------------------
@@ -174,18 +94,18 @@ class EvalConfig:
     precision: str = "auto"
     batch_size: int = 4
     keep_preds: Path | None = None
-    max_pixels: int | None = sources.DEFAULT_MAX_PIXELS
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         if (self.pred_dir is None) == (self.images_dir is None):
             raise ValueError("give either --pred DIR or --images DIR (with --prompt)")
         if not self.gt_dir.is_dir():
-            raise ValueError(f"--gt {sources.display_path(self.gt_dir)}: not a folder")
+            raise ValueError(f"--gt {display_path(self.gt_dir)}: not a folder")
         if self.pred_dir is not None and not self.pred_dir.is_dir():
-            raise ValueError(f"--pred {sources.display_path(self.pred_dir)}: not a folder")
+            raise ValueError(f"--pred {display_path(self.pred_dir)}: not a folder")
         if self.images_dir is not None:
             if not self.images_dir.is_dir():
-                raise ValueError(f"--images {sources.display_path(self.images_dir)}: not a folder")
+                raise ValueError(f"--images {display_path(self.images_dir)}: not a folder")
             if not self.prompts:
                 raise ValueError("--images needs at least one --prompt TEXT")
         elif self.prompts:
@@ -201,7 +121,7 @@ class EvalConfig:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready view of the inputs, for the report and the threshold file."""
-        show = lambda p: sources.display_path(p) if p is not None else None  # noqa: E731
+        show = lambda p: display_path(p) if p is not None else None  # noqa: E731
         return {
             "gt": show(self.gt_dir),
             "pred": show(self.pred_dir),
@@ -261,7 +181,7 @@ def _pred_file(rel: PurePosixPath, path: Path) -> _PredFile:
 
 
 def _error(path: Path, reason: str) -> dict[str, str]:
-    return {"file": sources.display_path(path), "error": reason}
+    return {"file": display_path(path), "error": reason}
 
 
 def _choose_prediction(
@@ -299,7 +219,7 @@ def pair_predictions(
     """
     gts = _walk(gt_dir)
     if not gts:
-        raise NoInputsError(f"no ground-truth images in {sources.display_path(gt_dir)}")
+        raise NoInputsError(f"no ground-truth images in {display_path(gt_dir)}")
     by_key: dict[PurePosixPath, list[_PredFile]] = defaultdict(list)
     for rel, path in _walk(pred_dir):
         pred = _pred_file(rel, path)
@@ -339,11 +259,11 @@ def pair_images(
     """
     gts = _walk(gt_dir)
     if not gts:
-        raise NoInputsError(f"no ground-truth images in {sources.display_path(gt_dir)}")
+        raise NoInputsError(f"no ground-truth images in {display_path(gt_dir)}")
     gt_by_key: dict[PurePosixPath, list[Path]] = defaultdict(list)
     for rel, path in gts:
         gt_by_key[_key(rel)].append(path)
-    slugs = writers.prompt_slugs(list(prompts))
+    slugs = prompt_slugs(list(prompts))
     pairs: list[Pair] = []
     errors: list[dict[str, str]] = []
     used: set[Path] = set()
@@ -475,9 +395,9 @@ class EvalReport:
 
 def _row(pair: Pair) -> dict[str, Any]:
     return {
-        "gt": sources.display_path(pair.gt),
-        "pred": sources.display_path(pair.pred) if pair.pred is not None else None,
-        "image": sources.display_path(pair.image) if pair.image is not None else None,
+        "gt": display_path(pair.gt),
+        "pred": display_path(pair.pred) if pair.pred is not None else None,
+        "image": display_path(pair.image) if pair.image is not None else None,
         "prompt": pair.prompt,
         "class": pair.class_id,
         "status": "ok",
@@ -633,7 +553,7 @@ def _run_model(
             precision=config.precision,
         )
     conditionals = segmenter.embed_texts(list(config.prompts))
-    slugs = writers.prompt_slugs(list(config.prompts))
+    slugs = prompt_slugs(list(config.prompts))
     by_image: dict[Path, list[Pair]] = defaultdict(list)
     for pair in pairs:
         assert pair.image is not None  # image pairs always have one
@@ -657,11 +577,11 @@ def _run_model(
                 row = _appended(report, pair)
                 pred = prob[pair.prompt_index]
                 if config.keep_preds is not None:
-                    path = writers.output_path(
-                        config.keep_preds, pair.image_key, "soft", "png", slugs[pair.prompt_index]
+                    path = output_path(
+                        config.keep_preds, pair.image_key, "soft", slugs[pair.prompt_index]
                     )
                     writers.write_soft(path, pred, bits=16)
-                    row["pred"] = sources.display_path(path)
+                    row["pred"] = display_path(path)
                 try:
                     gt = read_mask(pair.gt)
                 except MaskError as error:
@@ -700,7 +620,7 @@ MATTING_CSV_COLUMNS = (
 
 def write_report_json(path: Path, report: EvalReport) -> None:
     """The whole report as JSON (atomically)."""
-    writers.write_json_atomic(path, report.to_json())
+    write_json_atomic(path, report.to_json())
 
 
 def write_per_image_csv(path: Path, report: EvalReport) -> None:
@@ -767,72 +687,3 @@ def write_pr_curve(
     draw.text((left + plot_w / 2, height - 6), legend, fill="black", font=font, anchor="ms")
     path.parent.mkdir(parents=True, exist_ok=True)
     im.save(path, format="PNG")
-
-
-# -------------------------------------------------------------------------------------------
-# Calibration
-# -------------------------------------------------------------------------------------------
-
-
-def calibration(report: EvalReport, metric: str = "iou_fg") -> dict[str, Any]:
-    """The threshold file's content: the grid threshold maximising ``metric`` on the report.
-
-    Raises:
-        ValueError: no pair could be evaluated, the report is a matting one, or the metric is
-            not one of :data:`CALIBRATION_METRICS`.
-    """
-    if metric not in CALIBRATION_METRICS:
-        raise ValueError(f"--metric {metric}: choose from {', '.join(CALIBRATION_METRICS)}")
-    scores = report.segmentation
-    if scores is None:
-        raise ValueError("nothing to calibrate on: no image could be evaluated")
-    best = scores.best(metric)
-    at = scores.at(best)
-    return {
-        "format": THRESHOLD_FILE_FORMAT,
-        "threshold": best,
-        "metric": metric,
-        metric: at[metric],
-        "iou_fg": at["iou_fg"],
-        "at_threshold": scores.at(report.config.threshold),
-        "grid": {"start": 0.0, "stop": 1.0, "step": 0.01, "rule": "foreground = prob > t"},
-        "images": scores.images,
-        "source": report.config.describe(),
-        "version": __version__,
-    }
-
-
-def write_threshold_file(path: Path, content: dict[str, Any]) -> None:
-    """Write :func:`calibration`'s result as JSON (atomically)."""
-    writers.write_json_atomic(path, content)
-
-
-def read_threshold_file(path: Path) -> float:
-    """The threshold stored by ``clipseg calibrate``: a JSON object with a ``threshold`` number
-    in [0, 1] (a bare JSON number is accepted too).
-
-    Raises:
-        ValueError: ``"<path>: <reason>"`` on one line when the file is unreadable, not JSON,
-            or holds no valid threshold.
-    """
-    import json
-
-    name = sources.display_path(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"{name}: file not found") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"{name}: cannot read ({type(error).__name__})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{name}: not JSON ({error.msg} at line {error.lineno})") from None
-    value = data.get("threshold") if isinstance(data, dict) else data
-    if isinstance(data, dict) and "threshold" not in data:
-        raise ValueError(f"{name}: no 'threshold' key (write it with clipseg calibrate)")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name}: threshold must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: threshold {value} is not between 0 and 1")
-    return float(value)

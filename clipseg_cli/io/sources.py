@@ -8,8 +8,8 @@ Path encoding
 On Linux a file name is a byte string that need not be valid UTF-8. Such names are kept as
 ``str`` decoded with ``os.fsdecode`` (undecodable bytes become lone surrogates U+DC80..U+DCFF),
 so the :class:`~pathlib.Path` objects returned here always reopen the original file. Those
-strings cannot be written to UTF-8 text (JSON, logs); :func:`display_path` renders them safely
-and :func:`parse_display_path` inverts it.
+strings cannot be written to UTF-8 text (JSON, logs); :func:`clipseg_cli.io.paths.display_path`
+renders them safely and :func:`~clipseg_cli.io.paths.parse_display_path` inverts it.
 """
 
 from __future__ import annotations
@@ -30,13 +30,16 @@ from typing import TextIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from clipseg_cli.errors import first_line
+from clipseg_cli.io.paths import display_path
+from clipseg_cli.specs import DEFAULT_MAX_PIXELS
+
 try:
     from PIL import ImageCms
 except ImportError:  # Pillow built without LittleCMS: fall back to Pillow's plain conversions
     ImageCms = None  # type: ignore[assignment]
 
 __all__ = [
-    "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "DecodedImage",
     "ImageDecodeError",
@@ -45,14 +48,8 @@ __all__ = [
     "collect_inputs",
     "configure_pillow_limits",
     "decode_image",
-    "display_path",
     "looks_like_image",
-    "parse_display_path",
-    "resize_for_model",
 ]
-
-#: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``): about 179 megapixels, ~0.5 GB as RGB.
-DEFAULT_MAX_PIXELS = 178_956_970
 
 #: Extensions that make a file in a folder walk a candidate even if its content is not an image,
 #: so that a broken ``photo.jpg`` is reported as a failure instead of silently skipped.
@@ -76,72 +73,6 @@ IMAGE_EXTENSIONS = frozenset(
 
 _SNIFF_BYTES = 16
 _GLOB_CHARS = frozenset("*?[")
-
-
-# ---------------------------------------------------------------------------------------------
-# Path display
-# ---------------------------------------------------------------------------------------------
-
-
-def display_path(p: str | os.PathLike[str]) -> str:
-    """Render a path as a string that is always valid UTF-8 (safe for JSON and terminals).
-
-    Encoding: every literal backslash becomes ``\\\\``; every byte that was not valid UTF-8 in
-    the original name (held as a surrogate escape U+DC80..U+DCFF) becomes ``\\xNN`` with two
-    lowercase hex digits; any other lone surrogate becomes ``\\uXXXX``. Everything else is kept
-    as is. Because backslashes are always escaped, the mapping is reversible with
-    :func:`parse_display_path`.
-    """
-    return escape_undecodable(os.fspath(p), double_backslashes=True)
-
-
-def escape_undecodable(text: str, *, double_backslashes: bool = False) -> str:
-    """``text`` with surrogate escapes written as ``\\xNN`` / ``\\uXXXX`` (valid UTF-8).
-
-    :func:`display_path` doubles backslashes too, so paths can be parsed back; free text (error
-    messages) keeps its backslashes as they are.
-    """
-    out: list[str] = []
-    for ch in text:
-        code = ord(ch)
-        if ch == "\\" and double_backslashes:
-            out.append("\\\\")
-        elif 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def parse_display_path(s: str) -> Path:
-    """Invert :func:`display_path`: return the Path that reopens the original file.
-
-    Raises:
-        ValueError: ``s`` contains a backslash sequence that :func:`display_path` never makes.
-    """
-    out: list[str] = []
-    i = 0
-    while i < len(s):
-        ch = s[i]
-        if ch != "\\":
-            out.append(ch)
-            i += 1
-            continue
-        nxt = s[i + 1 : i + 2]
-        if nxt == "\\":
-            out.append("\\")
-            i += 2
-        elif nxt == "x" and len(s) >= i + 4:
-            out.append(chr(0xDC00 + int(s[i + 2 : i + 4], 16)))
-            i += 4
-        elif nxt == "u" and len(s) >= i + 6:
-            out.append(chr(int(s[i + 2 : i + 6], 16)))
-            i += 6
-        else:
-            raise ValueError(f"bad escape at offset {i} in display path {s!r}")
-    return Path("".join(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,19 +450,13 @@ def _fmt_count(n: float) -> str:
 
 
 def _os_reason(e: OSError) -> str:
-    return (e.strerror or str(e)).strip().lower() if e.errno is not None else _one_line(e)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else type(e).__name__
-    return msg if len(msg) <= 200 else msg[:197] + "..."
+    return (e.strerror or str(e)).strip().lower() if e.errno is not None else first_line(e)
 
 
 def _reason(e: BaseException) -> str:
     if isinstance(e, MemoryError):
         return "not enough memory to decode image"
-    msg = _one_line(e)
+    msg = first_line(e)
     if isinstance(e, EOFError) or "truncated" in msg.lower():
         return "truncated image file"
     if isinstance(e, OSError) and e.errno is not None:
@@ -607,7 +532,7 @@ def decode_image(
                 _apply_orientation(im, notes)
                 rgb, alpha = _to_rgb_alpha(im)
         except Image.DecompressionBombError as e:
-            raise ImageDecodeError(f"image too large: {_one_line(e)}") from e
+            raise ImageDecodeError(f"image too large: {first_line(e)}") from e
         except UnidentifiedImageError as e:
             raise ImageDecodeError("not an image (cannot identify image file)") from e
         except _PIL_ERRORS as e:
@@ -621,7 +546,7 @@ def _apply_orientation(im: Image.Image, notes: list[str]) -> None:
         ImageOps.exif_transpose(im, in_place=True)
     except _PIL_ERRORS as e:
         # A damaged EXIF block should not cost the whole image; the pixels are fine.
-        notes.append(f"EXIF orientation ignored ({_one_line(e)})")
+        notes.append(f"EXIF orientation ignored ({first_line(e)})")
 
 
 def _to_rgb_alpha(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
@@ -698,26 +623,3 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass  # corrupt profile: Pillow's naive conversion below is still a usable image
     return im.convert("RGB")
-
-
-# ---------------------------------------------------------------------------------------------
-# Model input
-# ---------------------------------------------------------------------------------------------
-
-
-def resize_for_model(rgb: np.ndarray, size: tuple[int, int] = (352, 352)) -> np.ndarray:
-    """Resize uint8 [H,W,3] to uint8 [h,w,3] with ``size=(h, w)``, bilinear.
-
-    Pillow's BILINEAR on a PIL image is exactly what transformers' CLIPSegProcessor
-    (ViTImageProcessor, resample=2) does, so model inputs match the reference.
-
-    Raises:
-        ValueError: ``rgb`` is not uint8 [H,W,3] or ``size`` is not positive.
-    """
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"expected uint8 [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
-    h, w = size
-    if h <= 0 or w <= 0:
-        raise ValueError(f"size must be positive, got {size}")
-    out = Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR)
-    return np.asarray(out)

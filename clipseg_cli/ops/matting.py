@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-REFINE_METHODS = ("none", "guided")
+from clipseg_cli.specs import REFINE_METHODS
 
 
 def _box(x: np.ndarray, radius: int) -> np.ndarray:

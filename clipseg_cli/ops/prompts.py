@@ -5,28 +5,21 @@
 * :func:`average_conditionals`, :func:`mix_conditionals`: several references -> one vector,
   and text/image mixing ``w*text + (1-w)*image`` as in training.
 * :func:`apply_negatives`: suppress what negative prompts claim.
-* :func:`save_conditionals` / :func:`load_conditionals`: the reusable prompt-file format.
 
-Nothing here prints, exits or reads images; the two file functions read and write only the
-conditionals file they are given.
+Nothing here prints, exits, reads or writes files (the prompt file format is
+:mod:`clipseg_cli.io.conditionals`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from clipseg_cli.ops.transforms import resize_rgb
 from clipseg_cli.specs import IMAGENET_MEAN
-from clipseg_cli.version import __version__
 
 # The colour the original implementation darkened towards: it scaled ImageNet-normalised
 # pixels by 0.1, i.e. moved them 90% of the way to the ImageNet mean, and padded with
@@ -39,9 +32,6 @@ IMAGENET_MEAN_RGB: tuple[int, int, int] = (
 
 # The original blurs with a 15x15 kernel at sigma 3 (radius 7); other sigmas scale with it.
 _BLUR_RADIUS_PER_SIGMA = 7 / 3
-
-CONDITIONALS_TENSOR = "conditionals"
-CONDITIONALS_FORMAT = "clipseg-conditionals"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,96 +277,3 @@ def apply_negatives(
         else np.asarray(negative_probs)
     )
     return (probs * (1 - neg_np.max(axis=0, keepdims=True))).astype(probs.dtype, copy=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditionals files
-# ---------------------------------------------------------------------------------------------
-
-
-def save_conditionals(
-    path: str | os.PathLike[str],
-    vectors: torch.Tensor,
-    labels: list[str],
-    metadata: dict[str, Any],
-) -> None:
-    """Write conditionals to a safetensors file for reuse.
-
-    Layout: one float32 tensor ``"conditionals"`` ``[K, D]``; the safetensors header metadata
-    holds one JSON document per key: ``format`` (``"clipseg-conditionals"``), ``labels``
-    (list of K strings), ``embed_dim`` (D), ``created_by`` (``"clipseg_cli <version>"``) and
-    every key of ``metadata`` (e.g. ``model``, ``weights_sha256``). The format's own keys
-    override same-named keys of ``metadata``.
-
-    Args:
-        path: file to (over)write.
-        vectors: [K, D] conditionals, any float dtype/device (stored as float32 on the CPU).
-        labels: K prompt labels, one per row.
-        metadata: JSON-serialisable values.
-    """
-    if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
-        raise ValueError(f"expected non-empty [K,D] conditionals, got {list(vectors.shape)}")
-    if len(labels) != vectors.shape[0] or not all(isinstance(s, str) for s in labels):
-        raise ValueError(f"expected {vectors.shape[0]} string labels, got {labels!r}")
-    header: dict[str, str] = {}
-    own: dict[str, Any] = {
-        "format": CONDITIONALS_FORMAT,
-        "labels": list(labels),
-        "embed_dim": int(vectors.shape[1]),
-        "created_by": f"clipseg_cli {__version__}",
-    }
-    for key, value in {**metadata, **own}.items():
-        try:
-            header[str(key)] = json.dumps(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"metadata {key!r} is not JSON-serialisable: {e}") from None
-    tensor = vectors.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    save_file({CONDITIONALS_TENSOR: tensor}, os.fspath(path), metadata=header)
-
-
-def load_conditionals(
-    path: str | os.PathLike[str],
-) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
-    """Read a file written by :func:`save_conditionals`.
-
-    Returns:
-        ``(vectors, labels, metadata)``: float32 [K, D] tensor on the CPU, K labels, and the
-        decoded metadata (every header key except ``labels``).
-
-    Raises:
-        ValueError: with a one-line reason: unreadable, not a safetensors file, not a
-            conditionals file, no ``conditionals`` tensor, not [K, D], labels not matching.
-    """
-    where = os.fspath(path)
-    try:
-        with safe_open(where, framework="pt") as f:
-            header = f.metadata() or {}
-            keys = set(f.keys())
-            tensor = f.get_tensor(CONDITIONALS_TENSOR) if CONDITIONALS_TENSOR in keys else None
-    except OSError as e:
-        raise ValueError(f"{where}: cannot read: {e.strerror or e}") from None
-    except SafetensorError as e:
-        raise ValueError(f"{where}: not a safetensors file ({e})") from None
-
-    decoded: dict[str, Any] = {}
-    for key, value in header.items():
-        try:
-            decoded[key] = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"{where}: metadata {key!r} is not JSON") from None
-    if decoded.get("format") != CONDITIONALS_FORMAT:
-        raise ValueError(f"{where}: not a conditionals file (no format={CONDITIONALS_FORMAT!r})")
-    if tensor is None:
-        raise ValueError(f"{where}: no {CONDITIONALS_TENSOR!r} tensor")
-    if tensor.ndim != 2:
-        raise ValueError(f"{where}: conditionals must be [K,D], got {list(tensor.shape)}")
-    if not tensor.is_floating_point():
-        raise ValueError(f"{where}: conditionals must be floating point, got {tensor.dtype}")
-    labels = decoded.pop("labels", None)
-    if (
-        not isinstance(labels, list)
-        or len(labels) != tensor.shape[0]
-        or not all(isinstance(s, str) for s in labels)
-    ):
-        raise ValueError(f"{where}: expected {tensor.shape[0]} string labels, got {labels!r}")
-    return tensor.float(), labels, decoded

@@ -1,4 +1,4 @@
-"""Pure array functions between decoded images and the model, and back."""
+"""Pure array functions between decoded images and the model, and back (no files)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 ``[H, W, 3]`` -> uint8 ``[h, w, 3]`` for ``size = (h, w)``.
 
     PIL's bilinear resize (antialiased when shrinking) is what transformers' CLIPSegProcessor
-    does, so the model sees the same pixels as with the reference preprocessing.
+    (ViTImageProcessor, resample=2) does, so the model sees the same pixels as with the
+    reference preprocessing.
+
+    Raises:
+        ValueError: ``rgb`` is not uint8 [H,W,3] or ``size`` is not positive.
     """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
     height, width = size
+    if height <= 0 or width <= 0:
+        raise ValueError(f"size must be positive, got {size}")
     if rgb.shape[:2] == (height, width):
         return np.ascontiguousarray(rgb)
     resized = Image.fromarray(rgb).resize((width, height), Image.BILINEAR)

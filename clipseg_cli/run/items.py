@@ -1,39 +1,46 @@
-"""Engine-independent item functions: decode one input, predict a batch, write one input's
-outputs. The local pipeline and the Ray engine both schedule exactly these.
+"""What is done to one input, whatever the engine: decode it, predict a batch, write its outputs,
+and the log row that says how it went.
+
+Every engine schedules exactly these functions (through :class:`clipseg_cli.run.steps.ItemSteps`),
+so a local run and a Ray run decode, predict and write the same way, byte for byte.
+
+Log rows (README, "Log and summary"): ``input``, ``key``, ``status`` (ok / failed / skipped),
+``error``, ``width``, ``height``, ``mode``, ``prompts`` (per-prompt stats), ``outputs``
+(``[{prompt, kind, path}]``), ``timings``; the pipeline adds ``run``. Rows of inputs without
+outputs come from :func:`clipseg_cli.run.inputs.failure_row`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from clipseg_cli.errors import FATAL_WRITE_ERRNOS, DiskFullError
+from clipseg_cli.errors import disk_full
 from clipseg_cli.io import sources, writers
+from clipseg_cli.io.naming import output_path
+from clipseg_cli.io.palette import label_palette
+from clipseg_cli.io.paths import display_path
+from clipseg_cli.ops import compose
+from clipseg_cli.ops.matting import refine_matte
+from clipseg_cli.ops.prompts import apply_negatives
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.run.logrows import failure_row
+from clipseg_cli.run.inputs import Work, failure_row
+from clipseg_cli.run.promptset import Conditional, PromptSet
 from clipseg_cli.segmenter import Segmenter
-from clipseg_cli.version import __version__
-
-
-@dataclass(frozen=True)
-class Conditional:
-    """One prompt: its label (text, or ``ref:<path>``) and its file-name slug."""
-
-    label: str
-    slug: str
 
 
 @dataclass
 class Prepared:
     """A decoded input, ready for the model."""
 
-    item: sources.InputItem
-    out_key: PurePosixPath
+    work: Work
     image: sources.DecodedImage
     model_input: np.ndarray  # uint8 [h, w, 3] at the model size
     decode_seconds: float
@@ -43,7 +50,7 @@ class Prepared:
 class Failed:
     """An input that could not be decoded."""
 
-    item: sources.InputItem
+    work: Work
     error: str
 
 
@@ -76,8 +83,6 @@ class Prediction:
         """float32 ``[H, W]``: prompt ``k``'s probability at the image's size (sigmoid, then
         bilinear upsampling, as a transformers user writes it), negatives applied:
         ``p * (1 - max_n p_negative_n)``."""
-        from clipseg_cli.ops.prompts import apply_negatives
-
         logits = torch.from_numpy(self.low_res_logits[k : k + 1])
         prob = probabilities_at_size(logits, self.size)
         if self.low_res_logits.shape[0] > self.positives:
@@ -88,22 +93,20 @@ class Prediction:
         return prob[0].numpy()
 
 
-# -- item functions (shared by every engine) ------------------------------------------------------
+# -- decode and predict ---------------------------------------------------------------------------
 
 
-def prepare_item(
-    item: sources.InputItem, out_key: PurePosixPath, config: SegmentConfig, size: tuple[int, int]
-) -> Prepared | Failed:
+def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Prepared | Failed:
     """Decode one input and resize it for the model; a decode problem becomes :class:`Failed`."""
     start = time.perf_counter()
     try:
         image = sources.decode_image(
-            item.path, max_pixels=config.max_pixels, allow_truncated=config.allow_truncated
+            work.item.path, max_pixels=config.max_pixels, allow_truncated=config.allow_truncated
         )
     except sources.ImageDecodeError as error:
-        return Failed(item, str(error))
+        return Failed(work, str(error))
     model_input = resize_rgb(image.rgb, size)
-    return Prepared(item, out_key, image, model_input, time.perf_counter() - start)
+    return Prepared(work, image, model_input, time.perf_counter() - start)
 
 
 def predict_batch(
@@ -112,7 +115,8 @@ def predict_batch(
     prompts: PromptSet,
     pad_to: int | None = None,
 ) -> list[Prediction]:
-    """One :class:`Prediction` per image of ``batch`` (logits at the model's resolution).
+    """One :class:`Prediction` per image of ``batch`` (logits at the model's resolution);
+    ``prompts.vectors`` must be on the segmenter's device.
 
     Results come back from the device with one synchronisation per batch rather than per image.
 
@@ -137,14 +141,7 @@ def predict_batch(
     ]
 
 
-def _prompt_stats(prob: np.ndarray, mask: np.ndarray, conditional: Conditional) -> dict:
-    return {
-        "prompt": conditional.label,
-        "max": round(float(prob.max()), 6),
-        "mean": round(float(prob.mean()), 6),
-        "coverage": round(float(mask.mean()), 6),
-        "empty": not mask.any(),
-    }
+# -- write -----------------------------------------------------------------------------------------
 
 
 class LabelMap:
@@ -167,40 +164,68 @@ class LabelMap:
         return np.where(self._best > threshold, self._label, np.uint8(0))
 
 
+@dataclass
+class _PromptOutputs:
+    """What one prompt's outputs of one image are made from."""
+
+    rgb: np.ndarray  # uint8 [H, W, 3], the image as displayed
+    prob: np.ndarray  # float32 [H, W], negatives applied
+    mask: np.ndarray  # bool [H, W], prob > threshold
+    logits: np.ndarray  # float32 [h, w] at the model's resolution
+    matte: np.ndarray | None  # float32 [H, W] refined alpha (matte runs)
+    background: Callable[[], np.ndarray]  # the composite's background, made once per image
+
+
+def _cutout(path: Path, out: _PromptOutputs, config: SegmentConfig) -> None:
+    if out.matte is not None:
+        alpha = out.matte
+    else:
+        alpha = out.prob if config.cutout_alpha == "soft" else out.mask
+    writers.write_cutout(path, out.rgb, alpha)
+
+
+def _composite(path: Path, out: _PromptOutputs, _config: SegmentConfig) -> None:
+    writers.write_rgb(path, compose.composite(out.rgb, out.matte, out.background()))
+
+
+#: How each per-prompt ``--save`` kind is written (labels are written once per image).
+_PROMPT_WRITERS: dict[str, Callable[[Path, _PromptOutputs, SegmentConfig], None]] = {
+    "mask": lambda path, out, _config: writers.write_mask(path, out.mask),
+    "soft": lambda path, out, config: writers.write_soft(path, out.prob, config.soft_bits),
+    "overlay": lambda path, out, _config: writers.write_overlay(path, out.rgb, out.mask),
+    "cutout": _cutout,
+    "logits": lambda path, out, _config: writers.write_logits(path, out.logits),
+    "matte": lambda path, out, config: writers.write_soft(path, out.matte, config.soft_bits),
+    "composite": _composite,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _background_image(path: str) -> np.ndarray:
+    """A ``--background`` image file, decoded once per process rather than once per image."""
+    return sources.decode_image(Path(path)).rgb
+
+
 def composite_background(rgb: np.ndarray, background: str) -> np.ndarray:
     """uint8 ``[H, W, 3]`` background for ``composite``: ``blur`` (the image itself, heavily
     blurred), a colour (``white``, ``#00ff00``, ``0,255,0``), or an image file (resized to
     cover)."""
-    height, width = rgb.shape[:2]
     if background == "blur":
-        import cv2
-
-        sigma = max(height, width) / 40
-        return cv2.GaussianBlur(rgb, (0, 0), sigmaX=sigma)
-    colour = parse_colour(background)
+        return compose.blurred(rgb)
+    colour = compose.parse_colour(background)
     if colour is not None:
-        return np.broadcast_to(np.asarray(colour, np.uint8), (height, width, 3))
-    image = sources.decode_image(Path(background)).rgb
-    scale = max(height / image.shape[0], width / image.shape[1])
-    size = (max(height, round(image.shape[0] * scale)), max(width, round(image.shape[1] * scale)))
-    resized = resize_rgb(image, size)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return resized[top : top + height, left : left + width]
+        return compose.plain(colour, rgb.shape[:2])
+    return compose.cover(_background_image(background), rgb.shape[:2])
 
 
-def parse_colour(text: str) -> tuple[int, int, int] | None:
-    """``white``/``black``/``green``..., ``#rrggbb`` or ``r,g,b`` -> RGB; None if not a colour."""
-    from PIL import ImageColor
-
-    if "," in text:
-        parts = text.split(",")
-        if len(parts) == 3 and all(p.strip().isdigit() and int(p) <= 255 for p in parts):
-            return tuple(int(p) for p in parts)  # type: ignore[return-value]
-        return None
-    try:
-        return ImageColor.getrgb(text)[:3]
-    except ValueError:
-        return None
+def _prompt_stats(prob: np.ndarray, mask: np.ndarray, conditional: Conditional) -> dict:
+    return {
+        "prompt": conditional.label,
+        "max": round(float(prob.max()), 6),
+        "mean": round(float(prob.mean()), 6),
+        "coverage": round(float(mask.mean()), 6),
+        "empty": not mask.any(),
+    }
 
 
 def write_item(
@@ -210,27 +235,18 @@ def write_item(
     conditionals: list[Conditional],
 ) -> dict:
     """Write every requested output of one image; returns its log row."""
-    from clipseg_cli.ops.matting import refine_matte
-
     start = time.perf_counter()
-    out_dir, key, rgb = config.out_dir, prepared.out_key, prepared.image.rgb
-    outputs = []
+    rgb = prepared.image.rgb
+    outputs: list[dict] = []
 
-    def target(kind: str, ext: str, conditional: Conditional | None) -> Path:
-        path = writers.output_path(
-            out_dir, key, kind, ext, conditional.slug if conditional else None
-        )
-        outputs.append(
-            {
-                "prompt": conditional.label if conditional else None,
-                "kind": kind,
-                "path": sources.display_path(path),
-            }
-        )
+    def target(kind: str, conditional: Conditional | None) -> Path:
+        slug = conditional.slug if conditional is not None else None
+        path = output_path(config.out_dir, prepared.work.out_key, kind, slug)
+        label = conditional.label if conditional is not None else None
+        outputs.append({"prompt": label, "kind": kind, "path": display_path(path)})
         return path
 
-    matting = config.command == "matte"
-    background = None
+    background = functools.cache(lambda: composite_background(rgb, config.background))
     stats = []
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
@@ -240,37 +256,19 @@ def write_item(
         if labels is not None:
             labels.add(k, prob)
         matte = None
-        if matting:
+        if config.command == "matte":
             matte = refine_matte(rgb, prob, method=config.refine, threshold=config.threshold)
+        out = _PromptOutputs(rgb, prob, mask, prediction.logits[k], matte, background)
         for kind in config.save:
-            if kind == "mask":
-                writers.write_mask(target("mask", "png", conditional), mask)
-            elif kind == "soft":
-                writers.write_soft(target("soft", "png", conditional), prob, config.soft_bits)
-            elif kind == "overlay":
-                writers.write_overlay(target("overlay", "png", conditional), rgb, mask)
-            elif kind == "cutout":
-                alpha = matte if matting else prob if config.cutout_alpha == "soft" else mask
-                writers.write_cutout(target("cutout", "png", conditional), rgb, alpha)
-            elif kind == "logits":
-                writers.write_logits(target("logits", "npy", conditional), prediction.logits[k])
-            elif kind == "matte":
-                writers.write_soft(target("matte", "png", conditional), matte, config.soft_bits)
-            elif kind == "composite":
-                if background is None:
-                    background = composite_background(rgb, config.background)
-                blend = matte[..., None]
-                composed = rgb * blend + background * (1.0 - blend)
-                image = np.clip(np.rint(composed), 0, 255).astype(np.uint8)
-                writers.write_rgb(target("composite", "png", conditional), image)
+            if kind in _PROMPT_WRITERS:
+                _PROMPT_WRITERS[kind](target(kind, conditional), out, config)
     if labels is not None:
-        palette = writers.label_palette(len(conditionals))
-        path = target("labels", "png", None)
-        writers.write_labels(path, labels.labels(config.threshold), palette)
+        palette = label_palette(len(conditionals))
+        writers.write_labels(target("labels", None), labels.labels(config.threshold), palette)
     height, width = rgb.shape[:2]
     return {
-        "input": sources.display_path(prepared.item.path),
-        "key": sources.display_path(prepared.item.key),
+        "input": display_path(prepared.work.item.path),
+        "key": prepared.work.key,
         "status": "ok",
         "error": None,
         "width": width,
@@ -285,175 +283,28 @@ def write_item(
     }
 
 
-def failure_for(failed: Failed) -> dict:
-    return failure_row(
-        sources.display_path(failed.item.path), sources.display_path(failed.item.key), failed.error
-    )
-
-
 def write_or_fail(
     prepared: Prepared,
     prediction: Prediction,
     config: SegmentConfig,
-    labels: list[Conditional],
+    conditionals: list[Conditional],
 ) -> dict:
-    """Write outputs; a disk problem for one image becomes its failed row."""
+    """Write outputs; a disk problem for one image becomes its failed row.
+
+    Raises:
+        DiskFullError: the disk is full (or over quota, or read-only): the run must stop.
+    """
     try:
-        return write_item(prepared, prediction, config, labels)
+        return write_item(prepared, prediction, config, conditionals)
     except OSError as error:
-        if error.errno in FATAL_WRITE_ERRNOS:
-            raise DiskFullError(
-                error.errno, f"cannot write {error.filename}: {error.strerror}"
-            ) from None
+        what = display_path(error.filename) if error.filename else "the outputs"
+        stop = disk_full(error, what)
+        if stop is not None:
+            raise stop from None
         reason = f"cannot write outputs: {error.strerror or error}"
-        return failure_row(
-            sources.display_path(prepared.item.path),
-            sources.display_path(prepared.item.key),
-            reason,
-        )
+        return failure_row(display_path(prepared.work.item.path), prepared.work.key, reason)
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's float32 bytes (records which conditionals a run used)."""
-    import hashlib
-
-    data = tensor.detach().float().cpu().contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class PromptSet:
-    """Every conditional of a run, embedded once.
-
-    ``vectors`` is ``[K + N, D]``: K positive prompts (each gets outputs) followed by N negative
-    prompts (never written; they suppress: ``p_k * (1 - max_n p_neg_n)``).
-    """
-
-    vectors: torch.Tensor
-    positives: list[Conditional]
-    negatives: list[str]
-
-    @property
-    def count(self) -> int:
-        return len(self.positives)
-
-
-def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -> np.ndarray:
-    """The support image CLIP encodes: engineered around its object when a mask is known
-    (``--ref-mask`` or the reference's own alpha), raw otherwise (or with ``--ref-mode raw``)."""
-    from clipseg_cli.ops.prompts import engineer_reference, reference_mask_from_alpha
-
-    def decode(path: Path, what: str) -> sources.DecodedImage:
-        try:
-            return sources.decode_image(path, max_pixels=config.max_pixels)
-        except sources.ImageDecodeError as error:
-            raise ValueError(f"{what} {path}: {error}") from None
-
-    image = decode(ref, "--ref")
-    mask = None
-    if mask_path is not None:
-        mask = decode(mask_path, "--ref-mask").rgb.max(axis=2) > 127
-        if mask.shape != image.rgb.shape[:2]:
-            raise ValueError(f"--ref-mask {mask_path}: its size differs from --ref {ref}")
-    elif image.alpha is not None:
-        mask = reference_mask_from_alpha(image.alpha)
-    mode = config.ref_mode or ("engineered" if mask is not None else "raw")
-    if mode == "raw":
-        return image.rgb
-    if mask is None:
-        raise ValueError(f"--ref-mode engineered needs an object mask for {ref}: give --ref-mask")
-    try:
-        return engineer_reference(image.rgb, mask, size=None)
-    except ValueError as error:
-        raise ValueError(f"--ref {ref}: {error}") from None
-
-
-def _load_prompt_set(segmenter: Segmenter, path: Path) -> PromptSet:
-    from clipseg_cli.ops.prompts import load_conditionals
-
-    vectors, labels, metadata = load_conditionals(path)
-    made_with = metadata.get("weights_sha256")
-    if made_with is not None and made_with != segmenter.info.sha256:
-        raise ValueError(
-            f"--prompt-embedding {path} was made with other weights (sha256 {made_with[:12]}, "
-            f"this model {segmenter.info.sha256[:12]}); embeddings only fit the model that "
-            "made them: re-create it with --save-prompt"
-        )
-    if vectors.shape[1] != segmenter.model.arch.embed_dim:
-        raise ValueError(
-            f"--prompt-embedding {path}: vectors of size {vectors.shape[1]}, the model needs "
-            f"{segmenter.model.arch.embed_dim}"
-        )
-    negatives = int(metadata.get("negatives", 0))
-    positives = labels[: len(labels) - negatives]
-    slugs = writers.prompt_slugs(positives)
-    conditionals = [Conditional(label, slug) for label, slug in zip(positives, slugs, strict=True)]
-    return PromptSet(vectors, conditionals, labels[len(positives) :])
-
-
-def build_prompt_set(segmenter: Segmenter, config: SegmentConfig) -> PromptSet:
-    """Embed the run's prompts once (or read them from ``--prompt-embedding``).
-
-    Several ``--ref`` images describe one object: their embeddings are averaged into one
-    conditional. With ``--mix W`` each text prompt becomes ``W * text + (1 - W) * image``.
-    """
-    from clipseg_cli.ops.prompts import average_conditionals, mix_conditionals
-
-    if config.prompt_embedding is not None:
-        return _load_prompt_set(segmenter, config.prompt_embedding)
-    labels: list[str] = []
-    slug_sources: list[str] = []
-    parts = []
-    text = segmenter.embed_texts(config.prompts) if config.prompts else None
-    image = image_label = None
-    if config.refs:
-        masks = list(config.ref_masks) + [None] * (len(config.refs) - len(config.ref_masks))
-        pairs = zip(config.refs, masks, strict=True)
-        references = [_reference_image(ref, mask, config) for ref, mask in pairs]
-        image = average_conditionals(segmenter.embed_images(references))[None]
-        image_label = "ref:" + ",".join(str(ref) for ref in config.refs)
-    if text is not None and image is not None and config.mix is not None:
-        parts.append(mix_conditionals(text, image, config.mix))
-        labels += [f"{prompt} (mix {config.mix:g} with {image_label})" for prompt in config.prompts]
-        slug_sources += [f"{prompt} mix ref" for prompt in config.prompts]
-    else:
-        if text is not None:
-            parts.append(text)
-            labels += list(config.prompts)
-            slug_sources += list(config.prompts)
-        if image is not None:
-            parts.append(image)
-            labels.append(image_label)
-            slug_sources.append(f"ref-{Path(config.refs[0]).stem}")
-    if config.negatives:
-        parts.append(segmenter.embed_texts(config.negatives))
-    slugs = writers.prompt_slugs(slug_sources)
-    positives = [Conditional(label, slug) for label, slug in zip(labels, slugs, strict=True)]
-    return PromptSet(torch.cat(parts), positives, list(config.negatives))
-
-
-def save_prompt_set(path: Path, prompts: PromptSet, info) -> None:
-    """Write the run's conditionals for reuse with ``--prompt-embedding`` (then neither the
-    text tower nor the reference images are needed)."""
-    from clipseg_cli.ops.prompts import save_conditionals
-
-    labels = [c.label for c in prompts.positives] + prompts.negatives
-    metadata = {
-        "model": info.model_id,
-        "weights_sha256": info.sha256,
-        "negatives": len(prompts.negatives),
-    }
-    save_conditionals(path, prompts.vectors.detach().float().cpu(), labels, metadata)
-
-
-def versions() -> dict:
-    import open_clip
-    import PIL
-
-    return {
-        "clipseg_cli": __version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-    }
+def failure_for(failed: Failed) -> dict:
+    """The log row of an input that could not be decoded."""
+    return failure_row(display_path(failed.work.item.path), failed.work.key, failed.error)

@@ -18,36 +18,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipseg_cli.io.writers import drop_partial_last_line
+from clipseg_cli.errors import ConfigMismatchError, LockedError
+from clipseg_cli.io.files import drop_partial_last_line
+from clipseg_cli.io.naming import LEDGER_NAME, LOCK_NAME, STATE_DIR
 
-STATE_DIR = ".clipseg"
-LEDGER_NAME = "ledger.jsonl"
-LOCK_NAME = "lock"
 LEDGER_VERSION = 1
-
-
-class LockedError(Exception):
-    """Another run holds this output folder."""
-
-
-class ConfigMismatchError(Exception):
-    """The output folder holds results of a differently configured run."""
 
 
 def fingerprint(parts: dict) -> str:
     """sha256 of a canonical JSON rendering of ``parts``."""
     canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def file_identity(path: Path) -> dict:
-    """Cheap identity of a file (no hashing): absolute path, size, mtime."""
-    stat = path.stat()
-    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}  # noqa: PTH100
-
-
-def small_file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,15 @@
 
 Pipeline: input paths -> decode ``map`` tasks (a decode problem becomes that row's failure, not
 the task's) -> an actor pool that holds the model once per actor (``map_batches``) -> write
-``map`` tasks -> rows streamed back to the driver, which logs each and then writes its ledger
-line. Every stage calls the engine-independent functions of :mod:`clipseg_cli.items`, so both
-engines decode, predict and write the same way.
+``map`` tasks -> rows streamed back to the driver as :class:`~clipseg_cli.run.steps.Finished`
+results. Every stage calls the run's :class:`~clipseg_cli.run.steps.ItemSteps`, so both engines
+decode, predict and write the same way; the pipeline records the results, as for the local one.
 
-Rows between stages carry their payload (:class:`~clipseg_cli.items.Prepared` / ``Failed``,
-then the probabilities) pickled in one binary column: it keeps float32 maps exact, input names
-that are not valid UTF-8 intact, and ``None`` fields (no alpha, no logits) out of Arrow's way.
+Rows between stages carry their payload (:class:`~clipseg_cli.run.items.Prepared` / ``Failed``,
+then the logits) pickled in one binary column: it keeps float32 maps exact, input names that are
+not valid UTF-8 intact, and ``None`` fields (no alpha) out of Arrow's way.
 
-This module imports Ray (and torch) only when a run uses it; see ``docs/ray.md``.
+Ray is imported only when a run uses this engine (:func:`require_ray`); see ``docs/ray.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +29,18 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from clipseg_cli.errors import DiskFullError
-from clipseg_cli.io import sources, writers
+from clipseg_cli.io import sources
+from clipseg_cli.model.precision import dtype_name
 from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.items import Failed, Prediction, Prepared, Work
+from clipseg_cli.run.promptset import PromptSet
+from clipseg_cli.run.steps import Finished, ItemSteps
+from clipseg_cli.segmenter import Segmenter
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from clipseg_cli.run.items import Conditional, PromptSet
-    from clipseg_cli.run.pipeline import _Run, _Work
-
-__all__ = ["RayNotInstalledError", "process_with_ray", "require_ray"]
+__all__ = ["RayNotInstalledError", "process", "require_ray"]
 
 INSTALL_HINT = "pip install 'clipseg-cli[ray]'"
 #: Set to 1 to see Ray Data's own progress bars and execution messages.
@@ -121,53 +123,36 @@ def _enter(cwd: str) -> None:
             ) from None
 
 
-def _decode(row: dict[str, Any], config: SegmentConfig, size: tuple[int, int], cwd: str) -> dict:
+def _decode(row: dict[str, Any], steps: ItemSteps, cwd: str) -> dict:
     """Decode task: one input -> its pickled Prepared, or Failed with the decode error."""
-    from clipseg_cli.run.items import prepare_item
-
     _enter(cwd)
-    sources.configure_pillow_limits(config.max_pixels)  # process-wide, so once per worker
-    item, out_key = pickle.loads(row["item"])
-    prepared = prepare_item(item, out_key, config, size)
-    return {"i": row["i"], "item": pickle.dumps(prepared, protocol=5)}
+    sources.configure_pillow_limits(steps.config.max_pixels)  # process-wide, so once per worker
+    work = pickle.loads(row["work"])
+    return {"i": row["i"], "item": pickle.dumps(steps.prepare(work), protocol=5)}
 
 
 class _Predictor:
     """Actor: loads the segmentation parts of the model once, then predicts batches."""
 
     def __init__(
-        self,
-        config: SegmentConfig,
-        vectors: np.ndarray,
-        positives: list[Conditional],
-        negatives: list[str],
-        sizing: _Sizing,
+        self, steps: ItemSteps, load_segmenter: Callable[[], Segmenter], sizing: _Sizing
     ) -> None:
         import torch
-
-        from clipseg_cli.run.items import PromptSet
-        from clipseg_cli.segmenter import Segmenter
 
         if sizing.num_gpus == 0:
             # Ray already sets OMP_NUM_THREADS from num_cpus; said again so that the thread
             # count (which changes results in the last bits) never depends on the environment.
             torch.set_num_threads(max(1, int(sizing.num_cpus)))
-        self.segmenter = Segmenter.load(
-            config.model,
-            clip_weights=config.clip_weights,
-            device=config.device,
-            precision=config.precision,
-            components=frozenset({"vision", "decoder"}),
-        )
+        self.steps = steps
+        self.segmenter = load_segmenter()
         device = self.segmenter.device
-        self.prompts = PromptSet(torch.tensor(vectors, device=device), positives, negatives)
+        prompts = steps.prompts
+        self.prompts = PromptSet(prompts.vectors.to(device), prompts.positives, prompts.negatives)
         self.batch_size = sizing.batch_size
-        dtype = str(self.segmenter.dtype).removeprefix("torch.")
+        dtype = dtype_name(self.segmenter.dtype)
         self.description = json.dumps({"device": str(device), "dtype": dtype})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from clipseg_cli.run.items import Prediction, Prepared, predict_batch
-
         entries = [pickle.loads(payload) for payload in batch["item"]]
         prepared = [entry for entry in entries if isinstance(entry, Prepared)]
         results: dict[int, Prediction] = {}
@@ -178,7 +163,7 @@ class _Predictor:
         for start in range(0, len(prepared), self.batch_size):
             chunk = prepared[start : start + self.batch_size]
             began = time.perf_counter()
-            outputs = predict_batch(self.segmenter, chunk, self.prompts, pad_to=self.batch_size)
+            outputs = self.steps.predict(self.segmenter, chunk, self.prompts, self.batch_size)
             seconds += time.perf_counter() - began
             results.update((id(p), out) for p, out in zip(chunk, outputs, strict=True))
         payloads = []
@@ -193,22 +178,20 @@ class _Predictor:
         }
 
 
-def _write(row: dict[str, Any], config: SegmentConfig, labels: list[Conditional], cwd: str) -> dict:
+def _write(row: dict[str, Any], steps: ItemSteps, cwd: str) -> dict:
     """Write task: one input's outputs (or its failure) -> its JSON log row.
 
     A full disk is not this row's failure but the run's: it comes back as ``fatal`` for the
-    driver to raise, after logging what finished before it.
+    driver to raise, after what finished before it.
     """
-    from clipseg_cli.run.items import Failed, failure_for, write_or_fail
-
     _enter(cwd)
     entry, prediction = pickle.loads(row["item"])
     fatal, fatal_errno = "", 0
     if isinstance(entry, Failed):
-        result = failure_for(entry)
+        result = steps.fail(entry)
     else:
         try:
-            result = write_or_fail(entry, prediction, config, labels)
+            result = steps.write(entry, prediction)
         except DiskFullError as error:
             result, fatal, fatal_errno = {}, error.strerror or str(error), error.errno or 0
     return {
@@ -278,50 +261,44 @@ def _largest_node_cpus(ray: ModuleType) -> float:
     return max((node["Resources"].get("CPU", 0.0) for node in alive), default=1.0)
 
 
-def process_with_ray(
-    run: _Run, todo: list[_Work], prompts: PromptSet, input_size: tuple[int, int]
-) -> None:
-    """Process ``todo`` on Ray Data; each finished input is recorded through ``run.record``.
+def process(
+    todo: Sequence[Work], steps: ItemSteps, load_segmenter: Callable[[], Segmenter]
+) -> Iterator[Finished]:
+    """Process ``todo`` on Ray Data; one :class:`Finished` per input, in completion order.
 
-    Args:
-        run: The run: its config, counters, log and ledger (``record`` is driver-side only).
-        todo: Inputs to process, in input order.
-        prompts: The run's embedded prompts (shipped to every actor).
-        input_size: The model's input size (decode tasks resize to it).
+    ``load_segmenter`` runs in each actor (it must pickle). Closing the generator shuts the Ray
+    Data execution down; outputs written by tasks still in flight have no ledger line then, so
+    a rerun redoes them (writes are atomic and deterministic, so redoing is safe).
 
     Raises:
         RayNotInstalledError: Ray Data is not installed.
         DiskFullError: outputs could not be written for lack of space (resumable).
     """
     ray = require_ray()
-    config = run.config
-    out_keys = writers.casefold_collisions(work.item.key for work in todo)
-    items = [
-        {"i": i, "item": pickle.dumps((work.item, out_keys[work.item.key]), protocol=5)}
-        for i, work in enumerate(todo)
-    ]
+    config = steps.config
+    rows = [{"i": i, "work": pickle.dumps(work, protocol=5)} for i, work in enumerate(todo)]
     cwd = str(Path.cwd())
     with _cluster(ray, config.ray_address), _data_context():
         sizing = _size(config, ray.cluster_resources(), _largest_node_cpus(ray))
-        run.model_details["batch_size"] = sizing.batch_size
-        run.model_details["ray"] = {
-            "address": config.ray_address,
-            "actors": sizing.actors,
-            "num_gpus_per_actor": sizing.num_gpus,
-            "num_cpus_per_actor": sizing.num_cpus,
-            "memory_per_actor": sizing.memory,
+        details = {
+            "batch_size": sizing.batch_size,
+            "ray": {
+                "address": config.ray_address,
+                "actors": sizing.actors,
+                "num_gpus_per_actor": sizing.num_gpus,
+                "num_cpus_per_actor": sizing.num_cpus,
+                "memory_per_actor": sizing.memory,
+            },
         }
-        blocks = max(1, math.ceil(len(items) / ROWS_PER_DECODE_TASK))
+        blocks = max(1, math.ceil(len(rows) / ROWS_PER_DECODE_TASK))
         dataset = (
-            ray.data.from_items(items, override_num_blocks=blocks)
-            .map(_decode, fn_kwargs={"config": config, "size": input_size, "cwd": cwd})
+            ray.data.from_items(rows, override_num_blocks=blocks)
+            .map(_decode, fn_kwargs={"steps": steps, "cwd": cwd})
             .map_batches(
                 _Predictor,
                 fn_constructor_kwargs={
-                    "config": config,
-                    "vectors": prompts.vectors.detach().float().cpu().numpy(),
-                    "positives": prompts.positives,
-                    "negatives": prompts.negatives,
+                    "steps": steps,
+                    "load_segmenter": load_segmenter,
                     "sizing": sizing,
                 },
                 batch_size=sizing.batch_size,
@@ -334,34 +311,18 @@ def process_with_ray(
                 # decode one image at a time per actor instead of across the cluster.
                 memory=sizing.memory,
             )
-            .map(_write, fn_kwargs={"config": config, "labels": prompts.positives, "cwd": cwd})
+            .map(_write, fn_kwargs={"steps": steps, "cwd": cwd})
         )
-        _consume(run, todo, dataset.iter_rows())
-
-
-def _consume(run: _Run, todo: list[_Work], rows: Any) -> None:
-    """Record rows as they finish (completion order); stop early when asked or the disk is full.
-
-    Stopping closes the stream, which shuts the Ray Data execution down; outputs written by
-    tasks still in flight have no ledger line, so a rerun redoes them (writes are atomic and
-    deterministic, so redoing is safe).
-    """
-    stream = iter(rows)
-    described = False
-    try:
-        for result in stream:
-            if result["fatal"]:
-                raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
-            if not described:
+        stream = dataset.iter_rows()
+        try:
+            for result in stream:
+                if result["fatal"]:
+                    raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
                 # The summary names the actors' device, not the driver's (prompts only).
-                run.model_details.update(json.loads(result["actor"]))
-                described = True
-            run.infer_seconds += float(result["infer_s"])
-            run.record(json.loads(result["row"]), todo[int(result["i"])])
-            if run.should_stop():
-                run.summary.interrupted = True
-                break
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+                row_details = {**details, **json.loads(result["actor"])}
+                row = json.loads(result["row"])
+                yield Finished(todo[int(result["i"])], row, float(result["infer_s"]), row_details)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()

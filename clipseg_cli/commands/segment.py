@@ -1,0 +1,317 @@
+"""``clipseg segment`` and ``clipseg matte``: options -> one :class:`SegmentConfig` -> the
+pipeline -> a line of counts and an exit code.
+
+The two commands are declared side by side on purpose: Typer needs every parameter in each
+signature, and a reader sees at a glance which options each one has. Every option is declared
+once in :mod:`.options` and passed by name to the config.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clipseg_cli.commands import options as o
+from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, wants_bar
+from clipseg_cli.io.naming import COMMAND_KINDS, parse_kinds
+from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODEL_SPECS
+
+
+class _StopSignals:
+    """First SIGINT/SIGTERM asks the run to stop after the images in flight; a second one
+    stops at once (Python's default)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        import signal
+
+        self.received = signum
+        typer.echo("clipseg: stopping after the current batch (again to abort)", err=True)
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def exit_code(self) -> ExitCode | None:
+        import signal
+
+        if self.received is None:
+            return None
+        return ExitCode.INTERRUPTED if self.received == signal.SIGINT else ExitCode.TERMINATED
+
+
+class _ProgressReporter:
+    """A rich progress bar on a terminal; plain periodic lines (no control characters) else;
+    nothing with ``--progress none``."""
+
+    def __init__(self, progress: str, interval: float = 5.0) -> None:
+        self.bar = wants_bar(progress)
+        self.quiet = progress == "none"
+        self.interval = interval
+        self._last = 0.0
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> _ProgressReporter:
+        if self.bar:
+            self._bar = progress_bar(
+                "[bold]segment", "{task.fields[rate]:.2f} img/s", "{task.fields[failed]} failed"
+            )
+            self._task = self._bar.add_task("segment", total=None, rate=0.0, failed=0)
+        return self
+
+    def __call__(self, progress) -> None:
+        if self.quiet:
+            return
+        rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0
+        if self._bar is not None:
+            self._bar.update(
+                self._task,
+                completed=progress.done,
+                total=progress.total,
+                rate=rate,
+                failed=progress.failed,
+            )
+            return
+        now = time.monotonic()
+        if now - self._last < self.interval and progress.done < progress.total:
+            return
+        self._last = now
+        remaining = (progress.total - progress.done) / rate if rate > 0 else float("nan")
+        eta = f"{remaining:.0f}s" if remaining == remaining else "?"
+        typer.echo(
+            f"clipseg: {progress.done}/{progress.total} images, {progress.ok} ok, "
+            f"{progress.failed} failed, {rate:.2f} img/s, ETA {eta}",
+            err=True,
+        )
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def run_images(config: SegmentConfig, progress: str) -> None:
+    """Run a segment/matte config, say what it did, exit with the run's code."""
+    from clipseg_cli.run.pipeline import run_segment
+
+    with (
+        exit_on_error(),
+        _StopSignals() as signals,
+        _ProgressReporter(progress) as reporter,
+    ):
+        summary = run_segment(
+            config,
+            stdin=sys.stdin,
+            on_progress=reporter,
+            should_stop=lambda: signals.received is not None,
+        )
+    typer.echo(
+        f"clipseg: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
+        f"(unchanged) of {summary.total} in {summary.seconds:.1f}s "
+        f"({summary.images_per_second:.2f} img/s); log {summary.log_path}",
+        err=True,
+    )
+    if summary.report_path is not None:
+        typer.echo(f"clipseg: report {summary.report_path}", err=True)
+    named = MODEL_SPECS.get(config.model)
+    if named is not None and named.run_note is not None and summary.ok:
+        typer.echo(f"clipseg: note: {named.run_note}", err=True)
+    stopped = signals.exit_code()
+    if stopped is not None:
+        typer.echo("clipseg: interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(int(stopped))
+    if summary.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def segment(
+    inputs: o.Inputs,
+    out: o.OutOpt = Path("clipseg-out"),
+    prompt: o.PromptOpt = None,
+    prompts_file: o.PromptsFileOpt = None,
+    ref: o.RefOpt = None,
+    ref_mask: o.RefMaskOpt = None,
+    ref_mode: o.RefModeOpt = None,
+    mix: o.MixOpt = None,
+    negative: o.NegativeOpt = None,
+    save_prompt: o.SavePromptOpt = None,
+    prompt_embedding: o.PromptEmbeddingOpt = None,
+    save: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Output kinds, comma-separated or repeated: "
+            f"{', '.join(COMMAND_KINDS['segment'])}.",
+            show_default=COMMAND_KINDS["segment"][0],
+        ),
+    ] = None,
+    threshold: o.ThresholdOpt = None,
+    threshold_from: o.ThresholdFromOpt = None,
+    soft_bits: o.BitsOpt = 8,
+    cutout_alpha: Annotated[
+        str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
+    ] = "soft",
+    model: o.ModelOpt = DEFAULT_MODEL,
+    clip_weights: o.ClipWeightsOpt = None,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = "auto",
+    batch_size: o.BatchOpt = None,
+    workers: o.WorkersOpt = 2,
+    max_pixels: o.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    allow_truncated: o.TruncatedOpt = False,
+    log: o.LogOpt = None,
+    progress: o.ProgressOpt = "auto",
+    overwrite: o.OverwriteOpt = False,
+    retry_failed: o.RetryOpt = False,
+    report: o.ReportOpt = False,
+    engine: o.EngineOpt = "local",
+    ray_address: o.RayAddressOpt = None,
+    num_gpus: o.NumGpusOpt = None,
+    actors: o.ActorsOpt = None,
+) -> None:
+    """Segment images with text and/or image prompts; write masks and a JSON log."""
+    with exit_on_error():
+        config = SegmentConfig(
+            command="segment",
+            inputs=tuple(inputs),
+            out_dir=out,
+            prompts=o.prompts_from(prompt, prompts_file),
+            refs=tuple(ref or ()),
+            ref_masks=tuple(ref_mask or ()),
+            ref_mode=ref_mode,
+            mix=mix,
+            negatives=tuple(negative or ()),
+            save_prompt=save_prompt,
+            prompt_embedding=prompt_embedding,
+            save=parse_kinds(save or [], "segment"),
+            threshold=o.threshold_from(threshold, threshold_from),
+            soft_bits=soft_bits,
+            cutout_alpha=cutout_alpha,
+            model=model,
+            clip_weights=clip_weights,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+            allow_truncated=allow_truncated,
+            log_path=log,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            report=report,
+            engine=engine,
+            ray_address=ray_address,
+            num_gpus=num_gpus,
+            actors=actors,
+        )
+    run_images(config, progress)
+
+
+def matte(
+    inputs: o.Inputs,
+    out: o.OutOpt = Path("clipseg-out"),
+    prompt: o.PromptOpt = None,
+    prompts_file: o.PromptsFileOpt = None,
+    ref: o.RefOpt = None,
+    ref_mask: o.RefMaskOpt = None,
+    ref_mode: o.RefModeOpt = None,
+    mix: o.MixOpt = None,
+    negative: o.NegativeOpt = None,
+    save_prompt: o.SavePromptOpt = None,
+    prompt_embedding: o.PromptEmbeddingOpt = None,
+    save: Annotated[
+        list[str] | None,
+        typer.Option(
+            help=f"Output kinds, comma-separated or repeated: {', '.join(COMMAND_KINDS['matte'])}.",
+            show_default=COMMAND_KINDS["matte"][0],
+        ),
+    ] = None,
+    refine: Annotated[
+        str,
+        typer.Option(
+            help="Edge refinement against the full-resolution image: guided (guided filter) "
+            "or none (plain upsampled probabilities)."
+        ),
+    ] = "guided",
+    background: Annotated[
+        str,
+        typer.Option(
+            help="Composite background: a colour (white, #00ff00, 0,255,0), an image file, "
+            "or blur (the blurred original)."
+        ),
+    ] = "white",
+    threshold: o.ThresholdOpt = None,
+    threshold_from: o.ThresholdFromOpt = None,
+    matte_bits: o.BitsOpt = 8,
+    model: o.ModelOpt = DEFAULT_MODEL,
+    clip_weights: o.ClipWeightsOpt = None,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = "auto",
+    batch_size: o.BatchOpt = None,
+    workers: o.WorkersOpt = 2,
+    max_pixels: o.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    allow_truncated: o.TruncatedOpt = False,
+    log: o.LogOpt = None,
+    progress: o.ProgressOpt = "auto",
+    overwrite: o.OverwriteOpt = False,
+    retry_failed: o.RetryOpt = False,
+    report: o.ReportOpt = False,
+    engine: o.EngineOpt = "local",
+    ray_address: o.RayAddressOpt = None,
+    num_gpus: o.NumGpusOpt = None,
+    actors: o.ActorsOpt = None,
+) -> None:
+    """Full-resolution alpha mattes (and cutouts, composites) from text or image prompts."""
+    with exit_on_error():
+        config = SegmentConfig(
+            command="matte",
+            inputs=tuple(inputs),
+            out_dir=out,
+            prompts=o.prompts_from(prompt, prompts_file),
+            refs=tuple(ref or ()),
+            ref_masks=tuple(ref_mask or ()),
+            ref_mode=ref_mode,
+            mix=mix,
+            negatives=tuple(negative or ()),
+            save_prompt=save_prompt,
+            prompt_embedding=prompt_embedding,
+            save=parse_kinds(save or [], "matte"),
+            refine=refine,
+            background=background,
+            threshold=o.threshold_from(threshold, threshold_from),
+            soft_bits=matte_bits,
+            model=model,
+            clip_weights=clip_weights,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+            allow_truncated=allow_truncated,
+            log_path=log,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            report=report,
+            engine=engine,
+            ray_address=ray_address,
+            num_gpus=num_gpus,
+            actors=actors,
+        )
+    run_images(config, progress)
