@@ -420,27 +420,24 @@ def load_original(
     clip_state = read_state_dict(clip_path)
     arch = architecture_from_openai_clip(clip_state, decoder_spec)
     expected = _expected_shapes(arch)
-    clip_expected = {k: v for k, v in expected.items() if k.startswith("backbone.clip.")}
-    decoder_expected = {k: v for k, v in expected.items() if k.startswith("decoder.")}
-    clip_part = _apply_rules(
-        clip_state,
-        _identity_rules(clip_expected, "backbone.clip."),
-        clip_expected,
-        ignorable=OPENAI_METADATA_KEYS,
-        what=str(clip_path),
-        dtype=dtype,
-        skip=lambda key: component_of(key, arch) not in components,
-    )
-    decoder_part = _apply_rules(
-        decoder_state,
-        _identity_rules(decoder_expected, "decoder."),
-        decoder_expected,
-        ignorable=_ORIGINAL_UNUSED_KEYS,
-        what=str(decoder_path),
-        dtype=dtype,
-        skip=lambda key: component_of(key, arch) not in components,
-    )
-    model = build_model(arch, {**clip_part, **decoder_part}, dtype, components)
+    state: dict[str, torch.Tensor] = {}
+    # Both files use our names below a prefix: CLIP's under backbone.clip., the decoder's under
+    # decoder.; each is checked on its own so an error names the file at fault.
+    for source, prefix, ignorable, path in (
+        (clip_state, "backbone.clip.", OPENAI_METADATA_KEYS, clip_path),
+        (decoder_state, "decoder.", _ORIGINAL_UNUSED_KEYS, decoder_path),
+    ):
+        part = {k: v for k, v in expected.items() if k.startswith(prefix)}
+        state |= _apply_rules(
+            source,
+            _identity_rules(part, prefix),
+            part,
+            ignorable=ignorable,
+            what=str(path),
+            dtype=dtype,
+            skip=lambda key: component_of(key, arch) not in components,
+        )
+    model = build_model(arch, state, dtype, components)
     return model, [decoder_path, clip_path], arch
 
 
