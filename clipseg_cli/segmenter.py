@@ -46,12 +46,16 @@ def resolve_device(name: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: Apple MPS is not available")
     if not is_device_name(name):
         raise ValueError(f"--device {name}: expected {', '.join(DEVICES)} or cuda:N")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= count:
+            found = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise ValueError(f"--device {name}: this machine has {found}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: Apple MPS is not available")
     return torch.device(name)
 
 

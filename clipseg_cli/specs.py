@@ -115,7 +115,7 @@ class ModelSpec:
 
 
 VIT_B16 = ArchitectureSpec()
-# The offline demo model: a CLIPSeg trained from scratch on clipseg_cli.synthetic scenes by
+# The offline demo model: a CLIPSeg trained from scratch on clipseg_cli.train.synthetic scenes by
 # ``clipseg train --from-scratch tiny`` (see clipseg_cli/assets/demo/README.md). Small enough to
 # train on two CPU cores in under half an hour and to ship in the package (fp16, < 10 MB, mostly
 # the 49408 x 64 token embedding). 128 x 128 input: objects span 2-3 tokens, so that a ViT
@@ -159,7 +159,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             hub_id=None,
             original_filename=None,
             architecture=TINY,
-            description="offline demo: coloured shapes only (trained on clipseg_cli.synthetic)",
+            description="offline demo: coloured shapes only (trained on synthetic scenes)",
             bundled="assets/demo",
             run_note="the demo model only knows coloured shapes (red, green, blue, yellow "
             "circles, squares, triangles); real photos need the real weights: --model "

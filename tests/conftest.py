@@ -15,7 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # =============================================================================================
-# Image-file fixtures for tests of clipseg_cli.sources / clipseg_cli.writers.
+# Image-file fixtures for tests of clipseg_cli.io.sources / clipseg_cli.io.writers.
 # Tiny images built on the fly in tmp_path, one per Pillow mode/format of interest.
 # =============================================================================================
 

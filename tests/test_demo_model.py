@@ -2,8 +2,8 @@
 an absent object answered with an empty mask, and ``--mix`` / ``--negative`` doing what the
 README says, through ``clipseg segment --model demo``.
 
-Scenes come from :mod:`clipseg_cli.synthetic` with seeds from 10_000_000 up; the demo model was
-trained on seeds 0..3199 (see clipseg_cli/assets/demo/README.md). IoU_FG = TP/(TP+FP+FN)
+Scenes come from :mod:`clipseg_cli.train.synthetic` with seeds from 10_000_000 up; the demo
+model was trained on seeds 0..3199 (see clipseg_cli/assets/demo/README.md). IoU_FG = TP/(TP+FP+FN)
 summed over all (scene, object) pairs at the paper's threshold 0.3 (prob > t).
 """
 

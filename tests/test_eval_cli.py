@@ -15,6 +15,7 @@ from clipseg_cli import evaluate
 from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
 from clipseg_cli.io import writers
+from clipseg_cli.io.masks import MaskError, read_mask
 from clipseg_cli.ops import metrics
 
 runner = CliRunner()
@@ -115,6 +116,24 @@ def test_eval_segment_style_names(tmp_path):
     assert row["pred"].endswith("a-cat.mask.png")
 
 
+def test_eval_reads_only_soft_and_mask_outputs_as_predictions(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    _save(gt / "dog.png", _mask(8, 8, (0, 4, 0, 8)))
+    _save(pred / "dog.jpg.a-dog.mask.png", _mask(8, 8, (0, 4, 0, 8)))
+    # Other segment outputs are plain files keyed by their stem: they match no ground truth.
+    _save(pred / "dog.jpg.a-dog.overlay.png", np.zeros((8, 8, 3), np.uint8))
+    _save(pred / "dog.jpg.labels.png", _mask(8, 8, (0, 4, 0, 8)))
+    out = tmp_path / "r.json"
+    result = _eval("--pred", str(pred), "--gt", str(gt), "--json", str(out))
+    assert result.exit_code == ExitCode.SOME_FAILED
+    report = json.loads(out.read_text())
+    (row,) = report["images"]
+    assert row["pred"].endswith("dog.jpg.a-dog.mask.png") and row["iou_fg"] == 1.0
+    orphans = sorted(Path(e["file"]).name for e in report["errors"])
+    assert orphans == ["dog.jpg.a-dog.overlay.png", "dog.jpg.labels.png"]
+    assert {e["error"] for e in report["errors"]} == {"no ground truth for this prediction"}
+
+
 def test_eval_gt_folder_per_prompt(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     _save(gt / "a-dog" / "p.png", _mask(6, 6, (0, 3, 0, 6)))
@@ -176,6 +195,15 @@ def test_eval_usage_and_no_inputs(tmp_path, dataset):
     result = _eval("--pred", str(dataset["pred"]), "--gt", str(dataset["gt"]), "--threshold", "2")
     assert result.exit_code == ExitCode.USAGE
     _no_traceback(result)
+    # Both commands read --prompts-file into the config (which wants it with --images only).
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog\n")
+    for command in ("eval", "calibrate"):
+        args = [command, "--pred", str(dataset["pred"]), "--gt", str(dataset["gt"])]
+        result = runner.invoke(app, [*args, "--prompts-file", str(prompts)])
+        assert result.exit_code == ExitCode.USAGE, (command, result.output)
+        assert "--prompt is only used with --images" in result.output
+        _no_traceback(result)
 
 
 def test_eval_matting(tmp_path):
@@ -238,21 +266,21 @@ def test_read_threshold_file_errors(tmp_path):
 
 
 def test_read_mask_rules(tmp_path):
-    binary = evaluate.read_mask(_save(tmp_path / "b.png", _mask(3, 3, (0, 1, 0, 3))))
+    binary = read_mask(_save(tmp_path / "b.png", _mask(3, 3, (0, 1, 0, 3))))
     assert binary.binary and binary.values.dtype == np.float32 and binary.values.sum() == 3
-    zero_one = evaluate.read_mask(_save(tmp_path / "z.png", (_mask(3, 3, (0, 1, 0, 3)) > 0)))
+    zero_one = read_mask(_save(tmp_path / "z.png", (_mask(3, 3, (0, 1, 0, 3)) > 0)))
     assert zero_one.binary and zero_one.values.sum() == 3  # mode "1"
-    labels = evaluate.read_mask(_save(tmp_path / "l.png", np.array([[0, 1]], np.uint8)))
+    labels = read_mask(_save(tmp_path / "l.png", np.array([[0, 1]], np.uint8)))
     assert labels.binary and labels.values.tolist() == [[0.0, 1.0]]
-    soft = evaluate.read_mask(_save(tmp_path / "s.png", np.array([[0, 51, 255]], np.uint8)))
+    soft = read_mask(_save(tmp_path / "s.png", np.array([[0, 51, 255]], np.uint8)))
     assert not soft.binary and soft.values[0, 1] == pytest.approx(0.2)
-    deep = evaluate.read_mask(_save(tmp_path / "d.png", np.array([[0, 65535, 13107]], np.uint16)))
+    deep = read_mask(_save(tmp_path / "d.png", np.array([[0, 65535, 13107]], np.uint16)))
     assert deep.bits == 16 and deep.values[0, 2] == pytest.approx(0.2)
-    grey = evaluate.read_mask(_save(tmp_path / "g.png", np.full((2, 2, 3), 255, np.uint8)))
+    grey = read_mask(_save(tmp_path / "g.png", np.full((2, 2, 3), 255, np.uint8)))
     assert grey.binary and grey.values.min() == 1.0
     rgba = np.zeros((2, 2, 4), np.uint8)
-    with pytest.raises(evaluate.MaskError, match="transparency"):
-        evaluate.read_mask(_save(tmp_path / "t.png", rgba))
+    with pytest.raises(MaskError, match="transparency"):
+        read_mask(_save(tmp_path / "t.png", rgba))
 
 
 def test_eval_images_mode_is_consistent(tmp_path, tiny_model_dir):

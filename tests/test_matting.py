@@ -1,4 +1,4 @@
-"""Tests for clipseg_cli.matting: guided-filter refinement of CLIPSeg's coarse probabilities.
+"""Tests for clipseg_cli.ops.matting: guided-filter refinement of CLIPSeg's coarse probabilities.
 
 The scenes are synthetic composites with a known alpha, I = a*F + (1-a)*B, and the
 "prediction" is that alpha degraded the way CLIPSeg degrades it: area-averaged onto the 22x22

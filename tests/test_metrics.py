@@ -1,7 +1,7 @@
 """Metrics against hand-computed cases and against straightforward loop implementations.
 
 The reference implementations below are written from the definitions in ../shared/CLIPSEG.md
-and share no code with ``clipseg_cli.metrics``.
+and share no code with ``clipseg_cli.ops.metrics``.
 """
 
 from __future__ import annotations

@@ -122,6 +122,9 @@ def test_device_and_precision_resolution():
         resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="--device"):
         resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            resolve_device("cuda")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for device in ("cuda", "cuda:0", f"cuda:{count}"):
+        if int(device.partition(":")[2] or 0) >= count:
+            # A device this machine does not have is a one-line usage error, never a crash.
+            with pytest.raises(ValueError, match=f"--device {device}: this machine has"):
+                resolve_device(device)

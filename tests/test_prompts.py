@@ -1,4 +1,5 @@
-"""Tests for clipseg_cli.prompts: visual prompt engineering, conditional arithmetic, files."""
+"""Tests for clipseg_cli.ops.prompts (visual prompt engineering, conditional arithmetic)
+and clipseg_cli.io.conditionals (the prompt file)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the HTML review page (clipseg_cli.report): log resolution, thumbnails, links,
+"""Tests of the HTML review page (clipseg_cli.io.report): log resolution, thumbnails, links,
 escaping, and a real headless Chromium run over a report of a real (tiny-model) CLI run."""
 
 from __future__ import annotations
@@ -160,6 +160,19 @@ def test_report_links_are_relative_and_thumbnails_small(run_dir: Path) -> None:
     assert leftovers == []
 
 
+def test_page_is_built_from_the_package_asset_files(run_dir: Path) -> None:
+    from importlib import resources
+
+    page = write_report(Path("out"), Path("out/clipseg-log.jsonl")).read_text(encoding="utf-8")
+    assets = resources.files("clipseg_cli.io.report")
+    for name in ("report.css", "report.js"):
+        text = assets.joinpath(name).read_text(encoding="utf-8")
+        assert text.strip() and text in page, name
+    nonce = re.search(r'<script nonce="([A-Za-z0-9_-]+)">', page)
+    assert nonce and page.count(nonce.group(1)) == 4  # CSP twice, style and script once each
+    assert "@" + "DATA@" not in page and "@" + "JS@" not in page
+
+
 def test_report_survives_moving_the_folder_and_reuses_thumbnails(
     run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -235,11 +248,18 @@ def test_without_overlays_the_thumbnail_is_the_input_tinted_by_the_mask(
     assert pixels[5, 40:].mean(axis=0)[0] > 90 and pixels[5, :10].max() < 40
 
 
-def test_summary_name_matches_config_and_module_stays_light() -> None:
-    from clipseg_cli.io import report
+def test_report_reads_the_runs_summary_and_module_stays_light(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from clipseg_cli.run import config
 
-    assert report.SUMMARY_NAME == config.SUMMARY_NAME
+    # The page's header reads the summary where a run writes it.
+    monkeypatch.chdir(tmp_path)
+    log = _write_log(tmp_path / "out" / "clipseg-log.jsonl", [_ok("a.png", "r1", [])])
+    summary = {"run": "r1", "command": "segment", "seconds": 2.5, "counts": {"ok": 1}}
+    (tmp_path / "out" / config.SUMMARY_NAME).write_text(json.dumps(summary), encoding="utf-8")
+    shown = _embedded(write_report(Path("out"), log))["summary"]
+    assert shown == {**summary, "interrupted": False}
     code = (
         "import sys, clipseg_cli.io.report; "
         "bad = {'torch', 'numpy', 'cv2'} & set(sys.modules); assert not bad, bad"

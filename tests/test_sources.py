@@ -1,4 +1,4 @@
-"""Tests for clipseg_cli.sources: collecting inputs and decoding images."""
+"""Tests for clipseg_cli.io.sources: collecting inputs and decoding images."""
 
 from __future__ import annotations
 

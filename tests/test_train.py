@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.io.files import sha256_file
+from clipseg_cli.model.tokenizer import ClipTokenizer
 from clipseg_cli.specs import MODEL_SPECS
 from clipseg_cli.train import (
     CHECKPOINT_JSON,
@@ -22,10 +26,12 @@ from clipseg_cli.train import (
     TrainError,
     load_checkpoint,
     read_manifest,
+    resume_fingerprint,
     split_examples,
     train,
     trainable_parameters,
 )
+from clipseg_cli.train.data import load_mask
 from clipseg_cli.train.synthetic import write_training_set
 from clipseg_cli.weights import load_weights
 
@@ -147,6 +153,80 @@ def test_missing_or_empty_manifest(tmp_path: Path):
         read_manifest(tmp_path / "nope.jsonl")
     with pytest.raises(ManifestError, match=r"empty\.jsonl: no examples"):
         read_manifest(_write_manifest(tmp_path / "empty.jsonl", ["# nothing"]))
+
+
+# -- masks ----------------------------------------------------------------------------------------
+
+
+def test_training_masks_mean_what_every_mask_file_means(tmp_path: Path):
+    """Training reads masks with clipseg_cli.io.masks.read_mask, like eval and --ref-mask."""
+    truth = np.zeros((6, 5), bool)
+    truth[1:4, 2:4] = True
+    grey = truth.astype(np.uint8) * 255
+    files = {
+        "binary-0-255.png": Image.fromarray(grey),
+        "labels-0-1.png": Image.fromarray(truth.astype(np.uint8)),
+        "deep-16-bit.png": Image.fromarray(truth.astype(np.uint16) * 65535),
+        "one-bit.png": Image.fromarray(truth),
+        "grey-rgb.png": Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+        assert np.array_equal(load_mask(tmp_path / name, (6, 5)), truth), name
+    # Soft values: foreground above half scale, which for 8-bit masks is >= 128 as before.
+    Image.fromarray(np.array([[0, 127, 128, 255]], np.uint8)).save(tmp_path / "soft.png")
+    assert load_mask(tmp_path / "soft.png").tolist() == [[False, False, True, True]]
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused(tmp_path: Path):
+    Image.fromarray(np.zeros((6, 5), np.uint8)).save(tmp_path / "m.png")
+    with pytest.raises(ManifestError) as info:
+        load_mask(tmp_path / "m.png", (4, 4))
+    assert str(info.value) == f"{tmp_path / 'm.png'}: mask is 5x6 but its image is 4x4"
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("colour", "RGB image with coloured pixels: not a mask (save greyscale)"),
+        ("transparent", "RGBA image with transparency: not a mask (save greyscale)"),
+    ],
+)
+def test_a_colour_or_transparent_manifest_mask_is_one_line_naming_the_file(
+    tmp_path: Path, shapes: Path, small_model_dir: Path, kind: str, reason: str
+):
+    rows = [json.loads(line) for line in shapes.read_text().splitlines()]
+    for row in rows:
+        row["image"] = str(shapes.parent / row["image"])
+        if row["mask"] is not None:
+            row["mask"] = str(shapes.parent / row["mask"])
+    target = next(row for row in rows if row["mask"] is not None)
+    foreground = np.asarray(Image.open(target["mask"])) > 0
+    bad = tmp_path / f"{kind}.png"
+    if kind == "colour":  # the object in red on black
+        pixels = np.zeros((*foreground.shape, 3), np.uint8)
+        pixels[foreground, 0] = 255
+        Image.fromarray(pixels).save(bad)
+    else:  # white, the background transparent
+        pixels = np.full((*foreground.shape, 4), 255, np.uint8)
+        pixels[~foreground, 3] = 0
+        Image.fromarray(pixels, "RGBA").save(bad)
+    target["mask"] = str(bad)
+    manifest = _write_manifest(tmp_path / "m.jsonl", [json.dumps(row) for row in rows])
+    with pytest.raises(ManifestError) as info:
+        train(_config(manifest, tmp_path / "out", small_model_dir, val_fraction=0.0))
+    assert str(info.value) == f"{bad}: {reason}"
+    result = runner.invoke(
+        app,
+        [
+            "train", str(manifest), "--model", str(small_model_dir), "--out",
+            str(tmp_path / "o"), "--epochs", "1", "--val-fraction", "0", "--device", "cpu",
+            "--progress", "none",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == ExitCode.USAGE
+    assert result.output.strip().splitlines() == [f"clipseg: error: {bad}: {reason}"]
+    assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 # -- the validation split -------------------------------------------------------------------------
@@ -273,9 +353,7 @@ def test_resume_continues_from_the_saved_epoch_with_identical_state(
 
 
 def _fingerprint_of(config: TrainConfig) -> dict:
-    from clipseg_cli.train import _fingerprint, _sha256
-
-    return _fingerprint(config, _sha256(config.manifest))
+    return resume_fingerprint(config, sha256_file(config.manifest))
 
 
 def replace_config(config: TrainConfig, **changes) -> TrainConfig:
@@ -337,11 +415,9 @@ def test_token_classifier_labels_tokens_mostly_covered_by_one_mask():
 def test_prompts_are_cut_after_their_end_of_text_token_without_changing_embeddings(
     tiny_model_dir: Path,
 ):
-    from clipseg_cli.train import _Tokenizer
-
     model, _ = load_weights(str(tiny_model_dir))
     prompts = ["a dog", "a picture of a red circle"]
-    short = _Tokenizer(77)(prompts)
+    short = ClipTokenizer(77)(prompts, trim=True)  # as training tokenizes
     assert short.shape == (2, 8)  # start of text, 6 words, end of text
     full = torch.nn.functional.pad(short, (0, 77 - short.shape[1]))
     with torch.inference_mode():

@@ -1,7 +1,12 @@
-"""The ``clipseg eval`` and ``clipseg calibrate`` commands (registered by :func:`register`).
+"""The ``clipseg eval`` and ``clipseg calibrate`` commands: options -> one
+:class:`~clipseg_cli.evaluate.EvalConfig` -> :func:`~clipseg_cli.evaluate.run_eval` -> the
+summary table, the report files and an exit code.
 
-Like ``cli.py``, this module prints and exits; the work is in :mod:`clipseg_cli.evaluate` and
-the numbers in :mod:`clipseg_cli.metrics`.
+Like every command module, this one prints and exits; the work is in :mod:`clipseg_cli.evaluate`
+and the numbers in :mod:`clipseg_cli.ops.metrics`. Shared options come from :mod:`.options`
+and are passed by name to the config; failures become exit codes through
+:func:`~clipseg_cli.commands.console.exit_on_error`. The evaluation package (numpy) is imported
+only when one of these commands runs.
 """
 
 from __future__ import annotations
@@ -9,20 +14,26 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clipseg_cli.commands.console import ExitCode, fail
+from clipseg_cli.commands import options as o
+from clipseg_cli.commands.console import ExitCode, exit_on_error, fail
 from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+
+if TYPE_CHECKING:
+    from clipseg_cli.evaluate import EvalConfig, EvalReport
 
 # Shown on the terminal: at most this many per-file errors (all of them are in the JSON).
 _MAX_ERRORS_SHOWN = 20
 
-GtOption = Annotated[
+# -- the options only eval and calibrate have -----------------------------------------------------
+
+GtOpt = Annotated[
     Path, typer.Option("--gt", help="Folder of ground-truth masks (or mattes with --matting).")
 ]
-PredOption = Annotated[
+PredOpt = Annotated[
     Path | None,
     typer.Option(
         "--pred",
@@ -30,51 +41,25 @@ PredOption = Annotated[
         "(<name>.<slug>.soft.png / .mask.png).",
     ),
 ]
-ImagesOption = Annotated[
+ImagesOpt = Annotated[
     Path | None,
     typer.Option("--images", help="Folder of images: run the model on them (needs --prompt)."),
 ]
-PromptOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--prompt", "-p", help="Text prompt for --images (repeatable; then gt/<slug>/...)."
-    ),
-]
-PredSlugOption = Annotated[
+PredSlugOpt = Annotated[
     str | None,
     typer.Option(help="Use only predictions of this prompt slug (several prompts in --pred)."),
 ]
-ThresholdOption = Annotated[
-    float, typer.Option(help="Threshold to report at: foreground = probability > t.")
-]
-ModelOption = Annotated[str, typer.Option(help="Model for --images (as for segment).")]
-ClipWeightsOption = Annotated[
-    Path | None, typer.Option(help="OpenAI-format CLIP weights for an original decoder file.")
-]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
-PrecisionOption = Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")]
-BatchOption = Annotated[int, typer.Option(help="Images per model batch (--images).")]
-KeepOption = Annotated[
+EvalBatchOpt = Annotated[int, typer.Option(help="Images per model batch (--images).")]
+KeepPredsOpt = Annotated[
     Path | None,
     typer.Option(help="With --images: also write the predictions here as 16-bit soft PNGs."),
 ]
 
 
-def _run(config_kwargs: dict[str, Any]):
-    """Build the config and run; every failure becomes a one-line error and an exit code."""
+def _run(config: EvalConfig) -> EvalReport:
+    """Run the evaluation, with progress lines for ``--images``; print the per-file errors."""
     from clipseg_cli import evaluate
 
-    try:
-        config = evaluate.EvalConfig(**config_kwargs)
-    except ValueError as error:
-        raise fail(str(error), ExitCode.USAGE) from None
-    # Only --images loads a model; importing the weights module (and torch) for --pred alone
-    # would cost seconds.
-    model_errors: tuple[type[Exception], ...] = ()
-    if config.images_dir is not None:
-        from clipseg_cli.weights import WeightsError
-
-        model_errors = (WeightsError,)
     last = [0.0]
 
     def progress(done: int, total: int) -> None:
@@ -83,16 +68,9 @@ def _run(config_kwargs: dict[str, Any]):
             last[0] = now
             typer.echo(f"clipseg: {done}/{total} images", err=True)
 
-    try:
-        report = evaluate.run_eval(
-            config, on_progress=progress if config.images_dir is not None else None
-        )
-    except evaluate.NoInputsError as error:
-        raise fail(str(error), ExitCode.NO_INPUTS) from None
-    except model_errors as error:
-        raise fail(str(error), ExitCode.MODEL) from None
-    except ValueError as error:
-        raise fail(str(error), ExitCode.USAGE) from None
+    report = evaluate.run_eval(
+        config, on_progress=progress if config.images_dir is not None else None
+    )
     for entry in report.errors[:_MAX_ERRORS_SHOWN]:
         typer.echo(f"clipseg: {entry['file']}: {entry['error']}", err=True)
     if len(report.errors) > _MAX_ERRORS_SHOWN:
@@ -105,7 +83,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _summary_rows(report: Any) -> tuple[list[str], list[tuple[str, ...]]]:
+def _summary_rows(report: EvalReport) -> tuple[list[str], list[tuple[str, ...]]]:
     """Table header and rows: the numbers with their convention next to them."""
     from clipseg_cli.ops import metrics
 
@@ -116,6 +94,7 @@ def _summary_rows(report: Any) -> tuple[list[str], list[tuple[str, ...]]]:
         ]
         return ["metric", "mean over images", "convention"], rows
     scores = report.segmentation
+    assert scores is not None  # the caller checks that there are numbers
     conventions = metrics.SEGMENTATION_CONVENTIONS
     at = scores.at(report.config.threshold)
     best = scores.at(scores.best_threshold)
@@ -129,7 +108,7 @@ def _summary_rows(report: Any) -> tuple[list[str], list[tuple[str, ...]]]:
     return [*header, "convention"], rows
 
 
-def _print_summary(report: Any) -> None:
+def _print_summary(report: EvalReport) -> None:
     if report.segmentation is None and report.matting is None:
         return
     header, rows = _summary_rows(report)
@@ -151,19 +130,42 @@ def _print_summary(report: Any) -> None:
     Console().print(table)
 
 
+def _write_outputs(
+    report: EvalReport, json_path: Path | None, csv_path: Path | None, plot: Path | None
+) -> list[str]:
+    """Write the requested report files; the names written, for the closing line."""
+    from clipseg_cli import evaluate
+
+    if json_path is not None:
+        csv_path = csv_path or json_path.with_suffix(".csv")
+        plot = plot or json_path.with_suffix(".pr.png")
+    if report.segmentation is None:
+        plot = None  # no curve without segmentation numbers
+    try:
+        if json_path is not None:
+            evaluate.write_report_json(json_path, report)
+        if csv_path is not None:
+            evaluate.write_per_image_csv(csv_path, report)
+        if plot is not None and report.segmentation is not None:
+            evaluate.write_pr_curve(plot, report.segmentation, report.config.threshold)
+    except (OSError, ValueError) as error:
+        raise fail(f"cannot write the report: {error}", ExitCode.SOME_FAILED) from None
+    return [str(p) for p in (json_path, csv_path, plot) if p is not None]
+
+
 def eval_command(
-    gt: GtOption,
-    pred: PredOption = None,
-    images: ImagesOption = None,
-    prompt: PromptOption = None,
-    prompts_file: Annotated[
-        Path | None, typer.Option(help="File with one text prompt per line (--images).")
-    ] = None,
-    pred_slug: PredSlugOption = None,
+    gt: GtOpt,
+    pred: PredOpt = None,
+    images: ImagesOpt = None,
+    prompt: o.PromptOpt = None,
+    prompts_file: o.PromptsFileOpt = None,
+    pred_slug: PredSlugOpt = None,
     matting: Annotated[
         bool, typer.Option("--matting", help="Matting metrics (SAD, MSE, MAD, Grad, Conn).")
     ] = False,
-    threshold: ThresholdOption = DEFAULT_THRESHOLD,
+    threshold: Annotated[
+        float, typer.Option(help="Threshold to report at: foreground = probability > t.")
+    ] = DEFAULT_THRESHOLD,
     json_path: Annotated[
         Path | None, typer.Option("--json", help="Write every number here as JSON.")
     ] = None,
@@ -175,54 +177,39 @@ def eval_command(
         Path | None,
         typer.Option(help="Precision/recall curve PNG.", show_default="--json path with .pr.png"),
     ] = None,
-    keep_preds: KeepOption = None,
-    model: ModelOption = DEFAULT_MODEL,
-    clip_weights: ClipWeightsOption = None,
-    device: DeviceOption = "auto",
-    precision: PrecisionOption = "auto",
-    batch_size: BatchOption = 4,
+    keep_preds: KeepPredsOpt = None,
+    model: o.ModelOpt = DEFAULT_MODEL,
+    clip_weights: o.ClipWeightsOpt = None,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = "auto",
+    batch_size: EvalBatchOpt = 4,
 ) -> None:
-    """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting)."""
-    from clipseg_cli import evaluate
-    from clipseg_cli.commands.options import read_prompts_file
+    """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting).
 
-    try:
-        prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
-    except ValueError as error:
-        raise fail(str(error), ExitCode.USAGE) from None
-    report = _run(
-        {
-            "gt_dir": gt,
-            "pred_dir": pred,
-            "images_dir": images,
-            "prompts": tuple(prompts),
-            "pred_slug": pred_slug,
-            "matting": matting,
-            "threshold": threshold,
-            "model": model,
-            "clip_weights": clip_weights,
-            "device": device,
-            "precision": precision,
-            "batch_size": batch_size,
-            "keep_preds": keep_preds,
-        }
-    )
-    if json_path is not None:
-        csv_path = csv_path or json_path.with_suffix(".csv")
-        plot = plot or json_path.with_suffix(".pr.png")
-    try:
-        if json_path is not None:
-            evaluate.write_report_json(json_path, report)
-        if csv_path is not None:
-            evaluate.write_per_image_csv(csv_path, report)
-        if plot is not None and report.segmentation is not None:
-            evaluate.write_pr_curve(plot, report.segmentation, threshold)
-    except (OSError, ValueError) as error:
-        raise fail(f"cannot write the report: {error}", ExitCode.SOME_FAILED) from None
+    With --images and several prompts, the ground truth of each prompt lies under
+    gt/<prompt slug>/.
+    """
+    from clipseg_cli.evaluate import EvalConfig
+
+    with exit_on_error():
+        config = EvalConfig(
+            gt_dir=gt,
+            pred_dir=pred,
+            images_dir=images,
+            prompts=o.prompts_from(prompt, prompts_file),
+            pred_slug=pred_slug,
+            matting=matting,
+            threshold=threshold,
+            model=model,
+            clip_weights=clip_weights,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            keep_preds=keep_preds,
+        )
+        report = _run(config)
+    written = _write_outputs(report, json_path, csv_path, plot)
     _print_summary(report)
-    written = [str(p) for p in (json_path, csv_path) if p is not None]
-    if plot is not None and report.segmentation is not None:
-        written.append(str(plot))
     if written:
         typer.echo(f"clipseg: wrote {', '.join(written)}", err=True)
     if report.ok == 0:
@@ -232,47 +219,48 @@ def eval_command(
 
 
 def calibrate_command(
-    gt: GtOption,
+    gt: GtOpt,
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Threshold file (JSON) for segment/matte.")
     ] = Path("clipseg-threshold.json"),
-    pred: PredOption = None,
-    images: ImagesOption = None,
-    prompt: PromptOption = None,
-    pred_slug: PredSlugOption = None,
+    pred: PredOpt = None,
+    images: ImagesOpt = None,
+    prompt: o.PromptOpt = None,
+    prompts_file: o.PromptsFileOpt = None,
+    pred_slug: PredSlugOpt = None,
     metric: Annotated[
         str, typer.Option(help="Metric to maximise: iou_fg, binary_iou or miou.")
     ] = "iou_fg",
     threshold: Annotated[
         float, typer.Option(help="Current threshold, reported for comparison.")
     ] = DEFAULT_THRESHOLD,
-    model: ModelOption = DEFAULT_MODEL,
-    clip_weights: ClipWeightsOption = None,
-    device: DeviceOption = "auto",
-    precision: PrecisionOption = "auto",
-    batch_size: BatchOption = 4,
+    model: o.ModelOpt = DEFAULT_MODEL,
+    clip_weights: o.ClipWeightsOpt = None,
+    device: o.DeviceOpt = "auto",
+    precision: o.PrecisionOpt = "auto",
+    batch_size: EvalBatchOpt = 4,
 ) -> None:
     """Find the threshold that maximises IoU_FG on a labelled set and write it to --out."""
     from clipseg_cli import evaluate
 
-    if metric not in evaluate.CALIBRATION_METRICS:
-        choices = ", ".join(evaluate.CALIBRATION_METRICS)
-        raise fail(f"--metric {metric}: choose from {choices}", ExitCode.USAGE)
-    report = _run(
-        {
-            "gt_dir": gt,
-            "pred_dir": pred,
-            "images_dir": images,
-            "prompts": tuple(prompt or ()),
-            "pred_slug": pred_slug,
-            "threshold": threshold,
-            "model": model,
-            "clip_weights": clip_weights,
-            "device": device,
-            "precision": precision,
-            "batch_size": batch_size,
-        }
-    )
+    with exit_on_error():
+        if metric not in evaluate.CALIBRATION_METRICS:
+            choices = ", ".join(evaluate.CALIBRATION_METRICS)
+            raise ValueError(f"--metric {metric}: choose from {choices}")
+        config = evaluate.EvalConfig(
+            gt_dir=gt,
+            pred_dir=pred,
+            images_dir=images,
+            prompts=o.prompts_from(prompt, prompts_file),
+            pred_slug=pred_slug,
+            threshold=threshold,
+            model=model,
+            clip_weights=clip_weights,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+        )
+        report = _run(config)
     if report.ok == 0:
         raise fail("nothing to calibrate on: no pair could be evaluated", ExitCode.SOME_FAILED)
     content = evaluate.calibration(report, metric)

@@ -1,20 +1,29 @@
 """``clipseg train`` and ``clipseg synthetic``: fine-tuning on your own data, and a toy data set
 of coloured shapes to try it on (the one the bundled ``demo`` model was trained on).
 
-CLI layer only: parses options, shows progress, prints, exits. The work is in
-:mod:`clipseg_cli.train` and :mod:`clipseg_cli.synthetic`.
+CLI layer only: parses options, shows progress, prints, exits (through
+:func:`clipseg_cli.commands.console.exit_on_error`, the one exception -> exit code table). The
+work is in :mod:`clipseg_cli.train` and :mod:`clipseg_cli.train.synthetic`.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clipseg_cli.commands.console import ExitCode, fail, progress_bar, wants_bar
-from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD
+from clipseg_cli.commands.console import ExitCode, exit_on_error, fail, progress_bar, wants_bar
+from clipseg_cli.commands.options import DeviceOpt, ProgressOpt
+from clipseg_cli.specs import DEFAULT_MODEL, DEFAULT_THRESHOLD, PRECISIONS
+
+# --save-dtype: every precision but "auto" (the keys of clipseg_cli.model.precision.DTYPES,
+# which TrainConfig.validate checks; named here from specs so that the CLI imports no torch).
+SAVE_DTYPES = tuple(name for name in PRECISIONS if name != "auto")
+
+if TYPE_CHECKING:  # clipseg_cli.train imports torch: only inside the command
+    from clipseg_cli.train import TrainResult
 
 TRAIN_HELP = "\n\n".join(
     [
@@ -25,8 +34,9 @@ TRAIN_HELP = "\n\n".join(
         '"mask": null marks a prompt that names nothing in the image (learn to answer with an '
         'empty mask). Optional keys: "split" ("train" or "val"; otherwise --val-fraction '
         'decides, seeded, per image) and "class" (examples of one class are each other\'s '
-        "visual prompts with --image-prompt-fraction; default: the prompt). Masks: foreground "
-        "where >= 128 (or 1 in 0/1 masks).",
+        "visual prompts with --image-prompt-fraction; default: the prompt). Masks are read as "
+        "everywhere else (greyscale 0/255 or 0/1, 16-bit, 1-bit or float; colour only when "
+        "every pixel is grey, never with transparency): foreground above half scale.",
         "Each epoch reports the mean loss and the validation IoU_FG (TP/(TP+FP+FN) summed over "
         "the validation set at --threshold). OUT gets config.json + model.safetensors (load "
         "with --model OUT) and training.json.",
@@ -169,23 +179,22 @@ def train_command(
     resume: Annotated[
         bool, typer.Option(help="Continue from the checkpoint in --checkpoint-dir.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     save_dtype: Annotated[
-        str, typer.Option(help="dtype of the saved weights: fp32, fp16 (half the size), bf16.")
+        str,
+        typer.Option(
+            help=f"dtype of the saved weights: {', '.join(SAVE_DTYPES)} (fp16 and bf16: half "
+            "the size)."
+        ),
     ] = "fp32",
     threads: Annotated[
         int | None,
         typer.Option(help="CPU threads for PyTorch (default: PyTorch's choice)."),
     ] = None,
-    progress: Annotated[
-        str, typer.Option(help="auto (bar on a terminal, lines otherwise), bar, lines, none.")
-    ] = "auto",
+    progress: ProgressOpt = "auto",
 ) -> None:
-    from clipseg_cli.train import ManifestError, TrainConfig, TrainError, train
-    from clipseg_cli.weights import WeightsError
+    from clipseg_cli.train import TrainConfig, train
 
-    if progress not in {"auto", "bar", "lines", "none"}:
-        raise fail(f"--progress {progress}: expected auto, bar, lines or none", ExitCode.USAGE)
     if threads is not None:
         if threads < 1:
             raise fail("--threads must be at least 1", ExitCode.USAGE)
@@ -215,26 +224,25 @@ def train_command(
         device=device,
         save_dtype=save_dtype,
     )
-    try:
-        with _TrainReporter(progress) as reporter:
-            result = train(config, on_progress=reporter)
-    except (ManifestError, TrainError) as error:
-        raise fail(str(error), ExitCode.USAGE) from None
-    except WeightsError as error:
-        raise fail(str(error), ExitCode.MODEL) from None
-    except ValueError as error:  # e.g. an unavailable --device
-        raise fail(str(error), ExitCode.USAGE) from None
-    except KeyboardInterrupt:
-        hint = " (resume with --resume)" if checkpoint_dir is not None else ""
-        raise fail(f"interrupted{hint}", ExitCode.INTERRUPTED) from None
+    # ManifestError and TrainError are ValueErrors (usage, like an unavailable --device);
+    # WeightsError is a model error.
+    interrupted = "interrupted"
+    if checkpoint_dir is not None:
+        interrupted += " (resume with --resume)"
+    with exit_on_error(interrupted=interrupted), _TrainReporter(progress) as reporter:
+        result = train(config, on_progress=reporter)
+    typer.echo(_summary(result), err=True)
 
+
+def _summary(result: TrainResult) -> str:
+    """The closing line of ``clipseg train``: where the model went, the final validation IoU."""
     last = result.history[-1] if result.history else None
     summary = f"clipseg train: wrote {result.out_dir} in {result.seconds:.0f}s"
     if last is not None and last.val_iou is not None:
         summary += f"; final val IoU_FG {last.val_iou:.3f} (text)"
         if last.val_iou_image is not None:
             summary += f", {last.val_iou_image:.3f} (image prompts)"
-    typer.echo(summary, err=True)
+    return summary
 
 
 def synthetic_command(
@@ -260,17 +268,18 @@ def synthetic_command(
         )
     if not 0.0 <= one_colour_fraction <= 1.0:
         raise fail("--one-colour-fraction must be in [0, 1]", ExitCode.USAGE)
-    try:
-        manifest = write_training_set(
-            out,
-            count,
-            first_seed=first_seed,
-            size=size,
-            negatives=negatives,
-            one_colour_fraction=one_colour_fraction,
-        )
-    except OSError as error:
-        raise fail(f"{out}: {error.strerror or error}", ExitCode.USAGE) from None
+    with exit_on_error():
+        try:
+            manifest = write_training_set(
+                out,
+                count,
+                first_seed=first_seed,
+                size=size,
+                negatives=negatives,
+                one_colour_fraction=one_colour_fraction,
+            )
+        except OSError as error:  # not in the exit table: a folder we cannot write is usage
+            raise fail(f"{out}: {error.strerror or error}", ExitCode.USAGE) from None
     typer.echo(f"clipseg synthetic: wrote {count} scenes, manifest {manifest}", err=True)
 
 

@@ -1,5 +1,9 @@
 """Calibration: the threshold that maximises a metric on a labelled set, and the threshold file
-that ``clipseg calibrate`` writes and ``--threshold-from`` reads."""
+that ``clipseg calibrate`` writes and ``--threshold-from`` reads.
+
+It owns the threshold file's format and its validation; the per-threshold numbers it searches
+are an :class:`~clipseg_cli.evaluate.scoring.EvalReport`'s. It never scores an image and never
+prints."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from clipseg_cli.io.paths import display_path
 from clipseg_cli.version import __version__
 
 if TYPE_CHECKING:
-    from clipseg_cli.evaluate import EvalReport
+    from clipseg_cli.evaluate.scoring import EvalReport
 
 CALIBRATION_METRICS = ("iou_fg", "binary_iou", "miou")
 THRESHOLD_FILE_FORMAT = "clipseg-threshold"

@@ -5,9 +5,12 @@ A scene is a textured background (smooth noise, a gradient or stripes, all in mu
 they cannot be mistaken for an object) with one to four objects, each a distinct
 (colour, shape) class, that may overlap a little. Everything is a pure function of the seed.
 
+Scenes only: nothing here trains, reads a file or prints; :func:`write_training_set` writes
+them in the layout ``clipseg train`` reads (:mod:`clipseg_cli.train.manifest`).
+
 Example::
 
-    from clipseg_cli.synthetic import make_scene
+    from clipseg_cli.train.synthetic import make_scene
 
     scene = make_scene(7)
     scene.image  # uint8 [224, 224, 3]
