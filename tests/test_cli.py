@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.specs import MODEL_SPECS
 
 runner = CliRunner()
 
@@ -427,3 +428,45 @@ def test_help_shows_the_defaults_that_options_describe():
     )
     assert f"(default: {DEFAULT_THRESHOLD}, the paper's)" in text
     assert "(default: OUT/clipseg-log.jsonl)" in text
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--progress", "foo"), ("--batch-size", "abc"), ("--engine", "spark"), ("--ref-mode", "x")],
+)
+def test_bad_option_values_are_one_line_usage_errors(tmp_path, option, value):
+    """Typer's own checks too: one `clipseg: error:` line naming the option, exit 2, nothing
+    written (before, `--progress foo` was silently taken as `lines`)."""
+    image = _photo(tmp_path / "x.png")
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [sys.executable, "-m", "clipseg_cli", "segment", str(image), "-p", "a dog", option,
+         value, "--out", str(out)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == ExitCode.USAGE, completed.stderr
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clipseg: error: "), completed.stderr
+    assert option in lines[0] and "clipseg segment --help" in lines[0]
+    assert not out.exists()
+
+
+def test_models_prints_a_header_row_for_scripts():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split("\t") == ["name", "hub id", "cached", "original file", "description"]
+    assert all(len(line.split("\t")) == 5 for line in lines)
+    assert [line.split("\t")[0] for line in lines[1:]] == list(MODEL_SPECS)
+
+
+def test_demo_note_only_follows_runs_that_processed_inputs(tmp_path):
+    scene = Path(__file__).resolve().parent.parent / "sample_data" / "shapes-90000034.png"
+    args = ["segment", str(scene), "-p", "a red circle", "--model", "demo", "--device", "cpu"]
+    args += ["--progress", "none", "--out", str(tmp_path / "out")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "note: the demo model only knows coloured shapes" in first.output
+    again = runner.invoke(app, args)  # everything is skipped: the note would be noise
+    assert again.exit_code == 0 and "1 skipped" in again.output
+    assert "note:" not in again.output

@@ -21,7 +21,9 @@ from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
 from clipseg_cli.io import files, writers
 from clipseg_cli.io.naming import LEDGER_NAME, STATE_DIR
+from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.ledger import RunLock
+from clipseg_cli.run.pipeline import run_segment
 
 runner = CliRunner()
 
@@ -263,3 +265,36 @@ def test_prompt_that_looks_like_a_path_stays_inside_out(tiny_model_dir, tmp_path
         assert Path(output["path"]).resolve().is_relative_to(out.resolve())
     written = {p for p in tmp_path.rglob("*") if p.is_file()}
     assert all(p.is_relative_to(out) or p.is_relative_to(inputs) for p in written)
+
+
+def test_a_stopped_local_run_records_what_finished_and_the_rerun_completes_it(
+    tiny_model_dir, tmp_path
+):
+    """The pipeline stops the local engine by closing it: every row it recorded is true (its
+    outputs are in place), the images in flight have no ledger line, and a rerun redoes them
+    into the same files an uninterrupted run writes."""
+    inputs, out, reference = _photos(tmp_path / "in", 9), tmp_path / "out", tmp_path / "ref"
+    assert _segment(inputs, reference, tiny_model_dir).exit_code == 0
+    recorded: list[int] = []
+    config = SegmentConfig(
+        inputs=(str(inputs),),
+        out_dir=out,
+        prompts=("a dog",),
+        save=("mask", "soft"),
+        model=str(tiny_model_dir),
+        device="cpu",
+    )
+    summary = run_segment(
+        config,
+        on_progress=lambda progress: recorded.append(progress.done),
+        should_stop=lambda: len(recorded) >= 3,
+    )
+    assert summary.interrupted and summary.ok == 3 and summary.total == 9
+    ledger = _ledger_rows(out)
+    assert len(ledger) == 3
+    for row in ledger:
+        assert all(Path(path).is_file() for path in row["outputs"])
+    assert _temporaries(out) == []
+    assert _segment(inputs, out, tiny_model_dir).exit_code == 0
+    assert sum(row["status"] == "skipped" for row in _last_run(out)) == 3
+    assert _output_files(out) == _output_files(reference)

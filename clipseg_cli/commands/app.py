@@ -45,12 +45,13 @@ def main() -> None:
     Typer's framed box.
     """
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="clipseg", standalone_mode=False)
     except typer.TyperException as error:  # click's UsageError and its kin
         message = " ".join(str(getattr(error, "format_message", error.__str__)()).split())
         context = getattr(error, "ctx", None)
         hint = f" (see '{context.command_path} --help')" if context is not None else ""
-        typer.echo(f"clipseg: error: {message}{hint}", err=True)
+        if message:  # none when the help was shown instead (no arguments at all)
+            typer.echo(f"clipseg: error: {message}{hint}", err=True)
         sys.exit(getattr(error, "exit_code", int(ExitCode.USAGE)))
     except typer.Abort:
         sys.exit(int(ExitCode.INTERRUPTED))

@@ -238,6 +238,7 @@ def _process(
     from clipseg_cli.run.engines import local
     from clipseg_cli.run.promptset import SEGMENTATION_PARTS
     from clipseg_cli.run.steps import ItemSteps, SegmenterLoader
+    from clipseg_cli.segmenter import Segmenter
 
     memory.tune_for_loading()
     prompter, prompts = _embed_prompts(config, segmenter)
@@ -252,8 +253,17 @@ def _process(
         del prompter
         memory.return_freed_memory()
     else:
-        model = _segmentation_model(config, prompter, given=segmenter)
-        del prompter
+        if segmenter is not None:
+            segmenter.release_prompt_encoders()
+            model = segmenter
+        elif config.prompt_embedding is not None:
+            model = prompter  # it loaded the segmentation parts to check the file
+        else:
+            # The prompt phase's towers are freed before the segmentation parts load, so the
+            # whole model is never resident.
+            del prompter
+            memory.return_freed_memory()
+            model = Segmenter.load_for(config, SEGMENTATION_PARTS)
         engine, load = local.process, lambda: model
         memory.tune_for_streaming()
     _record_results(engine(todo, steps, load), recorder, should_stop)
@@ -284,23 +294,6 @@ def _embed_prompts(
         save_prompt_set(config.save_prompt, prompts, segmenter.info)
     cpu = PromptSet(prompts.vectors.detach().float().cpu(), prompts.positives, prompts.negatives)
     return segmenter, cpu
-
-
-def _segmentation_model(
-    config: SegmentConfig, prompter: Segmenter, given: Segmenter | None
-) -> Segmenter:
-    """The model the local engine segments with, after the prompt phase."""
-    from clipseg_cli.run.promptset import SEGMENTATION_PARTS
-    from clipseg_cli.segmenter import Segmenter
-
-    if given is not None:
-        given.release_prompt_encoders()
-        return given
-    if config.prompt_embedding is not None:
-        return prompter  # it loaded the segmentation parts to check the file
-    del prompter
-    memory.return_freed_memory()
-    return Segmenter.load_for(config, SEGMENTATION_PARTS)
 
 
 def _record_results(
