@@ -4,6 +4,9 @@
   same random full-size weights and generated photos as run_bench.py.
 * ``rerun``: a no-op rerun over a finished folder of 10,000 images (target: under 3 s). The
   first pass uses a tiny random model (only the rerun is timed, and it never loads a model).
+* ``sharp``: what ``segment --refine guided`` costs against ``--refine none`` (target: at most
+  15% of a default full-size fp32 run on 1024x768 photos), per megapixel and prompt, and how
+  ``--tiles N`` scales with the number of tiles (target: linearly).
 """
 
 from __future__ import annotations
@@ -41,6 +44,51 @@ def matte_rates(work: Path, images: int) -> list[str]:
             f"| matte, --refine {refine}, 1 prompt, fp32 | {steady:.2f} img/s steady state "
             f"({images / rates[images].wall_s:.2f} end to end) | peak RSS "
             f"{rates[images].peak_rss_bytes / 2**30:.2f} GiB |"
+        )
+    return lines
+
+
+def _segment_rate(work: Path, model: Path, pool: Path, images: int, label: str, *extra: str):
+    """Steady-state (img/s, seconds per image) of ``segment`` with ``extra`` options."""
+    walls = {}
+    for count in (1, images):
+        source = image_subset(pool, work / "sets", count)
+        out = work / f"sharp-{label}-{count}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [*cli_base(), "segment", str(source), "-p", "a dog", "--model", str(model)]
+        cmd += ["--out", str(out), "--device", "cpu", "--precision", "fp32", "--progress"]
+        cmd += ["none", *extra]
+        walls[count] = run_measured(f"{label} x{count}", cmd, out / "run.log", count).wall_s
+    per_image = (walls[images] - walls[1]) / (images - 1)
+    return 1 / per_image, per_image
+
+
+def sharp_costs(work: Path, images: int) -> list[str]:
+    from clipseg_cli.ops.tiles import tile_grid, tiles_along_short_side
+
+    model = ensure_model(work / "model-rd64-refined", work / "logs")
+    pool = work / "images-1024x768"
+    make_photo_like_jpegs(pool, images)
+    rate_none, none_s = _segment_rate(work, model, pool, images, "none", "--refine", "none")
+    rate_guided, guided_s = _segment_rate(work, model, pool, images, "guided")
+    megapixels = 1024 * 768 / 1e6
+    cost = guided_s - none_s
+    lines = [
+        f"| segment 1024x768, fp32, 1 prompt, --refine none | {rate_none:.2f} img/s steady "
+        "state | |",
+        f"| segment 1024x768, fp32, 1 prompt, --refine guided (default) | {rate_guided:.2f} "
+        f"img/s: +{100 * cost / none_s:.1f}% time, {1000 * cost / megapixels:.0f} ms per "
+        "megapixel per prompt (target <= 15%) | |",
+    ]
+    for count in (2, 3, 4):
+        tiles = len(tile_grid((768, 1024), tiles_along_short_side(str(count), (768, 1024), 352)))
+        rate, seconds = _segment_rate(
+            work, model, pool, images, f"tiles{count}", "--refine", "none", "--tiles", str(count)
+        )
+        lines.append(
+            f"| --tiles {count} ({tiles} tiles + the whole image = {tiles + 1} rows), --refine "
+            f"none | {rate:.3f} img/s, {seconds:.2f} s per image = {seconds / (tiles + 1):.2f} "
+            f"s per row (whole image alone: {none_s:.2f} s) | |"
         )
     return lines
 
@@ -89,13 +137,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "_work")
     parser.add_argument("--images", type=int, default=12, help="images per matte run")
     parser.add_argument("--rerun-images", type=int, default=10_000)
-    parser.add_argument("--only", choices=("matte", "rerun"), default=None)
+    parser.add_argument("--only", choices=("matte", "rerun", "sharp"), default=None)
     args = parser.parse_args()
     lines = []
     if args.only in (None, "matte"):
         lines += matte_rates(args.work, args.images)
     if args.only in (None, "rerun"):
         lines += rerun_time(args.work, args.rerun_images)
+    if args.only in (None, "sharp"):
+        lines += sharp_costs(args.work, args.images)
     report = "| benchmark | result | memory |\n|---|---|---|\n" + "\n".join(lines)
     print(report)
     (args.work / "extra-results.md").write_text(report + "\n")

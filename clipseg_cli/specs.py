@@ -17,13 +17,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The paper's default decision threshold on sigmoid probabilities.
 DEFAULT_THRESHOLD = 0.3
 DEFAULT_MODEL = "CIDAS/clipseg-rd64-refined"
+#: The Segment Anything model of ``--refine sam`` (transformers' SamModel layout).
+DEFAULT_SAM_MODEL = "facebook/sam-vit-base"
 
 #: ``--device`` values (besides ``cuda:N``); ``auto`` picks CUDA, then Apple MPS, then the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: ``--precision`` values; ``auto`` is half precision on GPUs, fp32 on the CPU.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: Edge refinement of probabilities against the full-resolution image (ops.matting).
-REFINE_METHODS = ("none", "guided")
+#: Edge refinement of probabilities against the full-resolution image: guided filter
+#: (ops.matting) or Segment Anything (clipseg_cli.sam, the [sam] extra).
+REFINE_METHODS = ("none", "guided", "sam")
 #: Images per model batch when --batch-size is not given, by device type: on a CPU one image
 #: (485 tokens) already keeps the cores busy, and each extra image costs ~50 MB of fp32
 #: activations (measured on 2 cores: batches of 1 as fast as of 2, peak memory 60-100 MB lower);
@@ -115,7 +118,7 @@ class ModelSpec:
 
 
 VIT_B16 = ArchitectureSpec()
-# The offline demo model: a CLIPSeg trained from scratch on clipseg_cli.train.synthetic scenes by
+# The offline demo model: a CLIPSeg trained from scratch on clipseg_cli.ops.shapes scenes by
 # ``clipseg train --from-scratch tiny`` (see clipseg_cli/assets/demo/README.md). Small enough to
 # train on two CPU cores in under half an hour and to ship in the package (fp16, < 10 MB, mostly
 # the 49408 x 64 token embedding). 128 x 128 input: objects span 2-3 tokens, so that a ViT

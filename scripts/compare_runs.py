@@ -96,25 +96,25 @@ def make_ground_truth(folder: Path, data: Path) -> None:
         Image.fromarray((mask * 255).astype(np.uint8)).save(target)
 
 
-def commands(new_args: list[str]) -> list[list[str]]:
+def commands(new_args: list[str], segment_args: list[str]) -> list[list[str]]:
     """The fixed runs (cwd: the work folder; inputs under data/, outputs under out/)."""
     prompt_args = [arg for prompt in PROMPTS for arg in ("-p", prompt)]
     common = ["--model", "demo", "--progress", "none"]
     return [
         ["segment", "data", *prompt_args, "--negative", "a green circle", "--save",
          "mask,soft,overlay,cutout,logits,labels", "--soft-bits", "16", "--report",
-         "--out", "out/segment", *common, *new_args],
+         "--out", "out/segment", *common, *new_args, *segment_args],
         # The same again: every input is skipped (unchanged), the log gains skipped rows.
         ["segment", "data", *prompt_args, "--negative", "a green circle", "--save",
          "mask,soft,overlay,cutout,logits,labels", "--soft-bits", "16", "--report",
-         "--out", "out/segment", *common, *new_args],
+         "--out", "out/segment", *common, *new_args, *segment_args],
         ["segment", "data/scene0.png", "data/nested", "-p", "a red circle", "--ref",
          "data/scene2.webp", "--mix", "0.5", "--save", "mask,cutout", "--cutout-alpha", "mask",
          "--threshold", "0.4", "--save-prompt", "out/prompts.safetensors",
-         "--out", "out/ref", *common, *new_args],
+         "--out", "out/ref", *common, *new_args, *segment_args],
         ["segment", "data/scene0.png", "data/nested", "--prompt-embedding",
          "out/prompts.safetensors", "--save", "mask,overlay", "--out", "out/reuse", *common,
-         *new_args],
+         *new_args, *segment_args],
         ["matte", "data", "-p", "a blue square", "--save", "matte,cutout,composite",
          "--background", "blur", "--out", "out/matte", *common, *new_args],
         ["matte", "data", "-p", "a blue square", "-p", "a red circle", "--refine", "none",
@@ -141,7 +141,9 @@ def extract(rev: str, into: Path) -> Path:
     return into
 
 
-def run_side(source: Path, work: Path, new_args: list[str], ray: bool) -> list[dict]:
+def run_side(
+    source: Path, work: Path, new_args: list[str], segment_args: list[str], ray: bool
+) -> list[dict]:
     """Run every command with the package at ``source``; returns exit codes and stderr."""
     env = dict(os.environ, PYTHONPATH=str(source), HF_HUB_OFFLINE="1", COLUMNS="200")
     check = subprocess.run(
@@ -154,7 +156,7 @@ def run_side(source: Path, work: Path, new_args: list[str], ray: bool) -> list[d
     if not check.startswith(str(source)):
         raise SystemExit(f"clipseg_cli imported from {check}, not from {source}")
     results = []
-    runs = commands(new_args)
+    runs = commands(new_args, segment_args)
     if ray:
         first = runs[0]
         out = first.index("--out")
@@ -223,12 +225,37 @@ def _ledger(path: Path, roots: list[str]) -> list:
     return rows
 
 
+def _same(base: object, new: object, allow_new: bool) -> bool:
+    """Equal, or (with ``allow_new``) equal but for dictionary keys only the new side has."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        if not allow_new and base.keys() != new.keys():
+            return False
+        return base.keys() <= new.keys() and all(
+            _same(base[key], new[key], allow_new) for key in base
+        )
+    if isinstance(base, list) and isinstance(new, list):
+        return len(base) == len(new) and all(
+            _same(a, b, allow_new) for a, b in zip(base, new, strict=True)
+        )
+    return base == new
+
+
+def _header_changes(base: list, new: list) -> list[str]:
+    """How the ledgers' configuration headers differ (new options change the fingerprint)."""
+    old = next((row for row in base if "parts" in row), {}).get("parts", {})
+    now = next((row for row in new if "parts" in row), {}).get("parts", {})
+    return [f"{key}: {old.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(old) | set(now))
+            if old.get(key) != now.get(key)]  # fmt: skip
+
+
 def _pixels(path: Path) -> tuple:
     with Image.open(path) as image:
         return image.mode, image.size, hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
 
 
-def compare(old: Path, new: Path, roots: list[str], pixels: bool) -> list[str]:
+def compare(
+    old: Path, new: Path, roots: list[str], pixels: bool, allow_new: bool = False
+) -> list[str]:
     problems = []
     old_files = {p.relative_to(old) for p in old.rglob("*") if p.is_file()}
     new_files = {p.relative_to(new) for p in new.rglob("*") if p.is_file()}
@@ -241,19 +268,28 @@ def compare(old: Path, new: Path, roots: list[str], pixels: bool) -> list[str]:
         a, b = old / rel, new / rel
         name = rel.name
         if name == "ledger.jsonl":
-            if _ledger(a, roots) != _ledger(b, roots):
+            base_rows, new_rows = _ledger(a, roots), _ledger(b, roots)
+            if allow_new and (changes := _header_changes(base_rows, new_rows)):
+                # The configuration gained options: the header's parts (and its hash) change,
+                # every input's row must not.
+                print(f"configuration header of {rel} changed: {'; '.join(changes)}")
+                base_rows = [row for row in base_rows if "parts" not in row]
+                new_rows = [row for row in new_rows if "parts" not in row]
+            if not _same(base_rows, new_rows, allow_new):
                 problems.append(f"ledger rows differ: {rel}")
         elif name.endswith(".jsonl"):
-            if _jsonl(a, roots) != _jsonl(b, roots):
+            if not _same(_jsonl(a, roots), _jsonl(b, roots), allow_new):
                 problems.append(f"rows differ: {rel}")
         elif name.endswith(".json"):
-            if _strip(json.loads(a.read_text()), roots) != _strip(json.loads(b.read_text()), roots):
+            base_json = _strip(json.loads(a.read_text()), roots)
+            if not _same(base_json, _strip(json.loads(b.read_text()), roots), allow_new):
                 problems.append(f"JSON differs: {rel}")
         elif name.endswith(".safetensors"):
             if _safetensors(a) != _safetensors(b):
                 problems.append(f"tensors or metadata differ: {rel}")
         elif name == "report.html":
-            if _page(a, roots) != _page(b, roots):
+            (base_markup, base_data), (new_markup, new_data) = _page(a, roots), _page(b, roots)
+            if base_markup != new_markup or not _same(base_data, new_data, allow_new):
                 problems.append(f"page differs: {rel}")
         elif name == "lock" or re.match(r"ledger\.jsonl\.\d+\.old", name):
             continue
@@ -278,6 +314,14 @@ def main() -> int:
     parser.add_argument("--base", required=True, help="git revision of the reference side")
     parser.add_argument("--new", help="git revision of the new side (default: working tree)")
     parser.add_argument("--new-args", default="", help="extra options for the new side")
+    parser.add_argument(
+        "--segment-args", default="", help="extra options for the new side's segment runs only"
+    )
+    parser.add_argument(
+        "--allow-new-keys",
+        action="store_true",
+        help="JSON and rows may gain keys the base side lacks (new options, new metrics)",
+    )
     parser.add_argument("--pixels", action="store_true", help="compare PNG pixels, not bytes")
     parser.add_argument("--ray", action="store_true", help="also run --engine ray")
     parser.add_argument("--keep", type=Path, help="keep the work folder here")
@@ -293,12 +337,12 @@ def main() -> int:
     new_src = extract(args.new, work / "new-src") if args.new else REPO
     roots = [str(old_src), str(new_src)]
     sides = {}
-    for label, source, extra in (
-        ("base", old_src, []),
-        ("new", new_src, args.new_args.split()),
+    for label, source, extra, segment_extra in (
+        ("base", old_src, [], []),
+        ("new", new_src, args.new_args.split(), args.segment_args.split()),
     ):
         print(f"running the {label} side from {source}")
-        results = run_side(source, run_dir, extra, args.ray)
+        results = run_side(source, run_dir, extra, segment_extra, args.ray)
         (run_dir / "out").rename(work / f"{label}-out")
         sides[label] = results
     problems = []
@@ -310,7 +354,9 @@ def main() -> int:
             # Messages may change on purpose (a fixed message); shown for a person to judge.
             base, new = a["stderr"].strip(), b["stderr"].strip()
             print(f"messages differ, {what}:\n  base: {base}\n  new:  {new}")
-    problems += compare(work / "base-out", work / "new-out", roots, args.pixels)
+    problems += compare(
+        work / "base-out", work / "new-out", roots, args.pixels, args.allow_new_keys
+    )
     for result in sides["new"]:
         print(f"exit {result['code']}: clipseg {' '.join(result['argv'])}")
     if problems:

@@ -125,3 +125,23 @@ def tiny_segmenter(tiny_model_dir: Path):
     from clipseg_cli.segmenter import Segmenter
 
     return Segmenter.load(str(tiny_model_dir), device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def uninstall(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """``uninstall("ray")``: from now on in this test, importing the package (or any of its
+    modules) fails as if it were not installed."""
+
+    def hide(package: str) -> None:
+        import builtins
+
+        real_import = builtins.__import__
+
+        def without(name: str, *args: object, **kwargs: object) -> object:
+            if name == package or name.startswith(package + "."):
+                raise ImportError(f"No module named {name!r}")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", without)
+
+    return hide

@@ -2,7 +2,7 @@
 an absent object answered with an empty mask, and ``--mix`` / ``--negative`` doing what the
 README says, through ``clipseg segment --model demo``.
 
-Scenes come from :mod:`clipseg_cli.train.synthetic` with seeds from 10_000_000 up; the demo
+Scenes come from :mod:`clipseg_cli.ops.shapes` with seeds from 10_000_000 up; the demo
 model was trained on seeds 0..3199 (see clipseg_cli/assets/demo/README.md). IoU_FG = TP/(TP+FP+FN)
 summed over all (scene, object) pairs at the paper's threshold 0.3 (prob > t).
 """
@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from clipseg_cli.commands.app import app
 from clipseg_cli.ops.prompts import engineer_reference
+from clipseg_cli.ops.shapes import CLASSES, Scene, make_scene
 from clipseg_cli.segmenter import Segmenter
 from clipseg_cli.specs import DEFAULT_THRESHOLD, MODEL_SPECS
-from clipseg_cli.train.synthetic import CLASSES, Scene, make_scene
 
 HELD_OUT_SEED = 10_000_000  # far from the training seeds 0..3199
 SCENES = 30

@@ -36,3 +36,40 @@ def test_prediction_upsamples_one_prompt_and_applies_negatives():
     np.testing.assert_array_equal(prediction.logits, logits[:2])
     without_negative = Prediction(logits[:2], positives=2, size=(20, 30))
     np.testing.assert_allclose(without_negative.probabilities(1), full[1], rtol=0, atol=1e-6)
+
+
+def test_row_batcher_fills_every_batch_and_returns_images_in_order():
+    """Tiles are more rows: an image's rows may span model batches, every batch but the last
+    is full, and each image comes back once all its rows are, with its own logits."""
+    from types import SimpleNamespace
+
+    from clipseg_cli.run.items import RowBatcher
+
+    def prepared(name: str, rows: int):
+        image = SimpleNamespace(rgb=np.zeros((10, 20, 3), np.uint8))
+        grid = SimpleNamespace() if rows > 1 else None
+        inputs = [np.full((4, 4, 3), 10 * int(name[1:]) + r, np.uint8) for r in range(rows)]
+        return SimpleNamespace(name=name, image=image, model_inputs=inputs, grid=grid)
+
+    images = [prepared("i1", 1), prepared("i2", 4), prepared("i3", 1), prepared("i4", 3)]
+    batcher = RowBatcher(size=3, positives=1)
+    for image in images:
+        batcher.add(image)
+    sizes, done = [], []
+    while len(batcher):
+        rows = batcher.next_rows()
+        sizes.append(len(rows))
+        # The "model": each row's logits are its pixel value, for 1 prompt at 2x2.
+        logits = np.stack([np.full((1, 2, 2), p.model_inputs[i][0, 0, 0], np.float32)
+                           for p, i in rows])  # fmt: skip
+        done += batcher.accept(rows, logits)
+    assert sizes == [3, 3, 3]
+    assert [p.name for p, _ in done] == ["i1", "i2", "i3", "i4"]
+    for p, prediction in done:
+        assert prediction.size == (10, 20)
+        assert prediction.low_res_logits[0, 0, 0] == p.model_inputs[0][0, 0, 0]
+        if len(p.model_inputs) > 1:
+            tiles = prediction.tile_logits[:, 0, 0, 0]
+            np.testing.assert_array_equal(tiles, [m[0, 0, 0] for m in p.model_inputs[1:]])
+        else:
+            assert prediction.tile_logits is None

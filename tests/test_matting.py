@@ -11,8 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
-from clipseg_cli.ops.matting import default_radius, guided_filter, refine_matte
-from clipseg_cli.specs import REFINE_METHODS
+from clipseg_cli.ops.matting import (
+    ARRAY_REFINE_METHODS,
+    default_radius,
+    guided_filter,
+    refine_matte,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Independent matting metrics (the matting literature's definitions; the project's
@@ -160,7 +164,7 @@ def test_method_none_returns_the_probabilities() -> None:
     )
 
 
-@pytest.mark.parametrize("method", REFINE_METHODS)
+@pytest.mark.parametrize("method", ARRAY_REFINE_METHODS)
 def test_output_dtype_shape_and_range(method: str) -> None:
     rgb, truth = make_scene((120, 160), (0.90, 0.55, 0.15), 2)
     out = refine_matte(rgb, clipseg_degrade(truth).astype(np.float64), method=method)

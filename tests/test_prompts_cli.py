@@ -184,18 +184,22 @@ def test_matte_writes_full_resolution_kinds(tiny_model_dir, tmp_path):
     assert np.abs(composite - expected).max() <= 1.0
 
 
-def test_matte_refine_none_is_the_plain_probability(tiny_model_dir, tmp_path):
+def test_matte_and_segment_share_one_refinement(tiny_model_dir, tmp_path):
+    """matte's alpha is segment's soft output, refined the same way (none: the plain
+    probability; guided by default)."""
     image = _image(tmp_path / "x.png", size=(96, 64), seed=10)
-    _run("matte", str(image), "-p", "a dog", "--refine", "none", "--matte-bits", "16",
-         "--out", str(tmp_path / "m"), model=tiny_model_dir)  # fmt: skip
-    _run("segment", str(image), "-p", "a dog", "--save", "soft", "--soft-bits", "16",
-         "--out", str(tmp_path / "s"), model=tiny_model_dir)  # fmt: skip
-    matte = np.asarray(Image.open(tmp_path / "m" / "x.png.a-dog.matte.png"))
-    soft = np.asarray(Image.open(tmp_path / "s" / "x.png.a-dog.soft.png"))
-    np.testing.assert_array_equal(matte, soft)
-    guided = _run("matte", str(image), "-p", "a dog", "--out", str(tmp_path / "g"),
-                  model=tiny_model_dir)  # fmt: skip
-    assert guided.exit_code == 0
+    for refine in ("none", "guided"):
+        _run("matte", str(image), "-p", "a dog", "--refine", refine, "--matte-bits", "16",
+             "--out", str(tmp_path / f"m-{refine}"), model=tiny_model_dir)  # fmt: skip
+        _run("segment", str(image), "-p", "a dog", "--save", "soft", "--soft-bits", "16",
+             "--refine", refine, "--out", str(tmp_path / f"s-{refine}"),
+             model=tiny_model_dir)  # fmt: skip
+        matte = np.asarray(Image.open(tmp_path / f"m-{refine}" / "x.png.a-dog.matte.png"))
+        soft = np.asarray(Image.open(tmp_path / f"s-{refine}" / "x.png.a-dog.soft.png"))
+        np.testing.assert_array_equal(matte, soft)
+    plain = np.asarray(Image.open(tmp_path / "s-none" / "x.png.a-dog.soft.png"))
+    refined = np.asarray(Image.open(tmp_path / "s-guided" / "x.png.a-dog.soft.png"))
+    assert not np.array_equal(plain, refined)
 
 
 def test_threshold_from_a_calibration_file(tiny_model_dir, tmp_path):

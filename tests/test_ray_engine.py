@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import json
 from pathlib import Path
 
@@ -150,20 +149,28 @@ def test_interrupted_ray_run_resumes_from_the_ledger(
     assert len(last_run) == 10
 
 
-def test_without_ray_the_engine_says_how_to_install_it(
-    tiny_model_dir, photos, tmp_path, monkeypatch
-):
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+def test_without_ray_the_engine_says_how_to_install_it(tiny_model_dir, photos, tmp_path, uninstall):
+    uninstall("ray")
     out = tmp_path / "out"
     result = _segment(photos, out, tiny_model_dir, *_ray())
     assert result.exit_code == ExitCode.USAGE
     message = result.output.strip()
     assert "\n" not in message and "pip install 'clipseg-cli[ray]'" in message
     assert not out.exists()  # refused before anything was locked or written
+
+
+def test_ray_engine_with_tiles_and_refinement_matches_the_local_engine(
+    ray_cluster, tiny_model_dir, photos, tmp_path
+):
+    """Tiles are more rows of the model's batches; an image's rows can span batches, and the
+    Ray actors re-form batches differently from the local engine: the outputs are the same."""
+    options = ("--tiles", "2", "--refine", "guided", "--batch-size", "3")
+    local = tmp_path / "local"
+    assert _segment(photos, local, tiny_model_dir, *options).exit_code == ExitCode.SOME_FAILED
+    out = tmp_path / "ray"
+    result = _segment(photos, out, tiny_model_dir, *options, *_ray())
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
+    assert _output_files(out) == _output_files(local)
+    assert _log(out) == _log(local)
+    summary = json.loads((out / "clipseg-summary.json").read_text())
+    assert summary["config"]["tiles"] == "2"

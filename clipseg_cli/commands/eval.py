@@ -31,7 +31,8 @@ _MAX_ERRORS_SHOWN = 20
 # -- the options only eval and calibrate have -----------------------------------------------------
 
 GtOpt = Annotated[
-    Path, typer.Option("--gt", help="Folder of ground-truth masks (or mattes with --matting).")
+    Path | None,
+    typer.Option("--gt", help="Folder of ground-truth masks (or mattes with --matting)."),
 ]
 PredOpt = Annotated[
     Path | None,
@@ -94,7 +95,8 @@ def _summary_rows(report: EvalReport) -> tuple[list[str], list[tuple[str, ...]]]
         ]
         return ["metric", "mean over images", "convention"], rows
     scores = report.segmentation
-    assert scores is not None  # the caller checks that there are numbers
+    if scores is None:  # the caller checks that there are numbers
+        return [], []
     conventions = metrics.SEGMENTATION_CONVENTIONS
     at = scores.at(report.config.threshold)
     best = scores.at(scores.best_threshold)
@@ -104,6 +106,8 @@ def _summary_rows(report: EvalReport) -> tuple[list[str], list[tuple[str, ...]]]
     rows.append(("iou_fg_plus1", _fmt(at["iou_fg_plus1"]), _fmt(best["iou_fg_plus1"]),
                  conventions["iou_fg_plus1"]))  # fmt: skip
     rows.append(("ap", _fmt(scores.ap), "", conventions["ap"]))
+    if report.boundary is not None:
+        rows.append(("boundary_f", _fmt(report.boundary.f_score), "", conventions["boundary_f"]))
     header = ["metric", f"at t={at['threshold']:g}", f"at best t={best['threshold']:g}"]
     return [*header, "convention"], rows
 
@@ -154,7 +158,7 @@ def _write_outputs(
 
 
 def eval_command(
-    gt: GtOpt,
+    gt: GtOpt = None,
     pred: PredOpt = None,
     images: ImagesOpt = None,
     prompt: o.PromptOpt = None,
@@ -183,15 +187,37 @@ def eval_command(
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = "auto",
     batch_size: EvalBatchOpt = 4,
+    shapes: Annotated[
+        bool,
+        typer.Option(
+            "--shapes",
+            help="Instead: the proxy measurement of refinement and tiles on generated "
+            "high-resolution shape scenes with the demo model (no --gt needed).",
+        ),
+    ] = False,
+    scenes: Annotated[int, typer.Option(help="--shapes: scenes per set.")] = 6,
+    first_seed: Annotated[
+        int, typer.Option(help="--shapes: seed of the first scene.")
+    ] = 50_000_000,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="--shapes: keep the scenes and outputs here (default: a temp folder)."),
+    ] = None,
 ) -> None:
-    """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP; or matting).
+    """Score predictions against ground truth (IoU_FG, mIoU, binary IoU, AP, boundary F; or
+    matting).
 
     With --images and several prompts, the ground truth of each prompt lies under
     gt/<prompt slug>/.
     """
     from clipseg_cli.evaluate import EvalConfig
 
+    if shapes:
+        _shapes_proxy(scenes, first_seed, work, json_path)
+        return
     with exit_on_error():
+        if gt is None:
+            raise ValueError("give --gt DIR (or --shapes for the proxy measurement)")
         config = EvalConfig(
             gt_dir=gt,
             pred_dir=pred,
@@ -216,6 +242,37 @@ def eval_command(
         raise fail("no pair could be evaluated", ExitCode.SOME_FAILED)
     if report.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def _shapes_proxy(scenes: int, first_seed: int, work: Path | None, json_path: Path | None) -> None:
+    """``eval --shapes``: run the proxy, print its table, write its JSON."""
+    import tempfile
+
+    from clipseg_cli.commands import shapes_proxy
+
+    with exit_on_error():
+        if scenes < 1 or first_seed < 0:
+            raise ValueError("--scenes must be >= 1 and --first-seed >= 0")
+        if work is not None:
+            results = shapes_proxy.measure(work, scenes, first_seed)
+        else:
+            with tempfile.TemporaryDirectory(prefix="clipseg-shapes-") as folder:
+                results = shapes_proxy.measure(Path(folder), scenes, first_seed)
+    header = ["set", "refine", "tiles", "IoU_FG", "boundary F", "absent coverage", "seconds"]
+    keys = ["set", "refine", "tiles", "iou_fg", "boundary_f", "absent_coverage", "seconds"]
+    lines = [header] + [
+        [_fmt(row[k], 4) if isinstance(row[k], float) and k != "seconds" else str(row[k])
+         for k in keys]
+        for row in results
+    ]  # fmt: skip
+    for line in lines:
+        typer.echo("\t".join("n/a" if cell == "None" else cell for cell in line))
+    if json_path is not None:
+        from clipseg_cli.io.files import write_json_atomic
+
+        write_json_atomic(json_path, {"proxy": "shapes", "scenes": scenes,
+                                      "first_seed": first_seed, "results": results})  # fmt: skip
+        typer.echo(f"clipseg: wrote {json_path}", err=True)
 
 
 def calibrate_command(

@@ -94,6 +94,30 @@ ThresholdFromOpt = Annotated[
     Path | None, typer.Option(help="Read the threshold from a file written by clipseg calibrate.")
 ]
 
+# -- sharper masks --------------------------------------------------------------------------------
+
+RefineOpt = Annotated[
+    Literal["none", "guided", "sam"],
+    typer.Option(
+        help="Edge refinement of every output made from the probability (not logits) against "
+        "the full-resolution image: guided (guided filter), none (plain upsampled "
+        "probabilities), or sam (Segment Anything per region: pip install 'clipseg-cli[sam]')."
+    ),
+]
+TilesOpt = Annotated[
+    str,
+    typer.Option(
+        help="Look closer at large images: off, auto (when the shorter side is at least twice "
+        "the model's input), or N tiles along the shorter side; combined with the whole image."
+    ),
+]
+SamModelOpt = Annotated[
+    str,
+    typer.Option(
+        help="Segment Anything model for --refine sam: a hub id or a local transformers folder."
+    ),
+]
+
 # -- the model and the machine --------------------------------------------------------------------
 
 ModelOpt = Annotated[

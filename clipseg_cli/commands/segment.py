@@ -19,7 +19,7 @@ from clipseg_cli.commands import options as o
 from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, wants_bar
 from clipseg_cli.io.naming import COMMAND_KINDS, parse_kinds
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODEL_SPECS
+from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SAM_MODEL, MODEL_SPECS
 
 
 class _StopSignals:
@@ -168,6 +168,9 @@ def segment(
     cutout_alpha: Annotated[
         str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
     ] = "soft",
+    refine: o.RefineOpt = "guided",
+    tiles: o.TilesOpt = "off",
+    sam_model: o.SamModelOpt = DEFAULT_SAM_MODEL,
     model: o.ModelOpt = DEFAULT_MODEL,
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",
@@ -204,6 +207,9 @@ def segment(
             threshold=o.threshold_from(threshold, threshold_from),
             soft_bits=soft_bits,
             cutout_alpha=cutout_alpha,
+            refine=refine,
+            tiles=tiles,
+            sam_model=sam_model,
             model=model,
             clip_weights=clip_weights,
             device=device,
@@ -243,13 +249,9 @@ def matte(
             show_default=COMMAND_KINDS["matte"][0],
         ),
     ] = None,
-    refine: Annotated[
-        str,
-        typer.Option(
-            help="Edge refinement against the full-resolution image: guided (guided filter) "
-            "or none (plain upsampled probabilities)."
-        ),
-    ] = "guided",
+    refine: o.RefineOpt = "guided",
+    tiles: o.TilesOpt = "off",
+    sam_model: o.SamModelOpt = DEFAULT_SAM_MODEL,
     background: Annotated[
         str,
         typer.Option(
@@ -294,6 +296,8 @@ def matte(
             prompt_embedding=prompt_embedding,
             save=parse_kinds(save or [], "matte"),
             refine=refine,
+            tiles=tiles,
+            sam_model=sam_model,
             background=background,
             threshold=o.threshold_from(threshold, threshold_from),
             soft_bits=matte_bits,

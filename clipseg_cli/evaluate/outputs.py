@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 SEGMENTATION_CSV_COLUMNS = (
     "gt", "pred", "image", "prompt", "class", "status", "error", "width", "height",
     "tp", "fp", "fn", "tn", "iou_fg", "binary_iou", "precision", "recall",
-    "gt_foreground", "pred_foreground", "iou_fg_at_best",
+    "gt_foreground", "pred_foreground", "iou_fg_at_best", "boundary_f",
 )  # fmt: skip
 MATTING_CSV_COLUMNS = (
     "gt", "pred", "image", "prompt", "class", "status", "error", "width", "height",

@@ -47,6 +47,8 @@ class EvalReport:
     rows: list[dict[str, Any]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     segmentation: metrics.SegmentationScores | None = None
+    # Edge pixels summed over the images, at the chosen threshold (segmentation only).
+    boundary: metrics.BoundaryCounts | None = None
     matting: dict[str, float] | None = None
     seconds: float = 0.0
 
@@ -69,7 +71,10 @@ class EvalReport:
         if self.segmentation is None:
             return {}
         at = self.segmentation.at(self.config.threshold)
-        return {k: at[k] for k in ("iou_fg", "binary_iou", "miou", "ap", "precision", "recall")}
+        numbers = {k: at[k] for k in ("iou_fg", "binary_iou", "miou", "ap", "precision", "recall")}
+        if self.boundary is not None:
+            numbers["boundary_f"] = self.boundary.f_score
+        return numbers
 
     def to_json(self) -> dict[str, Any]:
         """Every number: headline, per-threshold arrays, per-class, per-image rows, errors."""
@@ -145,6 +150,7 @@ class _Scorer:
         self.grid = metrics.threshold_grid(config.threshold)
         self.segmentation = metrics.SegmentationAccumulator(self.grid)
         self.matting = metrics.MattingAccumulator()
+        self.boundary = metrics.BoundaryCounts()
         # Per-image counts, kept to report each image at the best threshold once it is known.
         self.image_counts: list[tuple[dict[str, Any], metrics.Counts]] = []
 
@@ -160,6 +166,9 @@ class _Scorer:
         counts = self.segmentation.update(pred, foreground, row["class"])
         self.image_counts.append((row, counts))
         row["gt_foreground"] = round(float(np.mean(foreground)), 6)
+        edges = metrics.boundary_counts(pred > self.config.threshold, foreground)
+        self.boundary = self.boundary + edges
+        row["boundary_f"] = edges.f_score
 
     def finish(self, report: EvalReport) -> None:
         if self.config.matting:
@@ -170,6 +179,7 @@ class _Scorer:
             return
         scores = self.segmentation.result()
         report.segmentation = scores
+        report.boundary = self.boundary
         j, b = scores.index(self.config.threshold), scores.index(scores.best_threshold)
         for row, counts in self.image_counts:
             fg, bin_iou = metrics.iou_fg(counts), metrics.binary_iou(counts)

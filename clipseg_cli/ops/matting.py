@@ -12,6 +12,9 @@ import numpy as np
 
 from clipseg_cli.specs import REFINE_METHODS
 
+#: The refinements that are pure array functions (``sam`` needs a model: clipseg_cli.sam).
+ARRAY_REFINE_METHODS = tuple(method for method in REFINE_METHODS if method != "sam")
+
 
 def _box(x: np.ndarray, radius: int) -> np.ndarray:
     """Mean over a (2r+1)x(2r+1) window, float32, any channel count.
@@ -35,7 +38,9 @@ def _as_float_guide(guide: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(guide, dtype=np.float32)
 
 
-def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> np.ndarray:
+def guided_filter(
+    guide: np.ndarray, src: np.ndarray, radius: int, eps: float, subsample: int = 1
+) -> np.ndarray:
     """He et al.'s guided filter of ``src`` steered by ``guide``; O(H*W) for any radius.
 
     Args:
@@ -46,32 +51,64 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
         radius: window radius r >= 1 (windows are (2r+1)x(2r+1)).
         eps: regulariser > 0 in squared guide units ([0, 1] scale for uint8 guides): edges
             with guide variance well above ``eps`` are kept, flatter ones are smoothed.
+        subsample: s >= 1; the fast guided filter (He & Sun, arXiv 1505.00996): the linear
+            coefficients are fitted on the guide and source shrunk by s (windows of radius
+            r / s), upsampled, and applied to the full-resolution guide. About s^2 times less
+            work for the same edges, since the coefficients vary smoothly anyway.
 
     Returns:
-        float32 [H, W]. With a constant guide it is exactly ``box(box(src))``, the source
-        smoothed twice by the (2r+1)-box up to float rounding (every window's linear model
-        degenerates to its mean).
+        float32 [H, W]. With a constant guide and ``subsample=1`` it is exactly
+        ``box(box(src))``, the source smoothed twice by the (2r+1)-box up to float rounding
+        (every window's linear model degenerates to its mean).
     """
     if radius < 1:
         raise ValueError(f"radius must be >= 1, got {radius}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if subsample < 1:
+        raise ValueError(f"subsample must be >= 1, got {subsample}")
     guide_f = _as_float_guide(guide)
     if src.ndim != 2 or src.shape != guide_f.shape[:2]:
         raise ValueError(
             f"src must be [H,W] matching the guide {list(guide_f.shape[:2])}, got {list(src.shape)}"
         )
     p = np.ascontiguousarray(src, dtype=np.float32)
-    r = int(radius)
-    mean_p = _box(p, r)
+    height, width = p.shape
+    small = (max(1, round(width / subsample)), max(1, round(height / subsample)))
+    if subsample > 1 and small != (width, height):
+        fit_guide = cv2.resize(guide_f, small, interpolation=cv2.INTER_AREA)
+        fit_src = cv2.resize(p, small, interpolation=cv2.INTER_AREA)
+        fit_radius = max(1, round(radius / subsample))
+    else:
+        fit_guide, fit_src, fit_radius = guide_f, p, int(radius)
+    mean_a, mean_b = _coefficients(fit_guide, fit_src, fit_radius, np.float32(eps))
+    if fit_src.shape != p.shape:
+        mean_a = cv2.resize(mean_a, (width, height), interpolation=cv2.INTER_LINEAR)
+        mean_b = cv2.resize(mean_b, (width, height), interpolation=cv2.INTER_LINEAR)
+    if guide_f.ndim == 2:
+        return mean_a * guide_f + mean_b
+    # Channel by channel: a sum over the last axis of an [H, W, 3] product is 5x slower.
+    return (
+        mean_a[:, :, 0] * guide_f[:, :, 0]
+        + mean_a[:, :, 1] * guide_f[:, :, 1]
+        + mean_a[:, :, 2] * guide_f[:, :, 2]
+        + mean_b
+    )
 
+
+def _coefficients(
+    guide_f: np.ndarray, p: np.ndarray, r: int, e: np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """The window-averaged linear coefficients (mean_a ``[H, W]`` or ``[H, W, 3]``, mean_b
+    ``[H, W]``) of the guided filter: ``output = mean_a . guide + mean_b``."""
+    mean_p = _box(p, r)
     if guide_f.ndim == 2:
         mean_i = _box(guide_f, r)
         cov_ip = _box(guide_f * p, r) - mean_i * mean_p
         var_i = _box(guide_f * guide_f, r) - mean_i * mean_i
-        a = cov_ip / (var_i + np.float32(eps))
+        a = cov_ip / (var_i + e)
         b = mean_p - a * mean_i
-        return _box(a, r) * guide_f + _box(b, r)
+        return _box(a, r), _box(b, r)
 
     mean_i = _box(guide_f, r)  # [H, W, 3]
     cov_ip = _box(guide_f * p[:, :, None], r) - mean_i * mean_p[:, :, None]
@@ -80,7 +117,6 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
     products = np.stack([ir * ir, ir * ig, ir * ib, ig * ig, ig * ib, ib * ib], axis=2)
     moments = _box(products, r)
     mr, mg, mb = mean_i[:, :, 0], mean_i[:, :, 1], mean_i[:, :, 2]
-    e = np.float32(eps)
     s_rr = moments[:, :, 0] - mr * mr + e
     s_rg = moments[:, :, 1] - mr * mg
     s_rb = moments[:, :, 2] - mr * mb
@@ -109,7 +145,7 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -
         / det[:, :, None]
     )
     b = mean_p - (a * mean_i).sum(axis=2)
-    return (_box(a, r) * guide_f).sum(axis=2) + _box(b, r)
+    return _box(a, r), _box(b, r)
 
 
 # Token grid of CLIPSeg at its 352x352 input (352 / 16): one token covers max(H, W) / 22 pixels
@@ -139,6 +175,7 @@ def refine_matte(
     radius: int | None = None,
     eps: float = 1e-4,
     threshold: float = 0.5,
+    subsample: int | None = None,
 ) -> np.ndarray:
     """Turn an upsampled CLIPSeg probability map into a full-resolution alpha matte.
 
@@ -152,7 +189,11 @@ def refine_matte(
        (default :func:`default_radius`, two token cells) and regulariser ``eps``, clipped to
        [0, 1]. Each window fits alpha as a linear function of colour to that mask, so the
        mask's blocky edge moves onto the image edge and thin structures of foreground colour
-       inside the band (hair, strands) come back as soft alpha.
+       inside the band (hair, strands) come back as soft alpha. The filter's coefficients are
+       fitted at 1/``subsample`` of the resolution (default: the radius / 12, so the fit keeps
+       windows of about 12 pixels) and applied to the full-resolution image: on 1024x768
+       shape scenes that is 8x faster than fitting at full resolution for the same IoU and
+       boundary F (README, "Masks as sharp as the photo").
 
     Why this and not a matting solver: closed-form matting (Levin et al.) solves a sparse
     linear system of N = H*W unknowns (~10 s and GBs at 1024x768 on a CPU, and pymatting is
@@ -164,16 +205,21 @@ def refine_matte(
     Args:
         rgb: uint8 [H, W, 3] image the probabilities belong to.
         prob: float [H, W] probabilities (one prompt), same H, W as ``rgb``.
-        method: one of :data:`REFINE_METHODS`.
+        method: one of :data:`ARRAY_REFINE_METHODS`.
         radius: guided-filter window radius in pixels (>= 1); None for the default.
         eps: guided-filter regulariser (> 0), in squared [0, 1] colour units.
         threshold: in (0, 1); where the binary mask to be feathered is cut.
+        subsample: fit the guided filter at this fraction of the resolution (>= 1); None for
+            the default.
 
     Returns:
         float32 [H, W] alpha in [0, 1].
     """
-    if method not in REFINE_METHODS:
-        raise ValueError(f"unknown refine method {method!r}; expected one of {REFINE_METHODS}")
+    if method not in ARRAY_REFINE_METHODS:
+        raise ValueError(
+            f"unknown refine method {method!r} for an array refinement; expected one of "
+            f"{ARRAY_REFINE_METHODS}"
+        )
     if prob.ndim != 2:
         raise ValueError(f"prob must be [H,W], got shape {list(prob.shape)}")
     p = np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0)
@@ -194,5 +240,6 @@ def refine_matte(
     if not band.any():
         return known
     mask = (p > threshold).astype(np.float32)
-    feathered = np.clip(guided_filter(rgb, mask, r, eps), 0.0, 1.0)
+    s = max(1, r // 12) if subsample is None else subsample
+    feathered = np.clip(guided_filter(rgb, mask, r, eps, subsample=s), 0.0, 1.0)
     return np.where(band, feathered, known)

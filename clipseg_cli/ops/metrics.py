@@ -52,6 +52,8 @@ SEGMENTATION_CONVENTIONS: dict[str, str] = {
     "recall": "TP/(TP+FN); 0/0 = 1",
     "ap": "step sum over the grid, sum (R_j - R_j+1) * P_j, R after 1.00 = 0",
     "best": "grid threshold maximising IoU_FG; ties -> closest to 0.3, then lower",
+    "boundary_f": "2PR/(P+R) of edge pixels (mask pixels with an outside 8-neighbour) matched "
+    "within 2 px, summed over the dataset, at the chosen threshold",
 }
 
 #: Grad: sigma of the Gaussian-derivative filters.
@@ -330,6 +332,73 @@ class SegmentationAccumulator:
             images=self.images,
             best_threshold=float(self.thresholds[best_index(fg, self.thresholds)]),
         )
+
+
+# -------------------------------------------------------------------------------------------
+# Boundaries
+# -------------------------------------------------------------------------------------------
+
+#: A predicted edge pixel matches a true one at most this many pixels away (and vice versa).
+BOUNDARY_TOLERANCE = 2
+
+
+@dataclass(frozen=True)
+class BoundaryCounts:
+    """Edge pixels of one image (or summed over a dataset): how many of the predicted edge's
+    pixels lie near the true edge, and how many of the true edge's lie near the predicted."""
+
+    pred_matched: int = 0
+    pred: int = 0
+    gt_matched: int = 0
+    gt: int = 0
+
+    def __add__(self, other: BoundaryCounts) -> BoundaryCounts:
+        return BoundaryCounts(
+            self.pred_matched + other.pred_matched,
+            self.pred + other.pred,
+            self.gt_matched + other.gt_matched,
+            self.gt + other.gt,
+        )
+
+    @property
+    def f_score(self) -> float:
+        """Boundary F = 2PR / (P + R), P = pred_matched / pred, R = gt_matched / gt; 1.0 when
+        neither has an edge, 0.0 when only one has."""
+        if self.pred == 0 and self.gt == 0:
+            return 1.0
+        if self.pred == 0 or self.gt == 0:
+            return 0.0
+        precision, recall = self.pred_matched / self.pred, self.gt_matched / self.gt
+        total = precision + recall
+        return 2 * precision * recall / total if total > 0 else 0.0
+
+
+def _edge(mask: np.ndarray) -> np.ndarray:
+    """The mask's own outermost pixels: in the mask, with a pixel outside it among their 8
+    neighbours (the image border counts as outside)."""
+    padded = np.pad(mask.astype(np.uint8), 1)
+    inner = cv2.erode(padded, np.ones((3, 3), np.uint8))[1:-1, 1:-1].astype(bool)
+    return mask & ~inner
+
+
+def boundary_counts(
+    pred: np.ndarray, gt: np.ndarray, tolerance: int = BOUNDARY_TOLERANCE
+) -> BoundaryCounts:
+    """The :class:`BoundaryCounts` of bool ``[H, W]`` masks, matching edges within
+    ``tolerance`` pixels (a disc)."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape or pred.ndim != 2:
+        raise ValueError(f"pred {list(pred.shape)} and gt {list(gt.shape)} must be equal [H, W]")
+    pred_edge, gt_edge = _edge(pred), _edge(gt)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * tolerance + 1, 2 * tolerance + 1))
+    near_gt = cv2.dilate(gt_edge.astype(np.uint8), disc).astype(bool)
+    near_pred = cv2.dilate(pred_edge.astype(np.uint8), disc).astype(bool)
+    return BoundaryCounts(
+        pred_matched=int(np.count_nonzero(pred_edge & near_gt)),
+        pred=int(np.count_nonzero(pred_edge)),
+        gt_matched=int(np.count_nonzero(gt_edge & near_pred)),
+        gt=int(np.count_nonzero(gt_edge)),
+    )
 
 
 # -------------------------------------------------------------------------------------------

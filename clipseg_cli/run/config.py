@@ -23,6 +23,7 @@ from clipseg_cli.specs import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
+    DEFAULT_SAM_MODEL,
     DEFAULT_THRESHOLD,
     DEVICES,
     PRECISIONS,
@@ -41,7 +42,7 @@ ENGINES = ("local", "ray")
 _VALUE = MappingProxyType({"fingerprint": "value"})  # as it is
 # The sha256 of the file(s) it names: a changed reference image is a new configuration.
 _DIGEST = MappingProxyType({"fingerprint": "digest"})
-_MATTE_ONLY = MappingProxyType({"fingerprint": "matte"})  # only matte runs use it
+_SAM_ONLY = MappingProxyType({"fingerprint": "sam"})  # only --refine sam uses it
 _COMPOSITE_ONLY = MappingProxyType({"fingerprint": "composite"})  # only composites use it
 _NOT_RECORDED = MappingProxyType({"recorded": False})
 
@@ -65,7 +66,12 @@ class SegmentConfig:
     prompt_embedding: Path | None = field(default=None, metadata=_DIGEST)
     save_prompt: Path | None = None
     save: tuple[str, ...] = field(default=("mask",), metadata=_VALUE)
-    refine: str = field(default="guided", metadata=_MATTE_ONLY)
+    # Edge refinement of every output made from the probability (not logits), both commands.
+    refine: str = field(default="guided", metadata=_VALUE)
+    # off, auto or a number of tiles along the shorter side (ops.tiles).
+    tiles: str = field(default="off", metadata=_VALUE)
+    # The Segment Anything model of --refine sam (a hub id or a local folder).
+    sam_model: str = field(default=DEFAULT_SAM_MODEL, metadata=_SAM_ONLY)
     background: str = field(default="white", metadata=_COMPOSITE_ONLY)
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata=_VALUE)
     soft_bits: int = field(default=8, metadata=_VALUE)
@@ -93,6 +99,8 @@ class SegmentConfig:
     actors: int | None = None  # None: one per GPU, or per 8 CPUs (engines/ray.py)
 
     def __post_init__(self) -> None:
+        # The canonical spelling (AUTO -> auto, 03 -> 3): the fingerprint compares it.
+        object.__setattr__(self, "tiles", _parse_tiles(self.tiles))
         self._check_prompts()
         self._check_choices()
         self._check_numbers()
@@ -186,8 +194,8 @@ class SegmentConfig:
                 continue
             if rule == "digest":
                 value = _digests(value, "--" + option.name.replace("_", "-").removesuffix("s"))
-            elif rule == "matte":
-                value = value if self.command == "matte" else None
+            elif rule == "sam":
+                value = value if self.refine == "sam" else None
             elif rule == "composite":
                 value = value if "composite" in self.save else None
             parts[option.name] = _plain(value)
@@ -206,6 +214,18 @@ class SegmentConfig:
         if self.clip_weights is not None:
             weights.append(file_identity(self.clip_weights))
         return weights
+
+
+def _parse_tiles(value: str) -> str:
+    """``--tiles``: ``off``, ``auto`` or a number of tiles (>= 1) along the shorter side."""
+    text = str(value).strip().lower()
+    if text in ("off", "auto"):
+        return text
+    if not text.isdigit():
+        raise ValueError(f"--tiles {value}: choose off, auto or a number of tiles (at least 1)")
+    if int(text) < 1:
+        raise ValueError(f"--tiles {value}: the number of tiles must be at least 1")
+    return str(int(text))
 
 
 def _plain(value: Any) -> Any:

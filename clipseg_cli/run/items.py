@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -26,23 +28,27 @@ from clipseg_cli.io import sources, writers
 from clipseg_cli.io.naming import output_path
 from clipseg_cli.io.palette import label_palette
 from clipseg_cli.io.paths import display_path
-from clipseg_cli.ops import compose
+from clipseg_cli.ops import compose, tiles
 from clipseg_cli.ops.matting import refine_matte
 from clipseg_cli.ops.prompts import apply_negatives
+from clipseg_cli.ops.tiles import TileGrid
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
 from clipseg_cli.run.promptset import Conditional, PromptSet
+from clipseg_cli.sam import SamFailedError, refiner_for
 from clipseg_cli.segmenter import Segmenter
 
 
 @dataclass
 class Prepared:
-    """A decoded input, ready for the model."""
+    """A decoded input, ready for the model: its rows of the model's batch are the whole image,
+    then its tiles (``--tiles``), each uint8 ``[h, w, 3]`` at the model's input size."""
 
     work: Work
     image: sources.DecodedImage
-    model_input: np.ndarray  # uint8 [h, w, 3] at the model size
+    model_inputs: list[np.ndarray]
+    grid: TileGrid | None  # where the tiles lie; None without tiles
     decode_seconds: float
 
 
@@ -63,41 +69,71 @@ class Prediction:
     image in flight would make memory grow with the prompt count.
 
     Attributes:
-        low_res_logits: float32 ``[K + N, h, w]``: the K positive prompts, then N negatives.
+        low_res_logits: float32 ``[K + N, h, w]``: the whole image's logits, the K positive
+            prompts, then N negatives.
         positives: K.
         size: ``(H, W)``, the image's size.
+        tile_logits: float32 ``[T, K + N, h, w]``, the logits of the tiles of ``grid``, or None.
+        grid: where the tiles lie (:mod:`clipseg_cli.ops.tiles`), or None.
     """
 
     low_res_logits: np.ndarray
     positives: int
     size: tuple[int, int]
+    tile_logits: np.ndarray | None = None
+    grid: TileGrid | None = None
     # The negatives' full-size probabilities, made once when the first prompt needs them.
-    _negative_probs: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _negative_probs: np.ndarray | torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def logits(self) -> np.ndarray:
-        """float32 ``[K, h, w]``: the positive prompts' raw logits."""
+        """float32 ``[K, h, w]``: the positive prompts' raw logits of the whole image."""
         return self.low_res_logits[: self.positives]
 
     def probabilities(self, k: int) -> np.ndarray:
-        """float32 ``[H, W]``: prompt ``k``'s probability at the image's size (sigmoid, then
-        bilinear upsampling, as a transformers user writes it), negatives applied:
-        ``p * (1 - max_n p_negative_n)``."""
-        logits = torch.from_numpy(self.low_res_logits[k : k + 1])
-        prob = probabilities_at_size(logits, self.size)
+        """float32 ``[H, W]``: prompt ``k``'s probability at the image's size, negatives applied:
+        ``p * (1 - max_n p_negative_n)``.
+
+        Without tiles: sigmoid, then bilinear upsampling, as a transformers user writes it.
+        With tiles: the whole image's and the stitched tiles' logits at the image's size,
+        combined (:func:`clipseg_cli.ops.tiles.combine`), then the sigmoid.
+        """
+        if self.grid is None:
+            logits = torch.from_numpy(self.low_res_logits[k : k + 1])
+            prob = probabilities_at_size(logits, self.size)
+            if self.low_res_logits.shape[0] > self.positives:
+                if self._negative_probs is None:
+                    negatives = torch.from_numpy(self.low_res_logits[self.positives :])
+                    self._negative_probs = probabilities_at_size(negatives, self.size)
+                prob = apply_negatives(prob, self._negative_probs)
+            return prob[0].numpy()
+        prob = _sigmoid(self._tiled_logits(k))
         if self.low_res_logits.shape[0] > self.positives:
             if self._negative_probs is None:
-                negatives = torch.from_numpy(self.low_res_logits[self.positives :])
-                self._negative_probs = probabilities_at_size(negatives, self.size)
-            prob = apply_negatives(prob, self._negative_probs)
-        return prob[0].numpy()
+                negatives = range(self.positives, self.low_res_logits.shape[0])
+                strongest = np.max([self._tiled_logits(n) for n in negatives], axis=0)
+                self._negative_probs = _sigmoid(strongest)[None]
+            prob = apply_negatives(prob[None], self._negative_probs)[0]
+        return prob
+
+    def _tiled_logits(self, index: int) -> np.ndarray:
+        height, width = self.size
+        whole = cv2.resize(
+            self.low_res_logits[index], (width, height), interpolation=cv2.INTER_LINEAR
+        )
+        return tiles.combine(whole, tiles.stitch(self.tile_logits[:, index], self.grid))
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32, copy=False)
 
 
 # -- decode and predict ---------------------------------------------------------------------------
 
 
 def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Prepared | Failed:
-    """Decode one input and resize it for the model; a decode problem becomes :class:`Failed`."""
+    """Decode one input and make its model rows (the whole image, then its tiles); a decode
+    problem becomes :class:`Failed`."""
     start = time.perf_counter()
     try:
         image = sources.decode_image(
@@ -105,40 +141,97 @@ def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Pr
         )
     except sources.ImageDecodeError as error:
         return Failed(work, str(error))
-    model_input = resize_rgb(image.rgb, size)
-    return Prepared(work, image, model_input, time.perf_counter() - start)
+    rows = [resize_rgb(image.rgb, size)]
+    count = tiles.tiles_along_short_side(config.tiles, image.rgb.shape[:2], min(size))
+    grid = tiles.tile_grid(image.rgb.shape[:2], count) if count else None
+    if grid is not None:
+        rows += [
+            resize_rgb(np.ascontiguousarray(crop), size)
+            for crop in tiles.tile_crops(image.rgb, grid)
+        ]
+    return Prepared(work, image, rows, grid, time.perf_counter() - start)
 
 
 def predict_batch(
     segmenter: Segmenter,
-    batch: list[Prepared],
+    rows: list[np.ndarray],
     prompts: PromptSet,
     pad_to: int | None = None,
-) -> list[Prediction]:
-    """One :class:`Prediction` per image of ``batch`` (logits at the model's resolution);
-    ``prompts.vectors`` must be on the segmenter's device.
+) -> np.ndarray:
+    """float32 logits ``[len(rows), K + N, h, w]`` on the host for uint8 rows ``[h, w, 3]`` at
+    the model size; ``prompts.vectors`` must be on the segmenter's device.
 
-    Results come back from the device with one synchronisation per batch rather than per image.
+    Results come back from the device with one synchronisation per batch rather than per row.
 
-    ``pad_to``: run a short batch padded with blank images to this size. The model's kernels
+    ``pad_to``: run a short batch padded with blank rows to this size. The model's kernels
     round differently for different batch sizes (last-bit differences), but not for different
-    companions in a batch of the same size: padding makes each image's numbers independent of
-    how inputs happened to be grouped (the last batch, a resumed run, another engine).
+    companions in a batch of the same size: padding makes each row's numbers independent of
+    how rows happened to be grouped (the last batch, a resumed run, another engine).
     """
-    inputs = [prepared.model_input for prepared in batch]
+    inputs = list(rows)
     if pad_to is not None and len(inputs) < pad_to:
         inputs += [np.zeros_like(inputs[0])] * (pad_to - len(inputs))
     pixels = stack_uint8(inputs)
     if segmenter.device.type == "cuda":
         pixels = pixels.pin_memory()
     logits = segmenter.logits(pixels, prompts.vectors)
-    host = logits[: len(batch)].float().to("cpu", non_blocking=True)
+    host = logits[: len(rows)].float().to("cpu", non_blocking=True)
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize(segmenter.device)
-    return [
-        Prediction(host[i].numpy(), prompts.count, prepared.image.rgb.shape[:2])
-        for i, prepared in enumerate(batch)
-    ]
+    return host.numpy()
+
+
+class RowBatcher:
+    """Model batches of exactly ``size`` rows from prepared images (tiles are just more rows),
+    and each image's :class:`Prediction` once all its rows are back.
+
+    Rows keep their images' order, and an image's rows may span batches; images come back in
+    the order they were added.
+    """
+
+    def __init__(self, size: int, positives: int) -> None:
+        self.size = size
+        self.positives = positives
+        self._rows: deque[tuple[Prepared, int]] = deque()  # not yet predicted
+        self._images: deque[Prepared] = deque()  # not yet complete, in order
+        self._logits: dict[int, np.ndarray] = {}  # id(prepared) -> [R, K + N, h, w]
+        self._done: dict[int, int] = {}  # id(prepared) -> rows predicted
+
+    def add(self, prepared: Prepared) -> None:
+        self._images.append(prepared)
+        self._done[id(prepared)] = 0
+        self._rows.extend((prepared, index) for index in range(len(prepared.model_inputs)))
+
+    def __len__(self) -> int:
+        """Rows waiting for the model."""
+        return len(self._rows)
+
+    def next_rows(self) -> list[tuple[Prepared, int]]:
+        """Up to :attr:`size` rows for the next model call (fewer only at the end)."""
+        return [self._rows.popleft() for _ in range(min(self.size, len(self._rows)))]
+
+    def accept(
+        self, rows: list[tuple[Prepared, int]], logits: np.ndarray
+    ) -> list[tuple[Prepared, Prediction]]:
+        """Take a batch's logits; returns the images that are now complete, in order."""
+        for (prepared, index), row_logits in zip(rows, logits, strict=True):
+            key = id(prepared)
+            if key not in self._logits:
+                self._logits[key] = np.empty(
+                    (len(prepared.model_inputs), *row_logits.shape), np.float32
+                )
+            self._logits[key][index] = row_logits
+            self._done[key] += 1
+        complete = []
+        while self._images and self._done[id(self._images[0])] == len(self._images[0].model_inputs):
+            prepared = self._images.popleft()
+            del self._done[id(prepared)]
+            logits = self._logits.pop(id(prepared))
+            size = prepared.image.rgb.shape[:2]
+            tile_logits = logits[1:] if prepared.grid is not None else None
+            prediction = Prediction(logits[0], self.positives, size, tile_logits, prepared.grid)
+            complete.append((prepared, prediction))
+        return complete
 
 
 # -- write -----------------------------------------------------------------------------------------
@@ -228,6 +321,16 @@ def _prompt_stats(prob: np.ndarray, mask: np.ndarray, conditional: Conditional) 
     }
 
 
+def refined(rgb: np.ndarray, prob: np.ndarray, config: SegmentConfig) -> np.ndarray:
+    """One prompt's probability at the image's size, refined against the image (``--refine``):
+    what every output but ``logits`` is made from."""
+    if config.refine == "none":
+        return prob
+    if config.refine == "guided":
+        return refine_matte(rgb, prob, method="guided", threshold=config.threshold)
+    return refiner_for(config.sam_model, config.device).refine(rgb, prob, config.threshold)
+
+
 def write_item(
     prepared: Prepared,
     prediction: Prediction,
@@ -250,14 +353,12 @@ def write_item(
     stats = []
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
-        prob = prediction.probabilities(k)
+        prob = refined(rgb, prediction.probabilities(k), config)
         mask = prob > config.threshold
         stats.append(_prompt_stats(prob, mask, conditional))
         if labels is not None:
             labels.add(k, prob)
-        matte = None
-        if config.command == "matte":
-            matte = refine_matte(rgb, prob, method=config.refine, threshold=config.threshold)
+        matte = prob if config.command == "matte" else None
         out = _PromptOutputs(rgb, prob, mask, prediction.logits[k], matte, background)
         for kind in config.save:
             if kind in _PROMPT_WRITERS:
@@ -296,6 +397,8 @@ def write_or_fail(
     """
     try:
         return write_item(prepared, prediction, config, conditionals)
+    except SamFailedError as error:
+        return failure_row(display_path(prepared.work.item.path), prepared.work.key, str(error))
     except OSError as error:
         what = display_path(error.filename) if error.filename else "the outputs"
         stop = disk_full(error, what)

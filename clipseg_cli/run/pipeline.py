@@ -102,6 +102,11 @@ def run_segment(
         from clipseg_cli.run.engines.ray import require_ray
 
         require_ray()  # before anything is locked, loaded or logged
+    if config.refine == "sam":
+        from clipseg_cli.sam import locate, require_sam
+
+        require_sam()
+        locate(config.sam_model)  # offline without it: the one-line error, nothing written
     sources.configure_pillow_limits(config.max_pixels)
     listing = _listing(config, stdin)
     parts = config.fingerprint_parts(__version__)
@@ -241,6 +246,10 @@ def _process(
     from clipseg_cli.segmenter import Segmenter
 
     memory.tune_for_loading()
+    if config.refine == "sam":
+        from clipseg_cli.sam import refiner_for
+
+        refiner_for(config.sam_model, config.device)  # loaded once, before any image
     prompter, prompts = _embed_prompts(config, segmenter)
     recorder.describe(_describe(config, prompter, prompts))
     steps = ItemSteps(config, prompts, prompter.input_size)

@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from clipseg_cli.run import items
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.run.items import Failed, Prediction, Prepared, Work
+from clipseg_cli.run.items import Failed, Prediction, Prepared, RowBatcher, Work
 from clipseg_cli.run.promptset import PromptSet
 from clipseg_cli.segmenter import Segmenter
 
@@ -50,10 +52,16 @@ class ItemSteps:
         return items.prepare_item(work, self.config, self.input_size)
 
     def predict(
-        self, segmenter: Segmenter, batch: list[Prepared], prompts: PromptSet, pad_to: int
-    ) -> list[Prediction]:
-        """Logits of a batch; ``prompts`` are :attr:`prompts` on the segmenter's device."""
-        return items.predict_batch(segmenter, batch, prompts, pad_to=pad_to)
+        self, segmenter: Segmenter, rows: list[np.ndarray], prompts: PromptSet, pad_to: int
+    ) -> np.ndarray:
+        """Logits ``[len(rows), K + N, h, w]`` of one model batch of rows (whole images and
+        tiles, see :class:`~clipseg_cli.run.items.RowBatcher`); ``prompts`` are :attr:`prompts`
+        on the segmenter's device."""
+        return items.predict_batch(segmenter, rows, prompts, pad_to=pad_to)
+
+    def rows(self, batch_size: int) -> RowBatcher:
+        """A fresh :class:`~clipseg_cli.run.items.RowBatcher` for model batches of this size."""
+        return RowBatcher(batch_size, self.prompts.count)
 
     def write(self, prepared: Prepared, prediction: Prediction) -> dict:
         """Write one input's outputs; its log row. Raises DiskFullError when the disk is full."""

@@ -52,8 +52,14 @@ def openai_clip_path() -> Path:
         ) from None
 
 
-def hub_files(repo_id: str) -> list[Path]:
-    """config.json + weights of a hub repo, via huggingface_hub's cache (HF_HOME, offline)."""
+def hub_files(repo_id: str, extra: tuple[str, ...] = (), option: str = "--model") -> list[Path]:
+    """config.json + weights (+ the ``extra`` files) of a hub repo, via huggingface_hub's
+    cache (HF_HOME; offline with HF_HUB_OFFLINE). ``option`` names the option that takes a
+    local folder instead, for the error message.
+
+    Raises:
+        WeightsError: not cached and not downloadable (one line saying what to do).
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -69,6 +75,7 @@ def hub_files(repo_id: str) -> list[Path]:
             weights = hf_hub_download(repo_id, "model.safetensors")
         except (EntryNotFoundError, LocalEntryNotFoundError):
             weights = hf_hub_download(repo_id, "pytorch_model.bin")
+        others = [Path(hf_hub_download(repo_id, name)) for name in extra]
     except RepositoryNotFoundError:
         raise WeightsError(
             f"model {repo_id!r}: no such repository on the Hugging Face hub"
@@ -78,10 +85,10 @@ def hub_files(repo_id: str) -> list[Path]:
         raise WeightsError(
             f"model {repo_id!r} is not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {how} "
-            f"({first_line(error)}). Run once with network access, or pass --model with a local "
-            "folder (config.json + model.safetensors)."
+            f"({first_line(error)}). Run once with network access, or pass {option} with a "
+            "local folder (config.json + model.safetensors)."
         ) from None
-    return [Path(config), Path(weights)]
+    return [Path(config), Path(weights), *others]
 
 
 def bundled_model_dir(model: str) -> Path | None:

@@ -64,19 +64,35 @@ def process(
         ThreadPoolExecutor(config.writer_threads, thread_name_prefix="write") as writers,
     ):
         stream = _prepared(todo, steps, decoders, batch_size + config.workers, gate)
+        rows = steps.rows(batch_size)
+
+        model_seconds: dict[int, float] = {}  # per image, summed over its rows
+
+        def predict(final: bool) -> None:
+            # Full model batches of rows (an image's whole view, then its tiles); a short one,
+            # padded to the batch size, only at the very end.
+            while len(rows) >= batch_size or (final and len(rows)):
+                taken = rows.next_rows()
+                pixels = [prepared.model_inputs[index] for prepared, index in taken]
+                with gate.exclusive():
+                    start = time.perf_counter()
+                    logits = steps.predict(segmenter, pixels, prompts, pad_to=batch_size)
+                    share = (time.perf_counter() - start) / len(taken)
+                for prepared, _index in taken:
+                    model_seconds[id(prepared)] = model_seconds.get(id(prepared), 0.0) + share
+                for prepared, prediction in rows.accept(taken, logits):
+                    future = writers.submit(write, prepared, prediction)
+                    writes.append((future, prepared.work, model_seconds.pop(id(prepared))))
+
         try:
             for batch, failures in _one_ahead(_batches(stream, batch_size)):
                 for failed in failures:
                     writes.append((_done(steps.fail(failed)), failed.work, 0.0))
-                if batch:
-                    with gate.exclusive():
-                        start = time.perf_counter()
-                        results = steps.predict(segmenter, batch, prompts, pad_to=batch_size)
-                        share = (time.perf_counter() - start) / len(batch)
-                    for prepared, prediction in zip(batch, results, strict=True):
-                        future = writers.submit(write, prepared, prediction)
-                        writes.append((future, prepared.work, share))
+                for prepared in batch:
+                    rows.add(prepared)
+                predict(final=False)
                 yield from finished(batch_size + config.writer_threads)
+            predict(final=True)
             yield from finished(0)
         finally:
             stream.close()  # stops submitting decodes; pending ones are cancelled below

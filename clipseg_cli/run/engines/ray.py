@@ -154,26 +154,31 @@ class _Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         entries = [pickle.loads(payload) for payload in batch["item"]]
-        prepared = [entry for entry in entries if isinstance(entry, Prepared)]
+        rows = self.steps.rows(self.batch_size)
+        for entry in entries:
+            if isinstance(entry, Prepared):
+                rows.add(entry)
         results: dict[int, Prediction] = {}
-        seconds = 0.0
+        seconds: dict[int, float] = {}
         # Ray's batches follow its blocks, and failed decodes leave gaps: model batches are
-        # re-formed at exactly --batch-size (padded, like the local engine's) so that every
-        # image's numbers are the ones the local engine computes.
-        for start in range(0, len(prepared), self.batch_size):
-            chunk = prepared[start : start + self.batch_size]
+        # re-formed at exactly --batch-size rows (padded, like the local engine's) so that
+        # every image's numbers are the ones the local engine computes.
+        while len(rows):
+            taken = rows.next_rows()
+            pixels = [prepared.model_inputs[index] for prepared, index in taken]
             began = time.perf_counter()
-            outputs = self.steps.predict(self.segmenter, chunk, self.prompts, self.batch_size)
-            seconds += time.perf_counter() - began
-            results.update((id(p), out) for p, out in zip(chunk, outputs, strict=True))
+            logits = self.steps.predict(self.segmenter, pixels, self.prompts, self.batch_size)
+            share = (time.perf_counter() - began) / len(taken)
+            for prepared, _index in taken:
+                seconds[id(prepared)] = seconds.get(id(prepared), 0.0) + share
+            results.update((id(p), out) for p, out in rows.accept(taken, logits))
         payloads = []
         for entry in entries:
             payloads.append(pickle.dumps((entry, results.get(id(entry))), protocol=5))
-        share = seconds / max(1, len(prepared))
         return {
             "i": list(batch["i"]),
             "item": payloads,
-            "infer_s": [share if id(entry) in results else 0.0 for entry in entries],
+            "infer_s": [seconds.get(id(entry), 0.0) for entry in entries],
             "actor": [self.description] * len(entries),
         }
 
