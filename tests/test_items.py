@@ -73,3 +73,26 @@ def test_row_batcher_fills_every_batch_and_returns_images_in_order():
             np.testing.assert_array_equal(tiles, [m[0, 0, 0] for m in p.model_inputs[1:]])
         else:
             assert prediction.tile_logits is None
+
+
+def test_tiled_prediction_combines_in_logit_space_and_applies_every_negative():
+    import cv2
+
+    from clipseg_cli.ops import tiles
+
+    rng = np.random.default_rng(4)
+    size = (60, 80)
+    grid = tiles.tile_grid(size, 2)
+    whole = rng.normal(size=(4, 8, 8)).astype(np.float32)  # 2 prompts, then 2 negatives
+    tiled = rng.normal(size=(len(grid), 4, 8, 8)).astype(np.float32)
+    prediction = Prediction(whole, positives=2, size=size, tile_logits=tiled, grid=grid)
+
+    def combined(index: int) -> np.ndarray:
+        up = cv2.resize(whole[index], (80, 60), interpolation=cv2.INTER_LINEAR)
+        return np.maximum(up, tiles.stitch(tiled[:, index], grid))
+
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    negative = np.maximum(sigmoid(combined(2)), sigmoid(combined(3)))
+    for k in range(2):
+        expected = sigmoid(combined(k)) * (1 - negative)
+        np.testing.assert_allclose(prediction.probabilities(k), expected, rtol=0, atol=1e-6)

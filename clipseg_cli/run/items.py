@@ -110,8 +110,10 @@ class Prediction:
         prob = _sigmoid(self._tiled_logits(k))
         if self.low_res_logits.shape[0] > self.positives:
             if self._negative_probs is None:
-                negatives = range(self.positives, self.low_res_logits.shape[0])
-                strongest = np.max([self._tiled_logits(n) for n in negatives], axis=0)
+                # One full-size map at a time: a running maximum over the negatives.
+                strongest = self._tiled_logits(self.positives)
+                for n in range(self.positives + 1, self.low_res_logits.shape[0]):
+                    np.maximum(strongest, self._tiled_logits(n), out=strongest)
                 self._negative_probs = _sigmoid(strongest)[None]
             prob = apply_negatives(prob[None], self._negative_probs)[0]
         return prob
