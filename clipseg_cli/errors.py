@@ -34,6 +34,11 @@ class ConfigMismatchError(Exception):
     """The output folder holds results of a differently configured run."""
 
 
+class InputError(Exception):
+    """One input cannot be finished (its options do not fit it, a refiner failed on it): that
+    input's log row fails with ``str()`` as its one-line reason, the run goes on."""
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """An exception as one line of at most ``limit`` characters: the first line of its message,
     or its class name when it has none."""

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from clipseg_cli.errors import first_line
+from clipseg_cli.errors import InputError, first_line
 from clipseg_cli.specs import resolve_model
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class SamNotInstalledError(ValueError):
     """``--refine sam`` without transformers (a usage error: the fix is an install)."""
 
 
-class SamFailedError(Exception):
+class SamFailedError(InputError):
     """SAM could not refine one image; ``str()`` is one line for its log row."""
 
 

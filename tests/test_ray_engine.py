@@ -174,3 +174,23 @@ def test_ray_engine_with_tiles_and_refinement_matches_the_local_engine(
     assert _log(out) == _log(local)
     summary = json.loads((out / "clipseg-summary.json").read_text())
     assert summary["config"]["tiles"] == "2"
+
+
+def test_ray_engine_exports_the_same_datasets_as_the_local_engine(
+    ray_cluster, tiny_model_dir, photos, tmp_path
+):
+    """Export parts travel back from the Ray write tasks: COCO and YOLO files are the same."""
+    options = ("--save", "mask,instances", "--export", "coco,yolo", "--yolo-copy")
+    local = tmp_path / "local"
+    assert _segment(photos, local, tiny_model_dir, *options).exit_code == ExitCode.SOME_FAILED
+    out = tmp_path / "ray"
+    result = _segment(photos, out, tiny_model_dir, *options, *_ray())
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
+    coco = json.loads((out / "coco.json").read_text())
+    assert len(coco["images"]) == 8 and coco["annotations"]
+    assert coco == json.loads((local / "coco.json").read_text())
+    ray_files, local_files = _output_files(out), _output_files(local)
+    data_yaml = "yolo/data.yaml"  # names its own folder: the same but for the path
+    assert ray_files.pop(data_yaml).replace(b"/ray/", b"/local/") == local_files.pop(data_yaml)
+    assert any(name.startswith("yolo/labels/") for name in ray_files)
+    assert ray_files == local_files  # instance maps, YOLO labels and images

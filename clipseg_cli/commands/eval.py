@@ -215,9 +215,15 @@ def eval_command(
     if shapes:
         _shapes_proxy(scenes, first_seed, work, json_path)
         return
+    if gt is not None and gt.is_file():
+        _coco_eval(
+            gt, pred, images, o.prompts_from(prompt, prompts_file), json_path, keep_preds,
+            model=model, clip_weights=clip_weights, device=device, precision=precision,
+        )  # fmt: skip
+        return
     with exit_on_error():
         if gt is None:
-            raise ValueError("give --gt DIR (or --shapes for the proxy measurement)")
+            raise ValueError("give --gt DIR or FILE.json (or --shapes for the proxy measurement)")
         config = EvalConfig(
             gt_dir=gt,
             pred_dir=pred,
@@ -242,6 +248,64 @@ def eval_command(
         raise fail("no pair could be evaluated", ExitCode.SOME_FAILED)
     if report.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def _coco_eval(
+    gt: Path,
+    pred: Path | None,
+    images: Path | None,
+    prompts: tuple[str, ...],
+    json_path: Path | None,
+    keep_preds: Path | None,
+    **model_options: object,
+) -> None:
+    """``eval --gt annotations.json``: COCO ground truth, against ``--pred`` (a COCO file as
+    ``segment --export coco`` writes it) or the model run on ``--images`` first (through
+    ``segment``, with its defaults)."""
+    import tempfile
+
+    from clipseg_cli.evaluate.coco import evaluate_coco
+
+    with exit_on_error(), tempfile.TemporaryDirectory(prefix="clipseg-eval-") as scratch:
+        if (pred is None) == (images is None):
+            raise ValueError("with a COCO --gt file give either --pred coco.json or --images DIR")
+        if images is not None:
+            if not prompts:
+                raise ValueError("--images needs at least one --prompt TEXT")
+            pred = _segment_for_coco(images, prompts, keep_preds or Path(scratch), model_options)
+        report = evaluate_coco(gt, pred)
+    for warning in report.warnings[:_MAX_ERRORS_SHOWN]:
+        subject = warning.get("category") or warning.get("prompt") or warning.get("file")
+        typer.echo(f"clipseg: warning: {subject}: {warning['warning']}", err=True)
+    data = report.to_json()
+    rows = [("coco.segm." + k, _fmt(v)) for k, v in report.segm.items()]
+    rows += [
+        (k, _fmt(data.get(k))) for k in ("iou_fg", "binary_iou", "miou", "precision", "recall")
+    ]
+    typer.echo(f"# coco: {report.images} images, {len(report.matched_categories)} categories")
+    for name, value in rows:
+        typer.echo(f"{name}\t{value}")
+    if json_path is not None:
+        from clipseg_cli.io.files import write_json_atomic
+
+        with exit_on_error():
+            write_json_atomic(json_path, data)
+        typer.echo(f"clipseg: wrote {json_path}", err=True)
+
+
+def _segment_for_coco(
+    images: Path, prompts: tuple[str, ...], out: Path, model_options: dict
+) -> Path:
+    """Run ``segment`` on ``images`` with a COCO export into ``out``; the export's path."""
+    from clipseg_cli.io.naming import COCO_NAME
+    from clipseg_cli.run.config import SegmentConfig
+    from clipseg_cli.run.pipeline import run_segment
+
+    config = SegmentConfig(
+        inputs=(str(images),), out_dir=out, prompts=prompts, exports=("coco",), **model_options
+    )
+    run_segment(config)
+    return out / COCO_NAME
 
 
 def _shapes_proxy(scenes: int, first_seed: int, work: Path | None, json_path: Path | None) -> None:

@@ -118,6 +118,39 @@ SamModelOpt = Annotated[
     ),
 ]
 
+# -- mask shaping and dataset exports -------------------------------------------------------------
+
+GrowOpt = Annotated[
+    int, typer.Option(help="Grow the mask by PX pixels (negative: shrink), with a disc.")
+]
+FillHolesOpt = Annotated[bool, typer.Option(help="Fill the holes of every region of the mask.")]
+MinAreaOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Drop regions (and instances) smaller than PX pixels (default: 0.02% of the image).",
+        show_default=False,
+    ),
+]
+InvertOpt = Annotated[bool, typer.Option(help="Everything but the prompt (background removal).")]
+FeatherOpt = Annotated[
+    int, typer.Option(help="Soft edge of PX pixels for soft outputs, mattes and cutouts.")
+]
+ExportOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Dataset exports built from the instances of every image: coco (OUT/coco.json), "
+        "yolo (OUT/yolo/); comma-separated or repeated.",
+        show_default=False,
+    ),
+]
+CocoSegmentationOpt = Annotated[
+    Literal["rle", "polygon"],
+    typer.Option(help="COCO segmentations: rle (exact, compressed) or polygon."),
+]
+YoloCopyOpt = Annotated[
+    bool, typer.Option(help="Copy the images into OUT/yolo/images instead of linking them.")
+]
+
 # -- the model and the machine --------------------------------------------------------------------
 
 ModelOpt = Annotated[

@@ -17,7 +17,7 @@ import typer
 
 from clipseg_cli.commands import options as o
 from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, wants_bar
-from clipseg_cli.io.naming import COMMAND_KINDS, parse_kinds
+from clipseg_cli.io.naming import COMMAND_KINDS, parse_exports, parse_kinds
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SAM_MODEL, MODEL_SPECS
 
@@ -171,6 +171,14 @@ def segment(
     refine: o.RefineOpt = "guided",
     tiles: o.TilesOpt = "off",
     sam_model: o.SamModelOpt = DEFAULT_SAM_MODEL,
+    grow: o.GrowOpt = 0,
+    fill_holes: o.FillHolesOpt = False,
+    min_area: o.MinAreaOpt = None,
+    invert: o.InvertOpt = False,
+    feather: o.FeatherOpt = 0,
+    export: o.ExportOpt = None,
+    coco_segmentation: o.CocoSegmentationOpt = "rle",
+    yolo_copy: o.YoloCopyOpt = False,
     model: o.ModelOpt = DEFAULT_MODEL,
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",
@@ -210,6 +218,14 @@ def segment(
             refine=refine,
             tiles=tiles,
             sam_model=sam_model,
+            grow=grow,
+            fill_holes=fill_holes,
+            min_area=min_area,
+            invert=invert,
+            feather=feather,
+            exports=parse_exports(export or []),
+            coco_segmentation=coco_segmentation,
+            yolo_copy=yolo_copy,
             model=model,
             clip_weights=clip_weights,
             device=device,
@@ -252,6 +268,11 @@ def matte(
     refine: o.RefineOpt = "guided",
     tiles: o.TilesOpt = "off",
     sam_model: o.SamModelOpt = DEFAULT_SAM_MODEL,
+    grow: o.GrowOpt = 0,
+    fill_holes: o.FillHolesOpt = False,
+    min_area: o.MinAreaOpt = None,
+    invert: o.InvertOpt = False,
+    feather: o.FeatherOpt = 0,
     background: Annotated[
         str,
         typer.Option(
@@ -298,6 +319,11 @@ def matte(
             refine=refine,
             tiles=tiles,
             sam_model=sam_model,
+            grow=grow,
+            fill_holes=fill_holes,
+            min_area=min_area,
+            invert=invert,
+            feather=feather,
             background=background,
             threshold=o.threshold_from(threshold, threshold_from),
             soft_bits=matte_bits,

@@ -38,6 +38,11 @@ REPORT_NAME = "report.html"
 STATE_DIR = ".clipseg"
 LEDGER_NAME = "ledger.jsonl"
 LOCK_NAME = "lock"
+#: Each finished image's part of the exports (instances, encoded), next to the ledger.
+EXPORT_PARTS_NAME = "exports.jsonl"
+#: The exports (``--export``) under the output folder.
+COCO_NAME = "coco.json"
+YOLO_DIR = "yolo"
 #: Thumbnails of the review page, relative to the output folder.
 THUMBNAIL_DIR = PurePosixPath(STATE_DIR) / "report"
 
@@ -61,14 +66,37 @@ OUTPUT_KINDS: dict[str, OutputKind] = {
     "cutout": OutputKind("png", per_prompt=True),
     "logits": OutputKind("npy", per_prompt=True),
     "labels": OutputKind("png", per_prompt=False),
+    "instances": OutputKind("png", per_prompt=True),
     "matte": OutputKind("png", per_prompt=True),
     "composite": OutputKind("png", per_prompt=True),
 }
 #: The kinds each command can save, in the order its help lists them; the first is the default.
 COMMAND_KINDS: dict[str, tuple[str, ...]] = {
-    "segment": ("mask", "soft", "overlay", "cutout", "logits", "labels"),
+    "segment": ("mask", "soft", "overlay", "cutout", "logits", "labels", "instances"),
     "matte": ("matte", "cutout", "composite"),
 }
+
+
+#: ``--export`` formats, written under the output folder from every finished image's instances.
+EXPORT_FORMATS = ("coco", "yolo")
+
+
+def parse_exports(values: Sequence[str]) -> tuple[str, ...]:
+    """``["coco,yolo"]`` or ``["coco", "yolo"]`` -> ``("coco", "yolo")``, order kept.
+
+    Raises:
+        ValueError: an unknown format.
+    """
+    formats: list[str] = []
+    for value in values:
+        for name in (part.strip().lower() for part in value.split(",")):
+            if name and name not in EXPORT_FORMATS:
+                raise ValueError(
+                    f"--export {name}: unknown format; choose from {', '.join(EXPORT_FORMATS)}"
+                )
+            if name and name not in formats:
+                formats.append(name)
+    return tuple(formats)
 
 
 def parse_kinds(values: Sequence[str], command: str = "segment") -> tuple[str, ...]:

@@ -23,6 +23,7 @@ from clipseg_cli.io.palette import OVERLAY_COLOUR, OVERLAY_OPACITY
 
 __all__ = [
     "write_cutout",
+    "write_instance_ids",
     "write_labels",
     "write_logits",
     "write_mask",
@@ -192,3 +193,12 @@ def write_labels(path: Path, labels: np.ndarray, palette: Sequence[tuple[int, in
     im = Image.fromarray(labels)  # mode L; putpalette turns it into P without touching values
     im.putpalette([c for rgb in palette for c in rgb])
     _save_image(path, im)
+
+
+def write_instance_ids(path: Path, ids: np.ndarray) -> None:
+    """Write an instance map, uint16 [H,W] (0 = background, n = instance n), as a 16-bit
+    greyscale PNG (the ids as they are: view it with a tool that stretches the contrast)."""
+    _check_2d("instance ids", ids)
+    if ids.dtype != np.uint16:
+        raise ValueError(f"instance ids must be uint16, got {ids.dtype}")
+    _save_image(path, Image.fromarray(ids))

@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from clipseg_cli.io.files import file_identity, sha256_file
-from clipseg_cli.io.naming import COMMAND_KINDS, LOG_NAME, SUMMARY_NAME
+from clipseg_cli.io.naming import COMMAND_KINDS, EXPORT_FORMATS, LOG_NAME, SUMMARY_NAME
 from clipseg_cli.specs import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_MAX_PIXELS,
@@ -33,6 +33,7 @@ from clipseg_cli.specs import (
 )
 
 REF_MODES = ("raw", "engineered")
+COCO_SEGMENTATIONS = ("rle", "polygon")
 CUTOUT_ALPHAS = ("soft", "mask")
 ENGINES = ("local", "ray")
 
@@ -72,6 +73,16 @@ class SegmentConfig:
     tiles: str = field(default="off", metadata=_VALUE)
     # The Segment Anything model of --refine sam (a hub id or a local folder).
     sam_model: str = field(default=DEFAULT_SAM_MODEL, metadata=_SAM_ONLY)
+    # Mask shaping (ops.shape), applied once before every output made from the mask.
+    grow: int = field(default=0, metadata=_VALUE)  # pixels; negative shrinks
+    fill_holes: bool = field(default=False, metadata=_VALUE)
+    min_area: int | None = field(default=None, metadata=_VALUE)  # None: 0.02% of the image
+    invert: bool = field(default=False, metadata=_VALUE)
+    feather: int = field(default=0, metadata=_VALUE)  # pixels of soft edge (soft, cutout)
+    # Dataset exports built from every finished image's instances (io.exports).
+    exports: tuple[str, ...] = field(default=(), metadata=_VALUE)
+    coco_segmentation: str = field(default="rle", metadata=_VALUE)  # or "polygon"
+    yolo_copy: bool = field(default=False, metadata=_VALUE)  # copy images instead of links
     background: str = field(default="white", metadata=_COMPOSITE_ONLY)
     threshold: float = field(default=DEFAULT_THRESHOLD, metadata=_VALUE)
     soft_bits: int = field(default=8, metadata=_VALUE)
@@ -130,11 +141,15 @@ class SegmentConfig:
         for kind in self.save:
             if kind not in COMMAND_KINDS[self.command]:
                 raise ValueError(f"--save {kind}: unknown kind")
+        for name in self.exports:
+            if name not in EXPORT_FORMATS:
+                raise ValueError(f"--export {name}: choose from {', '.join(EXPORT_FORMATS)}")
         choices = (
             ("--engine", self.engine, ENGINES),
             ("--refine", self.refine, REFINE_METHODS),
             ("--precision", self.precision, PRECISIONS),
             ("--cutout-alpha", self.cutout_alpha, CUTOUT_ALPHAS),
+            ("--coco-segmentation", self.coco_segmentation, COCO_SEGMENTATIONS),
         )
         for option, value, allowed in choices:
             if value not in allowed:
@@ -160,12 +175,22 @@ class SegmentConfig:
                 raise ValueError(f"{option} must be at least 1")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError("--max-pixels must be positive")
+        if self.min_area is not None and self.min_area < 0:
+            raise ValueError(f"--min-area {self.min_area}: must be 0 or more pixels")
+        if self.feather < 0:
+            raise ValueError(f"--feather {self.feather}: must be 0 or more pixels")
 
     def batch_size_for(self, device_type: str) -> int:
         """``--batch-size``, or the device type's default (``specs.DEFAULT_BATCH_SIZES``)."""
         if self.batch_size is not None:
             return self.batch_size
         return DEFAULT_BATCH_SIZES.get(device_type, DEFAULT_BATCH_SIZES["cpu"])
+
+    @property
+    def wants_instances(self) -> bool:
+        """Whether each prompt's mask is split into instances (``--save instances``,
+        ``--export``)."""
+        return "instances" in self.save or bool(self.exports)
 
     @property
     def resolved_log_path(self) -> Path:

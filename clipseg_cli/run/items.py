@@ -13,6 +13,7 @@ outputs come from :func:`clipseg_cli.run.inputs.failure_row`.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,20 +24,22 @@ import cv2
 import numpy as np
 import torch
 
-from clipseg_cli.errors import disk_full
+from clipseg_cli.errors import InputError, disk_full
 from clipseg_cli.io import sources, writers
+from clipseg_cli.io.exports import yolo
 from clipseg_cli.io.naming import output_path
 from clipseg_cli.io.palette import label_palette
 from clipseg_cli.io.paths import display_path
-from clipseg_cli.ops import compose, tiles
+from clipseg_cli.ops import compose, instances, tiles
 from clipseg_cli.ops.matting import refine_matte
 from clipseg_cli.ops.prompts import apply_negatives
+from clipseg_cli.ops.shape import MaskShaping, feathered, shape_mask
 from clipseg_cli.ops.tiles import TileGrid
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
 from clipseg_cli.run.promptset import Conditional, PromptSet
-from clipseg_cli.sam import SamFailedError, refiner_for
+from clipseg_cli.sam import refiner_for
 from clipseg_cli.segmenter import Segmenter
 
 
@@ -248,14 +251,17 @@ class LabelMap:
         self._best = np.full(size, -np.inf, np.float32)
         self._label = np.zeros(size, np.uint8)
 
-    def add(self, k: int, prob: np.ndarray) -> None:
-        """Take prompt ``k``'s probabilities, float ``[H, W]``, into account."""
+    def add(self, k: int, prob: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Take prompt ``k``'s probabilities, float ``[H, W]``, into account, where its mask
+        (bool ``[H, W]``; default: everywhere) lets it."""
         better = prob > self._best
+        if mask is not None:
+            better &= mask
         self._best[better] = prob[better]
         self._label[better] = k + 1
 
     def labels(self, threshold: float) -> np.ndarray:
-        """uint8 ``[H, W]``."""
+        """uint8 ``[H, W]``: the best prompt where it passed ``threshold`` (and its mask)."""
         return np.where(self._best > threshold, self._label, np.uint8(0))
 
 
@@ -264,34 +270,34 @@ class _PromptOutputs:
     """What one prompt's outputs of one image are made from."""
 
     rgb: np.ndarray  # uint8 [H, W, 3], the image as displayed
-    prob: np.ndarray  # float32 [H, W], negatives applied
-    mask: np.ndarray  # bool [H, W], prob > threshold
+    prob: np.ndarray  # float32 [H, W]: refined, negatives applied
+    mask: np.ndarray  # bool [H, W]: prob > threshold, shaped (ops.shape)
+    soft: np.ndarray  # float32 [H, W]: prob, or the feathered mask with --feather
+    alpha: np.ndarray  # float32 [H, W]: mattes' and soft cutouts' alpha
     logits: np.ndarray  # float32 [h, w] at the model's resolution
-    matte: np.ndarray | None  # float32 [H, W] refined alpha (matte runs)
+    instance_ids: np.ndarray | None  # uint16 [H, W] (0: background) when instances are made
     background: Callable[[], np.ndarray]  # the composite's background, made once per image
 
 
 def _cutout(path: Path, out: _PromptOutputs, config: SegmentConfig) -> None:
-    if out.matte is not None:
-        alpha = out.matte
-    else:
-        alpha = out.prob if config.cutout_alpha == "soft" else out.mask
-    writers.write_cutout(path, out.rgb, alpha)
+    hard = config.command == "segment" and config.cutout_alpha == "mask" and not config.feather
+    writers.write_cutout(path, out.rgb, out.mask if hard else out.alpha)
 
 
 def _composite(path: Path, out: _PromptOutputs, _config: SegmentConfig) -> None:
-    writers.write_rgb(path, compose.composite(out.rgb, out.matte, out.background()))
+    writers.write_rgb(path, compose.composite(out.rgb, out.alpha, out.background()))
 
 
 #: How each per-prompt ``--save`` kind is written (labels are written once per image).
 _PROMPT_WRITERS: dict[str, Callable[[Path, _PromptOutputs, SegmentConfig], None]] = {
     "mask": lambda path, out, _config: writers.write_mask(path, out.mask),
-    "soft": lambda path, out, config: writers.write_soft(path, out.prob, config.soft_bits),
+    "soft": lambda path, out, config: writers.write_soft(path, out.soft, config.soft_bits),
     "overlay": lambda path, out, _config: writers.write_overlay(path, out.rgb, out.mask),
     "cutout": _cutout,
     "logits": lambda path, out, _config: writers.write_logits(path, out.logits),
-    "matte": lambda path, out, config: writers.write_soft(path, out.matte, config.soft_bits),
+    "matte": lambda path, out, config: writers.write_soft(path, out.alpha, config.soft_bits),
     "composite": _composite,
+    "instances": lambda path, out, _config: writers.write_instance_ids(path, out.instance_ids),
 }
 
 
@@ -333,13 +339,26 @@ def refined(rgb: np.ndarray, prob: np.ndarray, config: SegmentConfig) -> np.ndar
     return refiner_for(config.sam_model, config.device).refine(rgb, prob, config.threshold)
 
 
+@dataclass(frozen=True)
+class Written:
+    """One image's outputs are on disk: its log row, and its part of the exports (its image
+    and instances, see :mod:`clipseg_cli.io.exports`) when instances were made."""
+
+    row: dict
+    part: dict | None = None
+
+
 def write_item(
     prepared: Prepared,
     prediction: Prediction,
     config: SegmentConfig,
     conditionals: list[Conditional],
-) -> dict:
-    """Write every requested output of one image; returns its log row."""
+) -> Written:
+    """Write every requested output of one image.
+
+    Raises:
+        InputError: the image cannot be finished (``--grow`` larger than it, SAM failed).
+    """
     start = time.perf_counter()
     rgb = prepared.image.rgb
     outputs: list[dict] = []
@@ -352,16 +371,14 @@ def write_item(
         return path
 
     background = functools.cache(lambda: composite_background(rgb, config.background))
-    stats = []
+    stats, found = [], []
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
-        prob = refined(rgb, prediction.probabilities(k), config)
-        mask = prob > config.threshold
-        stats.append(_prompt_stats(prob, mask, conditional))
+        out, instances = _prompt_outputs(rgb, prediction, k, config, 1 + len(found), background)
+        stats.append(_prompt_stats(out.prob, out.mask, conditional))
+        found += instances
         if labels is not None:
-            labels.add(k, prob)
-        matte = prob if config.command == "matte" else None
-        out = _PromptOutputs(rgb, prob, mask, prediction.logits[k], matte, background)
+            labels.add(k, out.prob, out.mask)
         for kind in config.save:
             if kind in _PROMPT_WRITERS:
                 _PROMPT_WRITERS[kind](target(kind, conditional), out, config)
@@ -369,7 +386,7 @@ def write_item(
         palette = label_palette(len(conditionals))
         writers.write_labels(target("labels", None), labels.labels(config.threshold), palette)
     height, width = rgb.shape[:2]
-    return {
+    row = {
         "input": display_path(prepared.work.item.path),
         "key": prepared.work.key,
         "status": "ok",
@@ -379,11 +396,71 @@ def write_item(
         "mode": prepared.image.mode,
         "prompts": stats,
         "outputs": outputs,
-        "timings": {
-            "decode_s": round(prepared.decode_seconds, 4),
-            "write_s": round(time.perf_counter() - start, 4),
-        },
     }
+    if config.wants_instances:
+        row["instances"] = [i.row(conditionals[i.prompt].label) for i in found]
+    row["timings"] = {
+        "decode_s": round(prepared.decode_seconds, 4),
+        "write_s": round(time.perf_counter() - start, 4),
+    }
+    part = export_part(prepared, found, config) if config.exports else None
+    return Written(row, part)
+
+
+def _prompt_outputs(
+    rgb: np.ndarray,
+    prediction: Prediction,
+    k: int,
+    config: SegmentConfig,
+    first_id: int,
+    background: Callable[[], np.ndarray],
+) -> tuple[_PromptOutputs, list[instances.Instance]]:
+    """Prompt ``k``'s refined probability, shaped mask, soft map, alpha and instances."""
+    shaping = MaskShaping(
+        config.grow, config.fill_holes, config.min_area, config.invert, config.feather
+    )
+    prob = refined(rgb, prediction.probabilities(k), config)
+    mask = shape_mask(prob > config.threshold, shaping)
+    soft = feathered(mask, config.feather) if config.feather else prob
+    if config.feather:
+        alpha = soft
+    else:
+        alpha = mask.astype(np.float32) if shaping.changes_the_mask else prob
+    ids, found = None, []
+    if config.wants_instances:
+        ids, found = instances.split(mask, prob, k, first_id)
+    out = _PromptOutputs(rgb, prob, mask, soft, alpha, prediction.logits[k], ids, background)
+    return out, found
+
+
+def export_part(prepared: Prepared, found: list[instances.Instance], config: SegmentConfig) -> dict:
+    """One image's part of the exports: where it is, its size, its instances."""
+    height, width = prepared.image.rgb.shape[:2]
+    source = os.path.abspath(prepared.work.item.path)  # noqa: PTH100 - keep links as named
+    part = {
+        "key": prepared.work.key,
+        "source": display_path(source),
+        "width": width,
+        "height": height,
+        "instances": [
+            {
+                "prompt": i.prompt,
+                "id": i.id,
+                "rle": i.rle,
+                "area": i.area,
+                "bbox": list(i.bbox),
+                "score": round(i.score, 6),
+                "polygon": list(i.polygon),
+            }
+            for i in found
+        ],
+    }
+    if "yolo" in config.exports and not yolo.readable(prepared.work.item.path):
+        # The YOLO loader cannot read this format: the export links a PNG of it instead.
+        converted = yolo.converted_image_path(config.out_dir, prepared.work.out_key)
+        writers.write_rgb(converted, prepared.image.rgb)
+        part["converted"] = display_path(converted)
+    return part
 
 
 def write_or_fail(
@@ -391,7 +468,7 @@ def write_or_fail(
     prediction: Prediction,
     config: SegmentConfig,
     conditionals: list[Conditional],
-) -> dict:
+) -> Written:
     """Write outputs; a disk problem for one image becomes its failed row.
 
     Raises:
@@ -399,15 +476,18 @@ def write_or_fail(
     """
     try:
         return write_item(prepared, prediction, config, conditionals)
-    except SamFailedError as error:
-        return failure_row(display_path(prepared.work.item.path), prepared.work.key, str(error))
+    except InputError as error:
+        path, key = display_path(prepared.work.item.path), prepared.work.key
+        return Written(failure_row(path, key, str(error)))
     except OSError as error:
         what = display_path(error.filename) if error.filename else "the outputs"
         stop = disk_full(error, what)
         if stop is not None:
             raise stop from None
         reason = f"cannot write outputs: {error.strerror or error}"
-        return failure_row(display_path(prepared.work.item.path), prepared.work.key, reason)
+        return Written(
+            failure_row(display_path(prepared.work.item.path), prepared.work.key, reason)
+        )
 
 
 def failure_for(failed: Failed) -> dict:

@@ -60,6 +60,9 @@ class Ledger:
     path: Path
     header: dict | None = None
     entries: dict[str, LedgerEntry] = field(default_factory=dict)
+    # The facts of the latest note (weights_sha256, embeddings_sha256, prompts): what a rerun
+    # that embeds nothing still needs to know (the exports' category names).
+    noted: dict = field(default_factory=dict)
     _handle: object = None
 
     @classmethod
@@ -78,6 +81,8 @@ class Ledger:
                     continue  # a damaged line is one more input to redo, never a reason to stop
                 if "fingerprint" in row and ledger.header is None:
                     ledger.header = row
+                elif isinstance(row.get("note"), dict):
+                    ledger.noted.update(row["note"])
                 elif "key" in row:
                     signature = InputSignature(row.get("size"), row.get("mtime_ns"))
                     ledger.entries[row["key"]] = LedgerEntry(row.get("status", ""), signature)
@@ -116,6 +121,7 @@ class Ledger:
             # Keep the previous ledger for the record; the new configuration starts from scratch.
             self.path.replace(self.path.with_name(f"{LEDGER_NAME}.{int(time.time())}.old"))
         self.entries.clear()
+        self.noted.clear()
         self.header = {
             "ledger": LEDGER_VERSION,
             "fingerprint": fingerprint_value,
@@ -137,6 +143,7 @@ class Ledger:
     def note(self, **facts: object) -> None:
         """Append facts learnt during the run (e.g. the weights' sha256), for the record."""
         self._append({"note": facts, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        self.noted.update(facts)
 
     def record(
         self,

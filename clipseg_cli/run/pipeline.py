@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 from clipseg_cli.errors import NoInputsError, disk_full
 from clipseg_cli.io import sources
 from clipseg_cli.io.files import JsonlLog, remove_stale_temporaries, write_json_atomic
+from clipseg_cli.io.naming import EXPORT_PARTS_NAME, STATE_DIR
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.run import memory
 from clipseg_cli.run.config import SegmentConfig
@@ -118,12 +120,14 @@ def run_segment(
         ledger = Ledger.load(config.out_dir)
         ledger.begin(fingerprint(parts), parts, overwrite=config.overwrite)
         try:
-            with JsonlLog(config.resolved_log_path) as log:
+            with JsonlLog(config.resolved_log_path) as log, _parts_log(config) as export_parts:
                 recorder = Recorder(summary, log, ledger, on_progress, started)
+                recorder.parts = export_parts
                 try:
                     todo = recorder.record_planned(listing, config.retry_failed)
                     if todo and not (should_stop and should_stop()):
                         _process(config, todo, recorder, segmenter, should_stop)
+                    recorder.details["exports"] = _write_exports(config, ledger, export_parts)
                 finally:
                     _write_summary(config, recorder)
         finally:
@@ -134,6 +138,37 @@ def run_segment(
             summary.report_path = write_report(config.out_dir, config.resolved_log_path)
     summary.details["stale_temporaries_removed"] = removed
     return summary
+
+
+@contextmanager
+def _parts_log(config: SegmentConfig) -> Iterator[JsonlLog | None]:
+    """The exports' parts file of ``--out`` (only when the run exports)."""
+    if not config.exports:
+        yield None
+        return
+    with JsonlLog(config.out_dir / STATE_DIR / EXPORT_PARTS_NAME) as parts:
+        yield parts
+
+
+def _write_exports(config: SegmentConfig, ledger: Ledger, parts: JsonlLog | None) -> list[str]:
+    """Rebuild the exports from the parts of every image the ledger calls ``ok``."""
+    if parts is None:
+        return []
+    from clipseg_cli.io.exports import latest_parts, write_exports
+
+    done = {key for key, entry in ledger.entries.items() if entry.status == "ok"}
+    prompts = ledger.noted.get("prompts")
+    if prompts is None:  # nothing was ever embedded into this folder: nothing to export
+        return []
+    written = write_exports(
+        config.out_dir,
+        config.exports,
+        latest_parts(parts.path, done),
+        prompts,
+        coco_segmentation=config.coco_segmentation,
+        yolo_copy=config.yolo_copy,
+    )
+    return [display_path(path) for path in written]
 
 
 def _listing(config: SegmentConfig, stdin: TextIO | None) -> sources.InputListing:
@@ -167,6 +202,8 @@ class Recorder:
         self.infer_seconds = 0.0
         # The model, prompts and engine of the run, for the summary.
         self.details: dict = {}
+        # Each finished image's part of the exports, appended before its ledger line.
+        self.parts: JsonlLog | None = None
 
     def record(self, row: dict, work: Work | None = None) -> None:
         """Log one input's row, then (for a finished input) its ledger line.
@@ -203,17 +240,27 @@ class Recorder:
 
     def describe(self, details: dict) -> None:
         """What the run uses (model, prompts, engine): noted in the ledger (the weights' and
-        the conditionals' sha256) and kept for the summary."""
+        the conditionals' sha256, the prompts' labels) and kept for the summary."""
         self.ledger.note(
             weights_sha256=details["model"]["sha256"],
             embeddings_sha256=details.pop("embeddings_sha256"),
+            prompts=[prompt["label"] for prompt in details["prompts"]],
         )
         self.details.update(details)
 
     def record_finished(self, finished: Finished) -> None:
-        """An engine's result: its row, its share of model time, what the engine reports."""
+        """An engine's result: its export part, then its row (log, ledger); its share of model
+        time, and what the engine reports."""
         self.details.update(finished.details)
         self.infer_seconds += finished.infer_seconds
+        if finished.part is not None and self.parts is not None:
+            try:
+                self.parts.write(finished.part)
+            except OSError as error:
+                stop = disk_full(error, "the exports' parts")
+                if stop is not None:
+                    raise stop from None
+                raise
         self.record(finished.row, finished.work)
 
     def record_planned(self, listing: sources.InputListing, retry_failed: bool) -> list[Work]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from clipseg_cli.run import items
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.run.items import Failed, Prediction, Prepared, RowBatcher, Work
+from clipseg_cli.run.items import Failed, Prediction, Prepared, RowBatcher, Work, Written
 from clipseg_cli.run.promptset import PromptSet
 from clipseg_cli.segmenter import Segmenter
 
@@ -33,6 +33,7 @@ class Finished:
     row: dict
     infer_seconds: float = 0.0
     details: dict = field(default_factory=dict)
+    part: dict | None = None  # the image's part of the exports (io.exports), if any
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ class ItemSteps:
         """A fresh :class:`~clipseg_cli.run.items.RowBatcher` for model batches of this size."""
         return RowBatcher(batch_size, self.prompts.count)
 
-    def write(self, prepared: Prepared, prediction: Prediction) -> dict:
-        """Write one input's outputs; its log row. Raises DiskFullError when the disk is full."""
+    def write(self, prepared: Prepared, prediction: Prediction) -> Written:
+        """Write one input's outputs: its log row and export part. Raises DiskFullError when
+        the disk is full."""
         return items.write_or_fail(prepared, prediction, self.config, self.prompts.positives)
 
     def fail(self, failed: Failed) -> dict:

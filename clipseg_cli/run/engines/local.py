@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from clipseg_cli.model.precision import dtype_name
 from clipseg_cli.run.engines.cpu_gate import CpuGate, gate_for
-from clipseg_cli.run.items import Failed, Prepared, Work
+from clipseg_cli.run.items import Failed, Prepared, Work, Written
 from clipseg_cli.run.promptset import PromptSet
 from clipseg_cli.run.steps import Finished, ItemSteps
 from clipseg_cli.segmenter import Segmenter
@@ -57,7 +57,8 @@ def process(
         # Unfinished writes (and the images they hold) are bounded by `limit`.
         while len(writes) > limit:
             future, work, seconds = writes.popleft()
-            yield Finished(work, future.result(), seconds, details)
+            written = future.result()
+            yield Finished(work, written.row, seconds, details, written.part)
 
     with (
         ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as decoders,
@@ -87,7 +88,7 @@ def process(
         try:
             for batch, failures in _one_ahead(_batches(stream, batch_size)):
                 for failed in failures:
-                    writes.append((_done(steps.fail(failed)), failed.work, 0.0))
+                    writes.append((_done(Written(steps.fail(failed))), failed.work, 0.0))
                 for prepared in batch:
                     rows.add(prepared)
                 predict(final=False)
@@ -154,7 +155,7 @@ def _one_ahead(batches: Iterator[T]) -> Iterator[T]:
     yield previous
 
 
-def _done(row: dict) -> Future:
+def _done(written: Written) -> Future:
     future: Future = Future()
-    future.set_result(row)
+    future.set_result(written)
     return future

@@ -192,16 +192,19 @@ def _write(row: dict[str, Any], steps: ItemSteps, cwd: str) -> dict:
     _enter(cwd)
     entry, prediction = pickle.loads(row["item"])
     fatal, fatal_errno = "", 0
+    part = None
     if isinstance(entry, Failed):
         result = steps.fail(entry)
     else:
         try:
-            result = steps.write(entry, prediction)
+            written = steps.write(entry, prediction)
+            result, part = written.row, written.part
         except DiskFullError as error:
             result, fatal, fatal_errno = {}, error.strerror or str(error), error.errno or 0
     return {
         "i": row["i"],
         "row": json.dumps(result),
+        "part": json.dumps(part),
         "infer_s": row["infer_s"],
         "actor": row["actor"],
         "fatal": fatal,
@@ -325,8 +328,9 @@ def process(
                     raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
                 # The summary names the actors' device, not the driver's (prompts only).
                 row_details = {**details, **json.loads(result["actor"])}
-                row = json.loads(result["row"])
-                yield Finished(todo[int(result["i"])], row, float(result["infer_s"]), row_details)
+                row, part = json.loads(result["row"]), json.loads(result["part"])
+                work = todo[int(result["i"])]
+                yield Finished(work, row, float(result["infer_s"]), row_details, part)
         finally:
             close = getattr(stream, "close", None)
             if close is not None:
