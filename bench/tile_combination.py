@@ -16,12 +16,13 @@ import argparse
 
 import cv2
 import numpy as np
+import torch
 
 from clipseg_cli.ops import tiles
 from clipseg_cli.ops.matting import refine_matte
 from clipseg_cli.ops.metrics import BoundaryCounts, boundary_counts
 from clipseg_cli.ops.shapes import make_large_scene
-from clipseg_cli.ops.transforms import resize_rgb, stack_uint8
+from clipseg_cli.ops.transforms import resize_rgb
 from clipseg_cli.segmenter import Segmenter
 
 KINDS = {
@@ -52,7 +53,7 @@ def _logits(segmenter: Segmenter, rgb: np.ndarray, conditionals) -> tuple[np.nda
         for c in tiles.tile_crops(rgb, grid)
     ]
     chunks = [
-        segmenter.logits(stack_uint8(rows[i : i + 16]), conditionals).numpy()
+        segmenter.logits(torch.from_numpy(np.stack(rows[i : i + 16])), conditionals).numpy()
         for i in range(0, len(rows), 16)
     ]
     return np.concatenate(chunks), grid

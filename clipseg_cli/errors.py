@@ -26,6 +26,11 @@ class WeightsError(Exception):
     """A model could not be found or loaded. ``str()`` is one line, fit for the user."""
 
 
+class BackendError(WeightsError):
+    """An ONNX image graph could not be exported, quantised or loaded (a model that cannot be
+    run, like weights that cannot be loaded). ``str()`` is one line."""
+
+
 class LockedError(Exception):
     """Another run holds this output folder."""
 

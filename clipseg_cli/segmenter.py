@@ -8,7 +8,9 @@ Example::
     cond = seg.embed_texts(["a dog", "a cat"])  # [2, 512]
     probs = seg.predict([rgb_array], cond)  # list of float32 [2, H, W] in [0, 1]
 
-The CLI's pipeline is built on the same methods.
+The CLI embeds prompts with these methods and, with ``--backend torch`` (the default on GPUs),
+segments with the same model code; on the CPU it defaults to ONNX Runtime
+(:mod:`clipseg_cli.backends`), which gives the same logits to 1e-4 of their magnitude.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from clipseg_cli.model.clipseg import ClipSegModel
 from clipseg_cli.model.precision import DTYPES
 from clipseg_cli.model.tokenizer import ClipTokenizer
-from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb
 from clipseg_cli.specs import DEFAULT_MODEL, DEVICES, PRECISIONS, is_device_name
 from clipseg_cli.weights import COMPONENTS, WeightsInfo, load_weights
 
@@ -65,6 +67,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float16 if device.type == "mps" else torch.float32
+    if name == "int8":
+        raise ValueError("--precision int8 is ONNX Runtime's graph: use --backend onnx")
     if name not in DTYPES:
         raise ValueError(f"--precision {name}: expected {', '.join(PRECISIONS)}")
     if name == "fp16" and device.type == "cpu":
@@ -141,7 +145,7 @@ class Segmenter:
         """Image conditionals, float32 ``[K, D]``: each uint8 ``[H, W, 3]`` support image is
         encoded as it is (resized to the model size), by the full CLIP image tower."""
         resized = [resize_rgb(image, self.input_size) for image in images]
-        pixels = self.model.normalize(stack_uint8(resized).to(self.device))
+        pixels = self.model.normalize(torch.from_numpy(np.stack(resized)).to(self.device))
         return self.model.encode_image(pixels).float()
 
     def release_prompt_encoders(self) -> None:
@@ -172,9 +176,6 @@ class Segmenter:
         """
         if not images:
             return []
-        batch = stack_uint8([resize_rgb(image, self.input_size) for image in images])
-        logits = self.logits(batch, conditionals)
-        return [
-            probabilities_at_size(logits[i], image.shape[:2]).cpu().numpy()
-            for i, image in enumerate(images)
-        ]
+        batch = np.stack([resize_rgb(image, self.input_size) for image in images])
+        logits = self.logits(torch.from_numpy(batch), conditionals).cpu().numpy()
+        return [probabilities_at_size(logits[i], image.shape[:2]) for i, image in enumerate(images)]

@@ -22,8 +22,14 @@ DEFAULT_SAM_MODEL = "facebook/sam-vit-base"
 
 #: ``--device`` values (besides ``cuda:N``); ``auto`` picks CUDA, then Apple MPS, then the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
-#: ``--precision`` values; ``auto`` is half precision on GPUs, fp32 on the CPU.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``--precision`` values; ``auto`` is half precision on GPUs, fp32 on the CPU; ``int8`` is the
+#: ONNX Runtime backend's quantised graph (CPUs only).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+#: What run summaries call each precision's number type (torch's dtype names; ``int8`` is the
+#: ONNX graph's quantised weights).
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+#: ``--backend`` values: ``auto`` is ONNX Runtime on the CPU, torch on GPUs.
+BACKENDS = ("auto", "torch", "onnx")
 #: Edge refinement of probabilities against the full-resolution image: guided filter
 #: (ops.matting) or Segment Anything (clipseg_cli.sam, the [sam] extra).
 REFINE_METHODS = ("none", "guided", "sam")
@@ -182,6 +188,43 @@ def architecture_for(name: str) -> ArchitectureSpec:
         known = ", ".join([*SCRATCH_ALIASES, *MODEL_SPECS])
         raise KeyError(f"unknown architecture {name!r} (known: {known})")
     return spec.architecture
+
+
+def variant_name(arch: ArchitectureSpec) -> str:
+    """The named model an architecture is (``rd64-refined``), or ``custom``."""
+    for spec in MODEL_SPECS.values():
+        if spec.architecture == arch:
+            return spec.name
+    known = spec_for_decoder(arch.decoder.reduce_dim, arch.decoder.refined_head)
+    return known.name if known and known.architecture == arch else "custom"
+
+
+def architecture_to_dict(arch: ArchitectureSpec) -> dict:
+    """The architecture as plain JSON-able data (tuples as lists)."""
+    return {
+        "vision": vars(arch.vision).copy(),
+        "text": vars(arch.text).copy(),
+        "decoder": {**vars(arch.decoder), "extract_layers": list(arch.decoder.extract_layers)},
+        "embed_dim": arch.embed_dim,
+        "input_size": arch.input_size,
+    }
+
+
+def architecture_from_dict(data: dict) -> ArchitectureSpec:
+    """:func:`architecture_to_dict` inverted.
+
+    Raises:
+        TypeError, KeyError: not such a dict.
+    """
+    decoder = dict(data["decoder"])
+    decoder["extract_layers"] = tuple(decoder["extract_layers"])
+    return ArchitectureSpec(
+        vision=VisionSpec(**data["vision"]),
+        text=TextSpec(**data["text"]),
+        decoder=DecoderSpec(**decoder),
+        embed_dim=int(data["embed_dim"]),
+        input_size=int(data["input_size"]),
+    )
 
 
 def spec_for_decoder(reduce_dim: int, refined_head: bool) -> ModelSpec | None:

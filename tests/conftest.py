@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from PIL import Image
 # No test may reach the network: huggingface_hub and open_clip read the cache only.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nor write to the user's cache: graphs, text embeddings and weight identities go to a folder of
+# this session (shared by its tests, so a tiny model's graph is exported once; tests of the
+# cache itself point CLIPSEG_CACHE elsewhere).
+os.environ["CLIPSEG_CACHE"] = tempfile.mkdtemp(prefix="clipseg-test-cache-")
 
 # =============================================================================================
 # Image-file fixtures for tests of clipseg_cli.io.sources / clipseg_cli.io.writers.

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,7 @@ def test_folder_walk_mirrors_the_tree_and_writes_every_kind(tiny_model_dir, phot
     assert summary["counts"] == {"total": 4, "ok": 4, "failed": 0, "with_empty_prompt": 0} or (
         summary["counts"]["ok"] == 4 and summary["counts"]["failed"] == 0
     )
-    assert summary["model"]["sha256"] and summary["versions"]["torch"] == torch.__version__
+    assert summary["model"]["sha256"] and summary["versions"]["torch"] == metadata.version("torch")
     assert summary["labels_legend"] == {"0": "background", "1": "a dog", "2": "a cat"}
 
 
@@ -455,8 +456,9 @@ def test_models_prints_a_header_row_for_scripts():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split("\t") == ["name", "hub id", "cached", "original file", "description"]
-    assert all(len(line.split("\t")) == 5 for line in lines)
+    header = ["name", "hub id", "cached", "onnx graph", "original file", "description"]
+    assert lines[0].split("\t") == header
+    assert all(len(line.split("\t")) == 6 for line in lines)
     assert [line.split("\t")[0] for line in lines[1:]] == list(MODEL_SPECS)
 
 

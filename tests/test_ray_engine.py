@@ -194,3 +194,18 @@ def test_ray_engine_exports_the_same_datasets_as_the_local_engine(
     assert ray_files.pop(data_yaml).replace(b"/ray/", b"/local/") == local_files.pop(data_yaml)
     assert any(name.startswith("yolo/labels/") for name in ray_files)
     assert ray_files == local_files  # instance maps, YOLO labels and images
+
+
+def test_ray_actors_run_the_backend_the_run_asks_for(ray_cluster, tiny_model_dir, photos, tmp_path):
+    """CPU actors run ONNX Runtime by default (the graph exported once, by the driver) and
+    torch with --backend torch; each matches the local engine on the same backend."""
+    for backend in ("torch", "onnx"):
+        local = tmp_path / f"local-{backend}"
+        options = ("--backend", backend)
+        assert _segment(photos, local, tiny_model_dir, *options).exit_code == 1
+        out = tmp_path / f"ray-{backend}"
+        result = _segment(photos, out, tiny_model_dir, *options, *_ray())
+        assert result.exit_code == ExitCode.SOME_FAILED, result.output
+        assert _output_files(out) == _output_files(local)
+        summary = json.loads((out / "clipseg-summary.json").read_text())
+        assert summary["backend"] == backend and summary["ray"]["actors"] == 1

@@ -8,26 +8,45 @@ import typer
 
 from clipseg_cli.specs import DEFAULT_MODEL, MODEL_SPECS
 
-COLUMNS = ("name", "hub id", "cached", "original file", "description")
+COLUMNS = ("name", "hub id", "cached", "onnx graph", "original file", "description")
+
+
+def _graphs(files: tuple) -> str:
+    """Which ONNX graphs of these weight files are cached (``fp32, int8``), ``no``, or
+    ``not yet known`` before the weights have been loaded once."""
+    from clipseg_cli.backends import GRAPH_VARIANTS
+    from clipseg_cli.backends.cache import cached_graph
+    from clipseg_cli.weights.identity import recall
+
+    identity = recall(files)
+    if identity is None:
+        return "not yet known (no run yet)"
+    found = [v for v in GRAPH_VARIANTS if cached_graph(identity.sha256, identity.arch, v)]
+    return ", ".join(found) if found else "no"
 
 
 def _rows() -> list[tuple[str, ...]]:
     from clipseg_cli.errors import WeightsError
-    from clipseg_cli.weights import bundled_model_dir, cached_hub_files
+    from clipseg_cli.weights import bundled_model_dir
+    from clipseg_cli.weights.locate import cached_hub_paths, transformers_files
 
     rows = []
     for spec in MODEL_SPECS.values():
         default = " (default)" if spec.hub_id == DEFAULT_MODEL else ""
+        files = None
         if spec.hub_id is None:
             source = "(bundled with clipseg)"
             try:
-                cached = "yes" if bundled_model_dir(spec.name) else "no"
+                files = transformers_files(bundled_model_dir(spec.name))
+                cached = "yes"
             except WeightsError:
                 cached = "missing from this install"
         else:
-            source, cached = spec.hub_id, "yes" if cached_hub_files(spec.hub_id) else "no"
+            source, files = spec.hub_id, cached_hub_paths(spec.hub_id)
+            cached = "yes" if files is not None else "no"
+        graphs = _graphs(files) if files is not None else "-"
         original = spec.original_filename or "-"
-        rows.append((spec.name, source, cached, original, spec.description + default))
+        rows.append((spec.name, source, cached, graphs, original, spec.description + default))
     return rows
 
 
@@ -35,7 +54,8 @@ def models() -> None:
     """List the known CLIPSeg models and whether their weights are in the local cache.
 
     On a terminal a table; otherwise tab-separated lines for scripts, a header line first
-    (name, hub id, cached, original file, description).
+    (name, hub id, cached, onnx graph, original file, description). ``onnx graph``: the
+    ONNX Runtime graphs exported for the CPU backend (in ``$CLIPSEG_CACHE``).
     """
     rows = _rows()
     if not sys.stdout.isatty():

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import typer
 
 from clipseg_cli.specs import (
+    BACKENDS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_THRESHOLD,
     DEVICES,
@@ -167,7 +168,17 @@ ClipWeightsOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help=f"{', '.join(DEVICES)} or cuda:N.")]
 PrecisionOpt = Annotated[
     str,
-    typer.Option(help=f"{', '.join(PRECISIONS)} (auto: half precision on GPU, fp32 on CPU)."),
+    typer.Option(
+        help=f"{', '.join(PRECISIONS)} (auto: half precision on GPU, fp32 on CPU; int8: ONNX "
+        "Runtime's quantised graph, CPU only, opt-in)."
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"{', '.join(BACKENDS)}: what runs the model (auto: ONNX Runtime on the CPU, torch "
+        "on GPUs; the same masks either way)."
+    ),
 ]
 BatchOpt = Annotated[
     int | None,

@@ -122,6 +122,7 @@ def run_images(config: SegmentConfig, progress: str) -> None:
             stdin=sys.stdin,
             on_progress=reporter,
             should_stop=lambda: signals.received is not None,
+            on_notice=lambda message: typer.echo(f"clipseg: {message}", err=True),
         )
     typer.echo(
         f"clipseg: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
@@ -183,6 +184,7 @@ def segment(
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = "auto",
+    backend: o.BackendOpt = "auto",
     batch_size: o.BatchOpt = None,
     workers: o.WorkersOpt = 2,
     max_pixels: o.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -230,6 +232,7 @@ def segment(
             clip_weights=clip_weights,
             device=device,
             precision=precision,
+            backend=backend,
             batch_size=batch_size,
             workers=workers,
             max_pixels=max_pixels,
@@ -287,6 +290,7 @@ def matte(
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",
     precision: o.PrecisionOpt = "auto",
+    backend: o.BackendOpt = "auto",
     batch_size: o.BatchOpt = None,
     workers: o.WorkersOpt = 2,
     max_pixels: o.MaxPixelsOpt = DEFAULT_MAX_PIXELS,
@@ -331,6 +335,7 @@ def matte(
             clip_weights=clip_weights,
             device=device,
             precision=precision,
+            backend=backend,
             batch_size=batch_size,
             workers=workers,
             max_pixels=max_pixels,

@@ -1,4 +1,4 @@
-"""Image prompts and arithmetic on conditional vectors (pure functions on arrays and tensors).
+"""Image prompts and arithmetic on conditional vectors (pure numpy functions).
 
 * :func:`engineer_reference` turns a support image plus its object mask into the image CLIP
   encodes (the paper's best visual prompt engineering, CLIPSeg paper Table 2).
@@ -16,7 +16,6 @@ import math
 
 import cv2
 import numpy as np
-import torch
 
 from clipseg_cli.ops.transforms import resize_rgb
 from clipseg_cli.specs import IMAGENET_MEAN
@@ -209,19 +208,20 @@ def reference_mask_from_alpha(alpha: np.ndarray | None) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def average_conditionals(vectors: torch.Tensor) -> torch.Tensor:
+def average_conditionals(vectors: np.ndarray) -> np.ndarray:
     """Several references for one class -> one conditional: ``vectors.mean(0)``.
 
-    A plain mean of the unnormalised CLIP embeddings, ``[N, D] -> [D]``, dtype kept. The
-    decoder was trained on unnormalised embeddings, so no L2 normalisation before or after.
+    A plain mean of the unnormalised CLIP embeddings, float32 ``[N, D] -> [D]``. The decoder
+    was trained on unnormalised embeddings, so no L2 normalisation before or after.
     """
+    vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] == 0:
         raise ValueError(f"expected [N,D] conditionals with N >= 1, got {list(vectors.shape)}")
-    return vectors.mean(dim=0)
+    return vectors.mean(axis=0, dtype=np.float32)
 
 
-def mix_conditionals(text: torch.Tensor, image: torch.Tensor, weight: float) -> torch.Tensor:
-    """``weight * text + (1 - weight) * image``, the mixing CLIPSeg was trained with.
+def mix_conditionals(text: np.ndarray, image: np.ndarray, weight: float) -> np.ndarray:
+    """``weight * text + (1 - weight) * image``, the mixing CLIPSeg was trained with (float32).
 
     Args:
         text: [D] or [K, D] text conditionals.
@@ -230,18 +230,17 @@ def mix_conditionals(text: torch.Tensor, image: torch.Tensor, weight: float) -> 
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"mix weight must be in [0, 1], got {weight}")
+    text, image = np.asarray(text, np.float32), np.asarray(image, np.float32)
     try:
-        torch.broadcast_shapes(text.shape, image.shape)
-    except RuntimeError:
+        np.broadcast_shapes(text.shape, image.shape)
+    except ValueError:
         raise ValueError(
             f"text {list(text.shape)} and image {list(image.shape)} conditionals do not match"
         ) from None
-    return weight * text + (1.0 - weight) * image
+    return np.float32(weight) * text + np.float32(1.0 - weight) * image
 
 
-def apply_negatives(
-    probs: np.ndarray | torch.Tensor, negative_probs: np.ndarray | torch.Tensor
-) -> np.ndarray | torch.Tensor:
+def apply_negatives(probs: np.ndarray, negative_probs: np.ndarray) -> np.ndarray:
     """Suppress positive probabilities where negative prompts fire.
 
     Rule, per pixel: ``out[k] = probs[k] * (1 - max_n negative_probs[n])``. A pixel any
@@ -249,12 +248,11 @@ def apply_negatives(
     fires the positives are unchanged. With N = 0 negatives ``probs`` is returned as it is.
 
     Args:
-        probs: [K, H, W] positive probabilities in [0, 1] (numpy or torch).
-        negative_probs: [N, H, W] negative probabilities in [0, 1] (numpy or torch; converted
-            to the type, and for torch the device, of ``probs``).
+        probs: [K, H, W] positive probabilities in [0, 1].
+        negative_probs: [N, H, W] negative probabilities in [0, 1].
 
     Returns:
-        [K, H, W], same type (and dtype) as ``probs``.
+        [K, H, W], the dtype of ``probs``.
     """
     if probs.ndim != 3 or negative_probs.ndim != 3:
         raise ValueError(
@@ -268,12 +266,5 @@ def apply_negatives(
         )
     if negative_probs.shape[0] == 0:
         return probs
-    if isinstance(probs, torch.Tensor):
-        neg = torch.as_tensor(negative_probs, device=probs.device).to(probs.dtype)
-        return probs * (1 - neg.amax(dim=0, keepdim=True))
-    neg_np = (
-        negative_probs.detach().cpu().numpy()
-        if isinstance(negative_probs, torch.Tensor)
-        else np.asarray(negative_probs)
-    )
-    return (probs * (1 - neg_np.max(axis=0, keepdims=True))).astype(probs.dtype, copy=False)
+    strongest = negative_probs.max(axis=0, keepdims=True)
+    return (probs * (1 - strongest)).astype(probs.dtype, copy=False)

@@ -1,10 +1,9 @@
-"""Pure array functions between decoded images and the model, and back (no files)."""
+"""Pure array functions between decoded images and the model, and back (numpy, no files)."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 
@@ -29,17 +28,26 @@ def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized)
 
 
-def probabilities_at_size(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Logits ``[K, h, w]`` -> float32 probabilities ``[K, H, W]`` on the same device.
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """float32 ``1 / (1 + exp(-x))``."""
+    return (1.0 / (1.0 + np.exp(-logits, dtype=np.float32))).astype(np.float32, copy=False)
+
+
+def upsampled(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 ``[K, h, w]`` -> ``[K, H, W]`` for ``size = (H, W)``: bilinear, pixel centres
+    aligned (``align_corners=False``, as torch's interpolate and transformers do)."""
+    height, width = size
+    if maps.shape[-2:] == (height, width):
+        return maps
+    out = np.empty((maps.shape[0], height, width), np.float32)
+    for k in range(maps.shape[0]):
+        cv2.resize(maps[k], (width, height), dst=out[k], interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def probabilities_at_size(logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Logits ``[K, h, w]`` -> float32 probabilities ``[K, H, W]``.
 
     Sigmoid first, then bilinear upsampling, as a transformers user would write it.
     """
-    probs = torch.sigmoid(logits.float())
-    if tuple(probs.shape[-2:]) == tuple(size):
-        return probs
-    return F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-
-
-def stack_uint8(images: list[np.ndarray]) -> torch.Tensor:
-    """Equal-size uint8 ``[h, w, 3]`` arrays -> ``[B, h, w, 3]`` uint8 tensor (CPU)."""
-    return torch.from_numpy(np.stack(images))
+    return upsampled(sigmoid(np.asarray(logits, np.float32)), size)

@@ -20,6 +20,7 @@ from typing import Any
 from clipseg_cli.io.files import file_identity, sha256_file
 from clipseg_cli.io.naming import COMMAND_KINDS, EXPORT_FORMATS, LOG_NAME, SUMMARY_NAME
 from clipseg_cli.specs import (
+    BACKENDS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -92,6 +93,8 @@ class SegmentConfig:
     clip_weights: Path | None = None
     device: str = "auto"
     precision: str = field(default="auto", metadata=_VALUE)
+    # torch or ONNX Runtime (run.backend): the same results, so recorded but no fingerprint.
+    backend: str = "auto"
     batch_size: int | None = None  # None: by device (see batch_size_for)
     workers: int = 2
     # Not an option of the command line: the run's writer threads.
@@ -148,6 +151,7 @@ class SegmentConfig:
             ("--engine", self.engine, ENGINES),
             ("--refine", self.refine, REFINE_METHODS),
             ("--precision", self.precision, PRECISIONS),
+            ("--backend", self.backend, BACKENDS),
             ("--cutout-alpha", self.cutout_alpha, CUTOUT_ALPHAS),
             ("--coco-segmentation", self.coco_segmentation, COCO_SEGMENTATIONS),
         )
@@ -158,6 +162,7 @@ class SegmentConfig:
             raise ValueError(f"--ref-mode {self.ref_mode}: choose from {', '.join(REF_MODES)}")
         if not is_device_name(self.device):
             raise ValueError(f"--device {self.device}: choose from {', '.join(DEVICES)}, cuda:N")
+        _check_backend(self)
 
     def _check_numbers(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -239,6 +244,25 @@ class SegmentConfig:
         if self.clip_weights is not None:
             weights.append(file_identity(self.clip_weights))
         return weights
+
+
+def _check_backend(config: SegmentConfig) -> None:
+    """Backend, device and precision that cannot go together (ValueError)."""
+    on_gpu = config.device not in ("auto", "cpu")
+    if config.backend == "onnx" and on_gpu:
+        raise ValueError(
+            f"--backend onnx runs on the CPU; --device {config.device} needs --backend torch"
+        )
+    if config.backend == "onnx" and config.precision in ("bf16", "fp16"):
+        raise ValueError(
+            f"--backend onnx runs fp32 or int8; --precision {config.precision} needs "
+            "--backend torch"
+        )
+    if config.precision == "int8" and (config.backend == "torch" or on_gpu):
+        raise ValueError(
+            "--precision int8 is ONNX Runtime's quantised graph, on the CPU: use it with "
+            "--backend onnx (or auto) and --device cpu (or auto)"
+        )
 
 
 def _parse_tiles(value: str) -> str:

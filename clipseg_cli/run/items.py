@@ -20,10 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
-import torch
 
+from clipseg_cli.backends.base import ImageBackend
 from clipseg_cli.errors import InputError, disk_full
 from clipseg_cli.io import sources, writers
 from clipseg_cli.io.exports import yolo
@@ -35,12 +34,11 @@ from clipseg_cli.ops.matting import refine_matte
 from clipseg_cli.ops.prompts import apply_negatives
 from clipseg_cli.ops.shape import MaskShaping, feathered, shape_mask
 from clipseg_cli.ops.tiles import TileGrid
-from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, sigmoid, upsampled
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
-from clipseg_cli.run.promptset import Conditional, PromptSet
+from clipseg_cli.run.promptset import Conditional
 from clipseg_cli.sam import refiner_for
-from clipseg_cli.segmenter import Segmenter
 
 
 @dataclass
@@ -86,7 +84,7 @@ class Prediction:
     tile_logits: np.ndarray | None = None
     grid: TileGrid | None = None
     # The negatives' full-size probabilities, made once when the first prompt needs them.
-    _negative_probs: np.ndarray | torch.Tensor | None = field(default=None, init=False, repr=False)
+    _negative_probs: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @property
     def logits(self) -> np.ndarray:
@@ -101,36 +99,27 @@ class Prediction:
         With tiles: the whole image's and the stitched tiles' logits at the image's size,
         combined (:func:`clipseg_cli.ops.tiles.combine`), then the sigmoid.
         """
+        has_negatives = self.low_res_logits.shape[0] > self.positives
         if self.grid is None:
-            logits = torch.from_numpy(self.low_res_logits[k : k + 1])
-            prob = probabilities_at_size(logits, self.size)
-            if self.low_res_logits.shape[0] > self.positives:
-                if self._negative_probs is None:
-                    negatives = torch.from_numpy(self.low_res_logits[self.positives :])
-                    self._negative_probs = probabilities_at_size(negatives, self.size)
-                prob = apply_negatives(prob, self._negative_probs)
-            return prob[0].numpy()
-        prob = _sigmoid(self._tiled_logits(k))
-        if self.low_res_logits.shape[0] > self.positives:
-            if self._negative_probs is None:
+            prob = probabilities_at_size(self.low_res_logits[k : k + 1], self.size)
+            if has_negatives and self._negative_probs is None:
+                negatives = self.low_res_logits[self.positives :]
+                self._negative_probs = probabilities_at_size(negatives, self.size)
+        else:
+            prob = sigmoid(self._tiled_logits(k))[None]
+            if has_negatives and self._negative_probs is None:
                 # One full-size map at a time: a running maximum over the negatives.
                 strongest = self._tiled_logits(self.positives)
                 for n in range(self.positives + 1, self.low_res_logits.shape[0]):
                     np.maximum(strongest, self._tiled_logits(n), out=strongest)
-                self._negative_probs = _sigmoid(strongest)[None]
-            prob = apply_negatives(prob[None], self._negative_probs)[0]
-        return prob
+                self._negative_probs = sigmoid(strongest)[None]
+        if has_negatives:
+            prob = apply_negatives(prob, self._negative_probs)
+        return prob[0]
 
     def _tiled_logits(self, index: int) -> np.ndarray:
-        height, width = self.size
-        whole = cv2.resize(
-            self.low_res_logits[index], (width, height), interpolation=cv2.INTER_LINEAR
-        )
+        whole = upsampled(self.low_res_logits[index : index + 1], self.size)[0]
         return tiles.combine(whole, tiles.stitch(self.tile_logits[:, index], self.grid))
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32, copy=False)
 
 
 # -- decode and predict ---------------------------------------------------------------------------
@@ -158,15 +147,13 @@ def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Pr
 
 
 def predict_batch(
-    segmenter: Segmenter,
+    model: ImageBackend,
     rows: list[np.ndarray],
-    prompts: PromptSet,
+    conditionals: np.ndarray,
     pad_to: int | None = None,
 ) -> np.ndarray:
-    """float32 logits ``[len(rows), K + N, h, w]`` on the host for uint8 rows ``[h, w, 3]`` at
-    the model size; ``prompts.vectors`` must be on the segmenter's device.
-
-    Results come back from the device with one synchronisation per batch rather than per row.
+    """float32 logits ``[len(rows), K + N, h, w]`` for uint8 rows ``[h, w, 3]`` at the model
+    size and float32 conditionals ``[K + N, D]``.
 
     ``pad_to``: run a short batch padded with blank rows to this size. The model's kernels
     round differently for different batch sizes (last-bit differences), but not for different
@@ -176,14 +163,7 @@ def predict_batch(
     inputs = list(rows)
     if pad_to is not None and len(inputs) < pad_to:
         inputs += [np.zeros_like(inputs[0])] * (pad_to - len(inputs))
-    pixels = stack_uint8(inputs)
-    if segmenter.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    logits = segmenter.logits(pixels, prompts.vectors)
-    host = logits[: len(rows)].float().to("cpu", non_blocking=True)
-    if segmenter.device.type == "cuda":
-        torch.cuda.synchronize(segmenter.device)
-    return host.numpy()
+    return model.logits(np.stack(inputs), conditionals)[: len(rows)]
 
 
 class RowBatcher:

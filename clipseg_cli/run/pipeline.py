@@ -30,12 +30,15 @@ from clipseg_cli.run import memory
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row, plan
 from clipseg_cli.run.ledger import Ledger, RunLock, fingerprint
+from clipseg_cli.specs import PRECISION_DTYPES
 from clipseg_cli.version import __version__
 
 if TYPE_CHECKING:
-    from clipseg_cli.run.promptset import PromptSet
+    from clipseg_cli.run.backend import BackendChoice
+    from clipseg_cli.run.promptset import PromptModel, PromptSet
     from clipseg_cli.run.steps import Engine, Finished
     from clipseg_cli.segmenter import Segmenter
+    from clipseg_cli.weights import WeightsInfo
 
 __all__ = ["Progress", "RunSummary", "run_segment"]
 
@@ -79,6 +82,7 @@ def run_segment(
     segmenter: Segmenter | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run ``clipseg segment`` / ``matte`` end to end, resuming whatever an earlier run in
     ``--out`` did.
@@ -90,6 +94,8 @@ def run_segment(
         on_progress: called after every recorded input.
         should_stop: asked after every recorded input; True stops the run (the summary says
             ``interrupted``, a rerun resumes).
+        on_notice: receives one-line messages for the user while the run starts (the ONNX
+            graph being exported once, an emulated ``--precision bf16``, a read-only cache).
 
     Raises:
         NoInputsError: the inputs named no files.
@@ -100,6 +106,7 @@ def run_segment(
         WeightsError: the model could not be loaded.
     """
     started = time.perf_counter()
+    notice = on_notice or (lambda _message: None)
     if config.engine == "ray":
         from clipseg_cli.run.engines.ray import require_ray
 
@@ -126,7 +133,7 @@ def run_segment(
                 try:
                     todo = recorder.record_planned(listing, config.retry_failed)
                     if todo and not (should_stop and should_stop()):
-                        _process(config, todo, recorder, segmenter, should_stop)
+                        _process(config, todo, recorder, segmenter, should_stop, notice)
                     recorder.details["exports"] = _write_exports(config, ledger, export_parts)
                 finally:
                     _write_summary(config, recorder)
@@ -284,72 +291,72 @@ def _process(
     recorder: Recorder,
     segmenter: Segmenter | None,
     should_stop: Callable[[], bool] | None,
+    notice: Callable[[str], None],
 ) -> None:
     """Embed the prompts, then let the engine process ``todo`` while recording its results."""
-    # Imported here: torch and the model are only paid for when there is work.
+    # Imported here: numpy, the backends (and torch, when needed) are only paid for when there
+    # is work.
+    from clipseg_cli.run.backend import ModelOpener, choose_backend, given_model_choice
     from clipseg_cli.run.engines import local
-    from clipseg_cli.run.promptset import SEGMENTATION_PARTS
-    from clipseg_cli.run.steps import ItemSteps, SegmenterLoader
-    from clipseg_cli.segmenter import Segmenter
+    from clipseg_cli.run.promptset import PromptModel
+    from clipseg_cli.run.steps import ItemSteps
 
     memory.tune_for_loading()
+    choice = given_model_choice(segmenter) if segmenter is not None else choose_backend(config)
+    for note in choice.notes:
+        notice(note)
     if config.refine == "sam":
         from clipseg_cli.sam import refiner_for
 
         refiner_for(config.sam_model, config.device)  # loaded once, before any image
-    prompter, prompts = _embed_prompts(config, segmenter)
-    recorder.describe(_describe(config, prompter, prompts))
-    steps = ItemSteps(config, prompts, prompter.input_size)
+    prompt_model = PromptModel(config, choice, segmenter)
+    prompts = _embed_prompts(config, prompt_model)
+    for note in prompt_model.notes:
+        notice(note)
+    info, arch = prompt_model.identity
+    recorder.describe(_describe(config, info, choice, prompts))
+    steps = ItemSteps(config, prompts, (arch.input_size, arch.input_size))
+    keep = _segmentation_model(config, choice, segmenter, prompt_model)
+    prompt_model.segmenter = None  # the towers are freed before the segmentation parts load
+    memory.return_freed_memory()
+    opener = ModelOpener(config, info.sha256, arch, info.model_id, choice, keep, notice)
     engine: Engine
     if config.engine == "ray":
         from clipseg_cli.run.engines import ray
 
-        # Actors load their own model; the driver only embedded the prompts.
-        engine, load = ray.process, SegmenterLoader(config, SEGMENTATION_PARTS)
-        del prompter
-        memory.return_freed_memory()
+        engine = ray.process  # actors open their own: the choice is made for their device
+        opener = ModelOpener(config, info.sha256, arch, info.model_id, on_progress=notice)
     else:
-        if segmenter is not None:
-            segmenter.release_prompt_encoders()
-            model = segmenter
-        elif config.prompt_embedding is not None:
-            model = prompter  # it loaded the segmentation parts to check the file
-        else:
-            # The prompt phase's towers are freed before the segmentation parts load, so the
-            # whole model is never resident.
-            del prompter
-            memory.return_freed_memory()
-            model = Segmenter.load_for(config, SEGMENTATION_PARTS)
-        engine, load = local.process, lambda: model
+        engine = local.process
         memory.tune_for_streaming()
-    _record_results(engine(todo, steps, load), recorder, should_stop)
+    _record_results(engine(todo, steps, opener), recorder, should_stop)
 
 
-def _embed_prompts(
-    config: SegmentConfig, segmenter: Segmenter | None
-) -> tuple[Segmenter, PromptSet]:
-    """(the segmenter that embedded them, the run's prompts on the CPU), written to
-    ``--save-prompt``.
+def _segmentation_model(
+    config: SegmentConfig,
+    choice: BackendChoice,
+    segmenter: Segmenter | None,
+    prompt_model: PromptModel,
+) -> Segmenter | None:
+    """A loaded model the local engine segments with, or None to open one: the caller's, or
+    the prompt phase's when it is the segmentation parts (loaded to check a
+    ``--prompt-embedding`` file) and the torch backend runs. Other towers are let go, so the
+    whole model is never resident."""
+    if segmenter is not None:
+        segmenter.release_prompt_encoders()
+        return segmenter
+    reusable = config.prompt_embedding is not None and choice.name == "torch"
+    return prompt_model.segmenter if reusable and config.engine == "local" else None
 
-    Without a given segmenter only the parts prompts need are loaded (text tower, or the full
-    image tower for ``--ref``), so peak memory is this phase or the segmentation phase (vision
-    blocks up to the last one read + decoder), never the whole model.
-    """
-    from clipseg_cli.run.promptset import (
-        PromptSet,
-        build_prompt_set,
-        prompt_parts,
-        save_prompt_set,
-    )
-    from clipseg_cli.segmenter import Segmenter
 
-    if segmenter is None:
-        segmenter = Segmenter.load_for(config, prompt_parts(config))
-    prompts = build_prompt_set(segmenter, config)
+def _embed_prompts(config: SegmentConfig, model: PromptModel) -> PromptSet:
+    """The run's prompts (float32, on the host), written to ``--save-prompt``."""
+    from clipseg_cli.run.promptset import build_prompt_set, save_prompt_set
+
+    prompts = build_prompt_set(model, config)
     if config.save_prompt is not None:
-        save_prompt_set(config.save_prompt, prompts, segmenter.info)
-    cpu = PromptSet(prompts.vectors.detach().float().cpu(), prompts.positives, prompts.negatives)
-    return segmenter, cpu
+        save_prompt_set(config.save_prompt, prompts, model.identity[0])
+    return prompts
 
 
 def _record_results(
@@ -366,12 +373,13 @@ def _record_results(
         results.close()
 
 
-def _describe(config: SegmentConfig, segmenter: Segmenter, prompts: PromptSet) -> dict:
-    """Which weights and conditionals this run uses (ledger note, run summary)."""
-    from clipseg_cli.model.precision import dtype_name
-    from clipseg_cli.run.promptset import tensor_sha256
+def _describe(
+    config: SegmentConfig, info: WeightsInfo, choice: BackendChoice, prompts: PromptSet
+) -> dict:
+    """Which weights, backend and conditionals this run uses (ledger note, run summary); the
+    engine's results say again where the model ran."""
+    from clipseg_cli.run.promptset import vectors_sha256
 
-    info = segmenter.info
     labels = prompts.positives
     return {
         "model": {
@@ -381,30 +389,37 @@ def _describe(config: SegmentConfig, segmenter: Segmenter, prompts: PromptSet) -
             "files": list(info.files),
             "sha256": info.sha256,
         },
-        "device": str(segmenter.device),
-        "dtype": dtype_name(segmenter.dtype),
+        "backend": choice.name,
+        "device": choice.device,
+        "dtype": PRECISION_DTYPES[choice.precision],
         "engine": config.engine,
         "prompts": [{"label": c.label, "slug": c.slug} for c in labels],
         "negatives": prompts.negatives,
         "labels_legend": {"0": "background"} | {str(i + 1): c.label for i, c in enumerate(labels)},
         "versions": _versions(),
-        "embeddings_sha256": tensor_sha256(prompts.vectors),
+        "embeddings_sha256": vectors_sha256(prompts.vectors),
     }
 
 
 def _versions() -> dict:
-    import numpy as np
-    import open_clip
-    import PIL
-    import torch
+    """Versions of what computed the outputs, from package metadata (nothing is imported)."""
+    from importlib import metadata
 
-    return {
-        "clipseg_cli": __version__,
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
+    versions = {"clipseg_cli": __version__}
+    names = {
+        "torch": "torch",
+        "open_clip": "open_clip_torch",
+        "onnxruntime": "onnxruntime",
+        "numpy": "numpy",
+        "pillow": "pillow",
+        "opencv": "opencv-python-headless",
     }
+    for name, distribution in names.items():
+        try:
+            versions[name] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _write_summary(config: SegmentConfig, recorder: Recorder) -> None:

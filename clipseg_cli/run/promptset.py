@@ -1,20 +1,25 @@
 """A run's prompts, embedded once: text prompts, image prompts (``--ref``), their mix, the
 negatives, or a prompt file saved by an earlier run.
 
-Also which parts of the model each phase of a run loads: the prompt phase only what the
-prompts need (the text tower, or the whole image tower for ``--ref``), the segmentation phase
-vision blocks 0-9 and the decoder, so the whole model is never resident at once.
+The prompt phase loads only what the prompts need (the text tower, or the whole image tower
+for ``--ref``), and only when something must be computed: text prompts embedded on the CPU in
+full precision are cached (:mod:`clipseg_cli.backends.cache`, keyed by the weights' sha256 and
+the prompt's text), so a warm run with known weights and prompts loads no tower and imports no
+torch. The segmentation phase loads vision blocks 0-9 and the decoder (:mod:`.backend`): the
+whole model is never resident at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from clipseg_cli.backends.cache import load_text_embeddings, store_text_embeddings
 from clipseg_cli.io import sources
 from clipseg_cli.io.conditionals import load_conditionals, save_conditionals
 from clipseg_cli.io.masks import MaskError, read_mask
@@ -25,12 +30,13 @@ from clipseg_cli.ops.prompts import (
     mix_conditionals,
     reference_mask_from_alpha,
 )
+from clipseg_cli.run.backend import SEGMENTATION_PARTS, BackendChoice
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.segmenter import Segmenter
-from clipseg_cli.weights import WeightsInfo
+from clipseg_cli.specs import ArchitectureSpec
+from clipseg_cli.weights import WeightsInfo, identify
 
-#: What segmenting needs: the vision blocks the decoder reads, and the decoder.
-SEGMENTATION_PARTS = frozenset({"vision", "decoder"})
+if TYPE_CHECKING:
+    from clipseg_cli.segmenter import Segmenter
 
 
 def prompt_parts(config: SegmentConfig) -> frozenset[str]:
@@ -51,27 +57,110 @@ class Conditional:
     slug: str
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's float32 bytes (records which conditionals a run used)."""
-    data = tensor.detach().float().cpu().contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()
+def vectors_sha256(vectors: np.ndarray) -> str:
+    """sha256 of conditionals' float32 bytes (records which conditionals a run used)."""
+    return hashlib.sha256(np.ascontiguousarray(vectors, np.float32).tobytes()).hexdigest()
 
 
 @dataclass
 class PromptSet:
     """Every conditional of a run, embedded once.
 
-    ``vectors`` is ``[K + N, D]``: K positive prompts (each gets outputs) followed by N negative
-    prompts (never written; they suppress: ``p_k * (1 - max_n p_neg_n)``).
+    ``vectors`` is float32 ``[K + N, D]``: K positive prompts (each gets outputs) followed by N
+    negative prompts (never written; they suppress: ``p_k * (1 - max_n p_neg_n)``).
     """
 
-    vectors: torch.Tensor
+    vectors: np.ndarray
     positives: list[Conditional]
     negatives: list[str]
 
     @property
     def count(self) -> int:
         return len(self.positives)
+
+
+def _to_array(vectors) -> np.ndarray:
+    """A Segmenter's conditionals (a tensor on its device) as float32 numpy ``[K, D]``."""
+    return vectors.detach().float().cpu().numpy()
+
+
+@dataclass
+class PromptModel:
+    """The model as the prompt phase needs it: which weights (their record and architecture),
+    and the prompt towers, loaded on first use.
+
+    Args:
+        config: the run's options.
+        choice: the run's backend choice; text prompts are cached when the towers run on the
+            CPU in fp32 (what the ONNX backend always uses for them).
+        segmenter: a loaded model to use instead (the Python API's ``run_segment``).
+    """
+
+    config: SegmentConfig
+    choice: BackendChoice
+    segmenter: Segmenter | None = None
+    #: One-line messages for the user (a text cache that could not be written).
+    notes: list[str] = field(default_factory=list)
+    _identity: tuple[WeightsInfo, ArchitectureSpec] | None = field(default=None, repr=False)
+    _given: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._given = self.segmenter is not None
+        if self._given:
+            self._identity = (self.segmenter.info, self.segmenter.model.arch)
+        else:
+            self._identity = identify(self.config.model, self.config.clip_weights)
+
+    @property
+    def on_cpu_fp32(self) -> bool:
+        """Whether the towers run on the CPU in fp32 (then text embeddings are cached)."""
+        if self._given:
+            return False  # the caller's model: its device and dtype are its own
+        return self.choice.name == "onnx" or (
+            self.choice.device == "cpu" and self.choice.precision == "fp32"
+        )
+
+    def towers(self) -> Segmenter:
+        """The prompt towers (loaded once, on first use)."""
+        if self.segmenter is None:
+            from clipseg_cli.segmenter import Segmenter
+
+            torch_backend = self.choice.name == "torch"
+            self.segmenter = Segmenter.load(
+                self.config.model,
+                clip_weights=self.config.clip_weights,
+                device=self.choice.device if torch_backend else "cpu",
+                precision=self.choice.precision if torch_backend else "fp32",
+                components=prompt_parts(self.config),
+            )
+            self._identity = (self.segmenter.info, self.segmenter.model.arch)
+        return self.segmenter
+
+    @property
+    def identity(self) -> tuple[WeightsInfo, ArchitectureSpec]:
+        """(the weights' record, the architecture), loading the towers if no earlier run
+        remembered them."""
+        if self._identity is None:
+            self.towers()
+        return self._identity
+
+    def embed_texts(self, prompts: Sequence[str]) -> np.ndarray:
+        """float32 ``[K, D]`` text conditionals, from the cache when they are there."""
+        sha256 = self.identity[0].sha256
+        if self.on_cpu_fp32:
+            cached = load_text_embeddings(sha256, list(prompts))
+            if cached is not None:
+                return cached
+        vectors = _to_array(self.towers().embed_texts(prompts))
+        if self.on_cpu_fp32:
+            problem = store_text_embeddings(sha256, list(prompts), vectors)
+            if problem is not None:
+                self.notes.append(problem)
+        return vectors
+
+    def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """float32 ``[K, D]`` image conditionals of support images."""
+        return _to_array(self.towers().embed_images(images))
 
 
 def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -> np.ndarray:
@@ -105,20 +194,20 @@ def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -
         raise ValueError(f"--ref {ref}: {error}") from None
 
 
-def _load_prompt_set(segmenter: Segmenter, path: Path) -> PromptSet:
-    array, labels, metadata = load_conditionals(path)
-    vectors = torch.from_numpy(array)
+def _load_prompt_set(model: PromptModel, path: Path) -> PromptSet:
+    vectors, labels, metadata = load_conditionals(path)
+    info, arch = model.identity
     made_with = metadata.get("weights_sha256")
-    if made_with is not None and made_with != segmenter.info.sha256:
+    if made_with is not None and made_with != info.sha256:
         raise ValueError(
             f"--prompt-embedding {path} was made with other weights (sha256 {made_with[:12]}, "
-            f"this model {segmenter.info.sha256[:12]}); embeddings only fit the model that "
-            "made them: re-create it with --save-prompt"
+            f"this model {info.sha256[:12]}); embeddings only fit the model that made them: "
+            "re-create it with --save-prompt"
         )
-    if vectors.shape[1] != segmenter.model.arch.embed_dim:
+    if vectors.shape[1] != arch.embed_dim:
         raise ValueError(
             f"--prompt-embedding {path}: vectors of size {vectors.shape[1]}, the model needs "
-            f"{segmenter.model.arch.embed_dim}"
+            f"{arch.embed_dim}"
         )
     negatives = int(metadata.get("negatives", 0))
     positives = labels[: len(labels) - negatives]
@@ -127,24 +216,24 @@ def _load_prompt_set(segmenter: Segmenter, path: Path) -> PromptSet:
     return PromptSet(vectors, conditionals, labels[len(positives) :])
 
 
-def build_prompt_set(segmenter: Segmenter, config: SegmentConfig) -> PromptSet:
+def build_prompt_set(model: PromptModel, config: SegmentConfig) -> PromptSet:
     """Embed the run's prompts once (or read them from ``--prompt-embedding``).
 
     Several ``--ref`` images describe one object: their embeddings are averaged into one
     conditional. With ``--mix W`` each text prompt becomes ``W * text + (1 - W) * image``.
     """
     if config.prompt_embedding is not None:
-        return _load_prompt_set(segmenter, config.prompt_embedding)
+        return _load_prompt_set(model, config.prompt_embedding)
     labels: list[str] = []
     slug_sources: list[str] = []
     parts = []
-    text = segmenter.embed_texts(config.prompts) if config.prompts else None
+    text = model.embed_texts(config.prompts) if config.prompts else None
     image = image_label = None
     if config.refs:
         masks = list(config.ref_masks) + [None] * (len(config.refs) - len(config.ref_masks))
         pairs = zip(config.refs, masks, strict=True)
         references = [_reference_image(ref, mask, config) for ref, mask in pairs]
-        image = average_conditionals(segmenter.embed_images(references))[None]
+        image = average_conditionals(model.embed_images(references))[None]
         image_label = "ref:" + ",".join(str(ref) for ref in config.refs)
     if text is not None and image is not None and config.mix is not None:
         parts.append(mix_conditionals(text, image, config.mix))
@@ -160,10 +249,10 @@ def build_prompt_set(segmenter: Segmenter, config: SegmentConfig) -> PromptSet:
             labels.append(image_label)
             slug_sources.append(f"ref-{Path(config.refs[0]).stem}")
     if config.negatives:
-        parts.append(segmenter.embed_texts(config.negatives))
+        parts.append(model.embed_texts(config.negatives))
     slugs = prompt_slugs(slug_sources)
     positives = [Conditional(label, slug) for label, slug in zip(labels, slugs, strict=True)]
-    return PromptSet(torch.cat(parts), positives, list(config.negatives))
+    return PromptSet(np.concatenate(parts), positives, list(config.negatives))
 
 
 def save_prompt_set(path: Path, prompts: PromptSet, info: WeightsInfo) -> None:
@@ -175,4 +264,4 @@ def save_prompt_set(path: Path, prompts: PromptSet, info: WeightsInfo) -> None:
         "weights_sha256": info.sha256,
         "negatives": len(prompts.negatives),
     }
-    save_conditionals(path, prompts.vectors.detach().float().cpu().numpy(), labels, metadata)
+    save_conditionals(path, prompts.vectors, labels, metadata)

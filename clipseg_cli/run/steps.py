@@ -1,7 +1,8 @@
 """The contract between the pipeline and its engines.
 
 An engine is a function with the signature of :class:`Engine`: it takes the inputs to process,
-the per-item steps of this run (:class:`ItemSteps`) and a way to get the model, schedules them
+the per-item steps of this run (:class:`ItemSteps`) and a way to open the model's image side
+(:class:`~clipseg_cli.run.backend.ModelOpener`, or the Python API's loaded model), schedules them
 where it runs (threads on this machine, tasks and actors on a Ray cluster), and yields each
 input's :class:`Finished` result. It never sees the run's state: the pipeline alone records
 results (log, ledger, counters, summary), and stops an engine by closing its generator; an
@@ -11,17 +12,18 @@ inputs it had in flight are simply redone by the next run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from clipseg_cli.backends.base import ImageBackend
 from clipseg_cli.run import items
+from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.items import Failed, Prediction, Prepared, RowBatcher, Work, Written
 from clipseg_cli.run.promptset import PromptSet
-from clipseg_cli.segmenter import Segmenter
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,7 @@ class Finished:
 @dataclass(frozen=True)
 class ItemSteps:
     """The per-item work of one run, bound to its options and prompts. Picklable: the Ray
-    engine ships it to its workers.
-
-    ``prompts.vectors`` live on the CPU; an engine moves them to its model's device once.
-    """
+    engine ships it to its workers."""
 
     config: SegmentConfig
     prompts: PromptSet
@@ -52,13 +51,10 @@ class ItemSteps:
         """Decode one input and resize it for the model."""
         return items.prepare_item(work, self.config, self.input_size)
 
-    def predict(
-        self, segmenter: Segmenter, rows: list[np.ndarray], prompts: PromptSet, pad_to: int
-    ) -> np.ndarray:
+    def predict(self, model: ImageBackend, rows: list[np.ndarray], pad_to: int) -> np.ndarray:
         """Logits ``[len(rows), K + N, h, w]`` of one model batch of rows (whole images and
-        tiles, see :class:`~clipseg_cli.run.items.RowBatcher`); ``prompts`` are :attr:`prompts`
-        on the segmenter's device."""
-        return items.predict_batch(segmenter, rows, prompts, pad_to=pad_to)
+        tiles, see :class:`~clipseg_cli.run.items.RowBatcher`)."""
+        return items.predict_batch(model, rows, self.prompts.vectors, pad_to=pad_to)
 
     def rows(self, batch_size: int) -> RowBatcher:
         """A fresh :class:`~clipseg_cli.run.items.RowBatcher` for model batches of this size."""
@@ -74,24 +70,12 @@ class ItemSteps:
         return items.failure_for(failed)
 
 
-@dataclass(frozen=True)
-class SegmenterLoader:
-    """Loads the segmentation parts of the run's model where it is called (picklable: a Ray
-    actor loads its own copy)."""
-
-    config: SegmentConfig
-    parts: frozenset[str]
-
-    def __call__(self) -> Segmenter:
-        return Segmenter.load_for(self.config, self.parts)
-
-
 class Engine(Protocol):
-    """``engine(todo, steps, load_segmenter)``: process ``todo`` in order of completion."""
+    """``engine(todo, steps, open_model)``: process ``todo`` in order of completion."""
 
     def __call__(
         self,
         todo: Sequence[Work],
         steps: ItemSteps,
-        load_segmenter: Callable[[], Segmenter],
+        open_model: ModelOpener,
     ) -> Iterator[Finished]: ...

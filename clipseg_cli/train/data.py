@@ -21,7 +21,7 @@ from PIL import Image
 from clipseg_cli.io import sources
 from clipseg_cli.io.masks import MaskError, read_mask
 from clipseg_cli.ops.prompts import engineer_reference
-from clipseg_cli.ops.transforms import resize_rgb, stack_uint8
+from clipseg_cli.ops.transforms import resize_rgb
 from clipseg_cli.train.config import ManifestError, TrainConfig
 from clipseg_cli.train.manifest import Example
 
@@ -195,11 +195,11 @@ def load_batch(plans: list[ImagePlan], size: tuple[int, int]) -> Batch:
             ref_labels.append(example.label)
         ref_index.append(indices)
     return Batch(
-        pixels=stack_uint8(images),
+        pixels=torch.from_numpy(np.stack(images)),
         targets=targets,
         prompts=prompts,
         ref_index=ref_index,
-        ref_pixels=stack_uint8(ref_images) if ref_images else None,
+        ref_pixels=torch.from_numpy(np.stack(ref_images)) if ref_images else None,
         ref_prompts=ref_prompts,
         ref_labels=ref_labels,
         labels=labels,

@@ -18,7 +18,7 @@ import torch
 from clipseg_cli.model.clipseg import ClipSegModel
 from clipseg_cli.model.tokenizer import ClipTokenizer
 from clipseg_cli.ops.metrics import Counts, confusion_counts, iou_fg
-from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, stack_uint8
+from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb
 from clipseg_cli.specs import DEFAULT_THRESHOLD
 from clipseg_cli.train.config import EpochStats, TrainConfig, TrainProgress
 from clipseg_cli.train.data import ReferencePool, engineered_reference, load_mask, load_rgb
@@ -45,7 +45,7 @@ def _conditionals(
     if not pairs:
         return [], None
     crops = [engineered_reference(ref, size) for _, ref in pairs]
-    crops_px = model.normalize(stack_uint8(crops).to(device))
+    crops_px = model.normalize(torch.from_numpy(np.stack(crops)).to(device))
     return [e for e, _ in pairs], model.encode_image(crops_px)
 
 
@@ -82,7 +82,9 @@ def evaluate(
         for start in range(0, len(groups), batch_size):
             chunk = groups[start : start + batch_size]
             rgbs = [load_rgb(image) for image, _ in chunk]
-            pixels = model.normalize(stack_uint8([resize_rgb(x, size) for x in rgbs]).to(device))
+            pixels = model.normalize(
+                torch.from_numpy(np.stack([resize_rgb(x, size) for x in rgbs])).to(device)
+            )
             for b, (_image, group) in enumerate(chunk):
                 scored, conditionals = _conditionals(
                     model, group, tokenizer, pool, rng, size, device
@@ -90,7 +92,7 @@ def evaluate(
                 if conditionals is None:
                     continue
                 logits = model(pixels[b : b + 1], conditionals)[0]
-                probs = probabilities_at_size(logits, rgbs[b].shape[:2]).cpu().numpy()
+                probs = probabilities_at_size(logits.float().cpu().numpy(), rgbs[b].shape[:2])
                 for k, example in enumerate(scored):
                     truth = (
                         load_mask(example.mask, rgbs[b].shape[:2])

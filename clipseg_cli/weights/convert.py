@@ -22,12 +22,10 @@ from clipseg_cli.model.clipseg import ClipSegModel
 from clipseg_cli.specs import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    MODEL_SPECS,
     ArchitectureSpec,
     DecoderSpec,
     TextSpec,
     VisionSpec,
-    spec_for_decoder,
 )
 from clipseg_cli.weights.files import (
     OPENAI_METADATA_KEYS,
@@ -35,6 +33,7 @@ from clipseg_cli.weights.files import (
     name_some,
     read_state_dict,
 )
+from clipseg_cli.weights.locate import transformers_files
 
 # Keys that old transformers checkpoints persisted although they are derived (position ids).
 _HF_DERIVED_KEYS = frozenset(
@@ -345,23 +344,13 @@ def build_model(
     return model.eval().requires_grad_(False)
 
 
-def variant_name(arch: ArchitectureSpec) -> str:
-    for spec in MODEL_SPECS.values():
-        if spec.architecture == arch:
-            return spec.name
-    known = spec_for_decoder(arch.decoder.reduce_dim, arch.decoder.refined_head)
-    return known.name if known and known.architecture == arch else "custom"
-
-
 def load_transformers_dir(
     directory: Path,
     dtype: torch.dtype = torch.float32,
     components: frozenset[str] = COMPONENTS,
 ):
-    """A ``save_pretrained`` folder -> (model, layout files)."""
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise WeightsError(f"{directory}: no config.json (not a transformers model folder)")
+    """A ``save_pretrained`` folder -> (model, layout files, architecture)."""
+    config_path, weights_path = transformers_files(directory)
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -370,12 +359,6 @@ def load_transformers_dir(
         raise WeightsError(
             f"{config_path}: model_type is {config.get('model_type')!r}, not clipseg"
         )
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        weights_path = directory / name
-        if weights_path.is_file():
-            break
-    else:
-        raise WeightsError(f"{directory}: no model.safetensors or pytorch_model.bin")
     arch = architecture_from_hf_config(config)
     source = read_state_dict(weights_path)
     arch = _detect_decoder_from_hf_weights(source, arch, weights_path)

@@ -5,7 +5,6 @@ the weights' sha256 that runs record.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import zipfile
@@ -15,7 +14,6 @@ from pathlib import Path
 import torch
 
 from clipseg_cli.errors import WeightsError, first_line
-from clipseg_cli.io.files import sha256_file
 
 StateDict = Mapping[str, torch.Tensor]
 # Metadata entries of OpenAI's CLIP state dict; not tensors of the network.
@@ -165,21 +163,3 @@ def _as_state_dict(loaded: object, path: Path) -> StateDict:
 def name_some(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-_HASH_CACHE: dict[tuple, str] = {}
-
-
-def file_sha256(paths: list[Path]) -> str:
-    """sha256 of a file (or of the concatenated hashes of several), streamed; remembered per
-    (path, size, mtime) so loading a model in two phases hashes it once."""
-    digests = []
-    for path in paths:
-        stat = path.stat()
-        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if identity not in _HASH_CACHE:
-            _HASH_CACHE[identity] = sha256_file(path)
-        digests.append(_HASH_CACHE[identity])
-    if len(digests) == 1:
-        return digests[0]
-    return hashlib.sha256("".join(digests).encode()).hexdigest()

@@ -1,6 +1,8 @@
 """Where weights come from: the Hugging Face hub through huggingface_hub's cache, folders and
 files the user names, the models bundled in this package, and open_clip's registry for
-OpenAI's CLIP; then :func:`load_weights`, the one entry point that loads any of them.
+OpenAI's CLIP (:func:`model_files`); and what an earlier load remembered about them
+(:func:`identify`). No torch: a warm ONNX run finds and identifies its model with this module
+alone; :mod:`.load` loads the weights.
 """
 
 from __future__ import annotations
@@ -10,18 +12,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from clipseg_cli.errors import WeightsError, first_line
-from clipseg_cli.model.clipseg import ClipSegModel
-from clipseg_cli.specs import DEFAULT_MODEL, MODEL_SPECS, resolve_model
-from clipseg_cli.weights.convert import (
-    COMPONENTS,
-    load_original,
-    load_transformers_dir,
+from clipseg_cli.specs import (
+    DEFAULT_MODEL,
+    MODEL_SPECS,
+    ArchitectureSpec,
+    resolve_model,
     variant_name,
 )
-from clipseg_cli.weights.files import file_sha256
+from clipseg_cli.weights.identity import recall
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The package's root folder: bundled models' folders are relative to it.
@@ -109,61 +108,110 @@ def bundled_model_dir(model: str) -> Path | None:
     return directory
 
 
-def load_weights(
-    model: str = DEFAULT_MODEL,
-    *,
-    clip_weights: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
-    components: frozenset[str] = COMPONENTS,
-) -> tuple[ClipSegModel, WeightsInfo]:
-    """Load any supported model spec into an eval-mode :class:`ClipSegModel` on the CPU.
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files a ``--model`` value names, found without reading them."""
 
-    Args:
-        model: a hub id (``CIDAS/clipseg-rd64-refined``), a short name from ``MODEL_SPECS``
-            (``rd64``; ``demo`` is bundled with the package), a transformers-layout folder, or
-            an original decoder file.
-        clip_weights: OpenAI-format CLIP weights, only with an original decoder file.
-        dtype: parameter dtype.
-        components: the parts of :data:`COMPONENTS` to load; the others are left out.
+    model_id: str
+    layout: str  # "transformers" or "original"
+    #: transformers: the folder; original: the decoder file.
+    location: Path
+    #: Every file the model is made of (config.json first for the transformers layout); for
+    #: an original decoder file without ``--clip-weights``, only the decoder: finding OpenAI's
+    #: CLIP takes open_clip (:func:`openai_clip_path`).
+    files: tuple[Path, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Whether :attr:`files` names every file (false only while CLIP is not yet found)."""
+        return self.layout == "transformers" or len(self.files) == 2
+
+
+def transformers_files(directory: Path) -> tuple[Path, Path]:
+    """(config.json, the weights file) of a transformers-layout folder; safetensors first.
+
+    Raises:
+        WeightsError: either is missing.
+    """
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise WeightsError(f"{directory}: no config.json (not a transformers model folder)")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return config_path, directory / name
+    raise WeightsError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def model_files(model: str = DEFAULT_MODEL, clip_weights: str | Path | None = None) -> ModelFiles:
+    """Where the weights of ``model`` are (hub cache, bundled, a folder, an original decoder
+    file): no torch, nothing read but names and, for the hub, huggingface_hub's cache.
+
+    Raises:
+        WeightsError: nothing loadable there (one line saying what to do).
     """
     bundled = bundled_model_dir(model)
     kind, path = ("dir", bundled) if bundled is not None else resolve_model(model)
     if clip_weights is not None and kind != "file":
         raise WeightsError("--clip-weights only goes with an original decoder file as --model")
     if kind == "file":
-        clip_path = Path(clip_weights).expanduser() if clip_weights is not None else None
-        built, files, arch = load_original(
-            path, lambda: clip_path or openai_clip_path(), dtype, components
+        clip = (Path(clip_weights).expanduser(),) if clip_weights is not None else ()
+        return ModelFiles(model, "original", path, (path, *clip))
+    if kind == "dir":
+        return ModelFiles(model, "transformers", path, transformers_files(path))
+    repo_id = MODEL_SPECS[model].hub_id if model in MODEL_SPECS else model
+    if not _HUB_ID.match(repo_id):
+        raise WeightsError(
+            f"model {model!r}: not a folder, a file, a known name "
+            f"({', '.join(MODEL_SPECS)}) or a hub id like {DEFAULT_MODEL}"
         )
-        layout = "original"
-    elif kind == "dir":
-        built, files, arch = load_transformers_dir(path, dtype, components)
-        layout = "transformers"
-    else:
-        repo_id = MODEL_SPECS[model].hub_id if model in MODEL_SPECS else model
-        if not _HUB_ID.match(repo_id):
-            raise WeightsError(
-                f"model {model!r}: not a folder, a file, a known name "
-                f"({', '.join(MODEL_SPECS)}) or a hub id like {DEFAULT_MODEL}"
-            )
-        files = hub_files(repo_id)
-        built, _, arch = load_transformers_dir(files[0].parent, dtype, components)
-        layout = "transformers"
-    info = WeightsInfo(
-        model_id=model,
-        layout=layout,
+    config_path, weights_path = hub_files(repo_id)
+    return ModelFiles(model, "transformers", config_path.parent, (config_path, weights_path))
+
+
+def weights_info(
+    found: ModelFiles, files: tuple[Path, ...], sha256: str, arch: ArchitectureSpec
+) -> WeightsInfo:
+    """What runs record about a loaded model."""
+    return WeightsInfo(
+        model_id=found.model_id,
+        layout=found.layout,
         variant=variant_name(arch),
         files=tuple(str(f) for f in files),
-        sha256=file_sha256([f for f in files if f.name != "config.json"]),
+        sha256=sha256,
     )
-    return built, info
+
+
+def identify(
+    model: str = DEFAULT_MODEL, clip_weights: str | Path | None = None
+) -> tuple[WeightsInfo, ArchitectureSpec] | None:
+    """The model's record and architecture without loading it, when an earlier load
+    remembered them (:mod:`.identity`) and its files have not changed since; else None.
+
+    Raises:
+        WeightsError: nothing loadable there.
+    """
+    found = model_files(model, clip_weights)
+    if not found.complete:
+        return None
+    known = recall(found.files)
+    if known is None:
+        return None
+    return weights_info(found, found.files, known.sha256, known.arch), known.arch
+
+
+def cached_hub_paths(repo_id: str) -> tuple[Path, Path] | None:
+    """(config.json, weights) of a hub model in the local cache, or None (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(name: str) -> Path | None:
+        found = try_to_load_from_cache(repo_id, name)
+        return Path(found) if isinstance(found, str) else None
+
+    config = cached("config.json")
+    weights = cached("model.safetensors") or cached("pytorch_model.bin")
+    return (config, weights) if config is not None and weights is not None else None
 
 
 def cached_hub_files(repo_id: str) -> bool:
     """Whether a hub model's config and weights are already in the local cache (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    def cached(name: str) -> bool:
-        return isinstance(try_to_load_from_cache(repo_id, name), str)
-
-    return cached("config.json") and (cached("model.safetensors") or cached("pytorch_model.bin"))
+    return cached_hub_paths(repo_id) is not None

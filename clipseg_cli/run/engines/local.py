@@ -13,42 +13,29 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from clipseg_cli.model.precision import dtype_name
+from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.engines.cpu_gate import CpuGate, gate_for
 from clipseg_cli.run.items import Failed, Prepared, Work, Written
-from clipseg_cli.run.promptset import PromptSet
 from clipseg_cli.run.steps import Finished, ItemSteps
-from clipseg_cli.segmenter import Segmenter
 
 T = TypeVar("T")
 
 
-def process(
-    todo: Sequence[Work], steps: ItemSteps, load_segmenter: Callable[[], Segmenter]
-) -> Iterator[Finished]:
+def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> Iterator[Finished]:
     """Process ``todo`` on this machine; one :class:`Finished` per input, in input order.
 
     Raises:
         DiskFullError: outputs could not be written for lack of space (resumable).
     """
-    segmenter = load_segmenter()
+    model = open_model()
     config = steps.config
-    prompts = PromptSet(
-        steps.prompts.vectors.to(segmenter.device),
-        steps.prompts.positives,
-        steps.prompts.negatives,
-    )
-    batch_size = config.batch_size_for(segmenter.device.type)
-    details = {
-        "device": str(segmenter.device),
-        "dtype": dtype_name(segmenter.dtype),
-        "batch_size": batch_size,
-    }
-    gate = gate_for(segmenter.device.type)
+    batch_size = config.batch_size_for(model.device_type)
+    details = {**model.details, "batch_size": batch_size}
+    gate = gate_for(model.device_type)
     write = gate.sharing(steps.write)
     # (future of the row, the work, its share of the model's time); rows leave in input order.
     writes: deque[tuple[Future, Work, float]] = deque()
@@ -77,7 +64,7 @@ def process(
                 pixels = [prepared.model_inputs[index] for prepared, index in taken]
                 with gate.exclusive():
                     start = time.perf_counter()
-                    logits = steps.predict(segmenter, pixels, prompts, pad_to=batch_size)
+                    logits = steps.predict(model.backend, pixels, pad_to=batch_size)
                     share = (time.perf_counter() - start) / len(taken)
                 for prepared, _index in taken:
                     model_seconds[id(prepared)] = model_seconds.get(id(prepared), 0.0) + share

@@ -21,21 +21,19 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from clipseg_cli.errors import DiskFullError
 from clipseg_cli.io import sources
-from clipseg_cli.model.precision import dtype_name
+from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.items import Failed, Prediction, Prepared, Work
-from clipseg_cli.run.promptset import PromptSet
 from clipseg_cli.run.steps import Finished, ItemSteps
-from clipseg_cli.segmenter import Segmenter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,25 +130,17 @@ def _decode(row: dict[str, Any], steps: ItemSteps, cwd: str) -> dict:
 
 
 class _Predictor:
-    """Actor: loads the segmentation parts of the model once, then predicts batches."""
+    """Actor: opens the model's image side once, then predicts batches."""
 
-    def __init__(
-        self, steps: ItemSteps, load_segmenter: Callable[[], Segmenter], sizing: _Sizing
-    ) -> None:
-        import torch
-
-        if sizing.num_gpus == 0:
-            # Ray already sets OMP_NUM_THREADS from num_cpus; said again so that the thread
-            # count (which changes results in the last bits) never depends on the environment.
-            torch.set_num_threads(max(1, int(sizing.num_cpus)))
+    def __init__(self, steps: ItemSteps, open_model: ModelOpener, sizing: _Sizing) -> None:
+        # On CPU actors the backend runs on as many threads as the actor holds CPUs (Ray sets
+        # OMP_NUM_THREADS from num_cpus too; said again so that the thread count, which
+        # changes results in the last bits, never depends on the environment).
+        threads = max(1, int(sizing.num_cpus)) if sizing.num_gpus == 0 else None
         self.steps = steps
-        self.segmenter = load_segmenter()
-        device = self.segmenter.device
-        prompts = steps.prompts
-        self.prompts = PromptSet(prompts.vectors.to(device), prompts.positives, prompts.negatives)
+        self.model = open_model(threads=threads)
         self.batch_size = sizing.batch_size
-        dtype = dtype_name(self.segmenter.dtype)
-        self.description = json.dumps({"device": str(device), "dtype": dtype})
+        self.description = json.dumps(self.model.details)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         entries = [pickle.loads(payload) for payload in batch["item"]]
@@ -167,7 +157,7 @@ class _Predictor:
             taken = rows.next_rows()
             pixels = [prepared.model_inputs[index] for prepared, index in taken]
             began = time.perf_counter()
-            logits = self.steps.predict(self.segmenter, pixels, self.prompts, self.batch_size)
+            logits = self.steps.predict(self.model.backend, pixels, self.batch_size)
             share = (time.perf_counter() - began) / len(taken)
             for prepared, _index in taken:
                 seconds[id(prepared)] = seconds.get(id(prepared), 0.0) + share
@@ -269,12 +259,11 @@ def _largest_node_cpus(ray: ModuleType) -> float:
     return max((node["Resources"].get("CPU", 0.0) for node in alive), default=1.0)
 
 
-def process(
-    todo: Sequence[Work], steps: ItemSteps, load_segmenter: Callable[[], Segmenter]
-) -> Iterator[Finished]:
+def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> Iterator[Finished]:
     """Process ``todo`` on Ray Data; one :class:`Finished` per input, in completion order.
 
-    ``load_segmenter`` runs in each actor (it must pickle). Closing the generator shuts the Ray
+    ``open_model`` runs in each actor (it must pickle); an ONNX graph CPU actors need is
+    exported here first, once, rather than by every actor. Closing the generator shuts the Ray
     Data execution down; outputs written by tasks still in flight have no ledger line then, so
     a rerun redoes them (writes are atomic and deterministic, so redoing is safe).
 
@@ -288,6 +277,9 @@ def process(
     cwd = str(Path.cwd())
     with _cluster(ray, config.ray_address), _data_context():
         sizing = _size(config, ray.cluster_resources(), _largest_node_cpus(ray))
+        open_model = open_model.on(sizing.device_type)
+        open_model.prepare()
+        open_model = replace(open_model, on_progress=None)  # actors report nothing
         details = {
             "batch_size": sizing.batch_size,
             "ray": {
@@ -306,7 +298,7 @@ def process(
                 _Predictor,
                 fn_constructor_kwargs={
                     "steps": steps,
-                    "load_segmenter": load_segmenter,
+                    "open_model": open_model,
                     "sizing": sizing,
                 },
                 batch_size=sizing.batch_size,

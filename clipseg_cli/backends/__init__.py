@@ -1,0 +1,23 @@
+"""Backends for the image side of CLIPSeg: the vision blocks up to the decoder's deepest layer
+plus the decoder, as one call ``logits(pixels, conditionals)``, numpy in, numpy out.
+
+* :mod:`.base`: the :class:`~.base.ImageBackend` protocol and the input checks both share;
+* :mod:`.torch`: :class:`~.torch.TorchImageBackend`, today's torch math (and the module the
+  exporter traces);
+* :mod:`.onnx`: :class:`~.onnx.OnnxImageBackend` on an ONNX Runtime session, and
+  :func:`~.onnx.open_onnx_backend`, which finds the graph in the cache or builds it;
+* :mod:`.export` (torch): the fp32 graph from a :class:`~clipseg_cli.model.clipseg.ClipSegModel`;
+* :mod:`.quantize`: the int8 graph from the fp32 one (ONNX Runtime's dynamic quantisation);
+* :mod:`.cache`: the on-disk cache of graphs and of text-prompt embeddings (standard library
+  only until text embeddings are read or written, which need numpy).
+
+Only :mod:`.torch` and :mod:`.export` import torch: a warm run with a cached graph and cached
+prompt embeddings never does. This package never prints; messages go to callbacks.
+"""
+
+from __future__ import annotations
+
+#: Graph variants: the exported float32 graph, and its dynamically quantised int8 copy.
+GRAPH_VARIANTS = ("fp32", "int8")
+
+__all__ = ["GRAPH_VARIANTS"]

@@ -1,0 +1,217 @@
+"""``--backend auto|torch|onnx`` and ``--precision int8`` through the CLI: the same masks from
+both backends, warm runs that never import torch, resume across backends, and the one-line
+errors and warnings. (The backends themselves, their cache and parity to 1e-4 for every
+variant: ``test_backends.py``.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipseg_cli.commands.app import app
+from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.run import backend
+from clipseg_cli.run.config import SegmentConfig
+
+runner = CliRunner()
+PROMPTS = ("-p", "a dog", "-p", "a cat", "--negative", "a car")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Non-square photos of several sizes, and a reference image for an image prompt."""
+    root = tmp_path_factory.mktemp("backend-photos")
+    rng = np.random.default_rng(15)
+    for i, size in enumerate([(64, 40), (37, 90), (120, 80)]):
+        data = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        data[: size[1] // 2, : size[0] // 3] = (220, 40, 40)
+        Image.fromarray(data).save(root / f"img{i}.png")
+    return root
+
+
+def _segment(photos: Path, out: Path, model: Path, *extra: str, env: dict | None = None):
+    args = ["segment", str(photos), *PROMPTS, "--out", str(out), "--model", str(model)]
+    args += ["--progress", "none", "--save", "mask,logits", "--min-area", "0", *extra]
+    return runner.invoke(app, args, env=env)
+
+
+def _masks(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) > 0 for p in sorted(out.glob("*.mask.png"))}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+def test_onnx_and_torch_backends_give_the_same_masks_and_logits(photos, tiny_model_dir, tmp_path):
+    outs = {}
+    for name in ("onnx", "torch"):
+        outs[name] = tmp_path / name
+        result = _segment(photos, outs[name], tiny_model_dir, "--backend", name)
+        assert result.exit_code == 0, result.output
+        summary = json.loads((outs[name] / "clipseg-summary.json").read_text())
+        assert summary["backend"] == name and summary["config"]["backend"] == name
+    onnx, torch = _masks(outs["onnx"]), _masks(outs["torch"])
+    assert len(onnx) == 6 and onnx.keys() == torch.keys()
+    for name in onnx:
+        assert _iou(onnx[name], torch[name]) >= 0.999, name
+    for path in sorted(outs["torch"].glob("*.logits.npy")):
+        expected = np.load(path)
+        got = np.load(outs["onnx"] / path.name)
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), path.name
+
+
+def test_auto_is_onnx_on_the_cpu_and_torch_for_bf16():
+    config = SegmentConfig(inputs=("x",), out_dir=Path("out"), prompts=("a",), device="cpu")
+    assert backend.choose_backend(config) == backend.BackendChoice("onnx", "cpu", "fp32")
+    bf16 = SegmentConfig(
+        inputs=("x",), out_dir=Path("out"), prompts=("a",), device="cpu", precision="bf16"
+    )
+    assert backend.choose_backend(bf16).name == "torch"
+    int8 = SegmentConfig(inputs=("x",), out_dir=Path("out"), prompts=("a",), precision="int8")
+    assert backend.choose_backend(int8) == backend.BackendChoice("onnx", "cpu", "int8")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_says_it_is_emulated(monkeypatch):
+    config = SegmentConfig(
+        inputs=("x",), out_dir=Path("out"), prompts=("a",), device="cpu", precision="bf16"
+    )
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    (note,) = backend.choose_backend(config).notes
+    assert "emulates" in note and "slower than fp32" in note
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert backend.choose_backend(config).notes == ()
+    monkeypatch.setattr(backend, "cpu_flags", lambda: None)  # flags unknown: no guess
+    assert backend.choose_backend(config).notes == ()
+
+
+def test_the_bf16_warning_reaches_the_user(photos, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx2"}))
+    result = _segment(photos, tmp_path / "out", tiny_model_dir, "--precision", "bf16")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "no native bf16" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("clipseg: --precision bf16")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--backend", "banana"), "--backend banana: choose from auto, torch, onnx"),
+        (("--backend", "onnx", "--device", "cuda"), "--backend onnx runs on the CPU"),
+        (("--backend", "onnx", "--precision", "bf16"), "--backend onnx runs fp32 or int8"),
+        (("--backend", "torch", "--precision", "int8"), "--precision int8 is ONNX Runtime's"),
+    ],
+)
+def test_impossible_backend_options_are_one_line_usage_errors(
+    photos, tiny_model_dir, tmp_path, options, message
+):
+    out = tmp_path / "out"
+    result = _segment(photos, out, tiny_model_dir, *options)
+    assert result.exit_code == ExitCode.USAGE, result.output
+    (line,) = result.output.strip().splitlines()
+    assert message in line
+    assert not out.exists()
+
+
+def test_a_run_resumes_on_the_other_backend_but_not_at_another_precision(
+    photos, tiny_model_dir, tmp_path
+):
+    """The backend is recorded, not fingerprinted (same results); the precision is both."""
+    out = tmp_path / "out"
+    assert _segment(photos, out, tiny_model_dir, "--backend", "onnx").exit_code == 0
+    again = _segment(photos, out, tiny_model_dir, "--backend", "torch")
+    assert again.exit_code == 0, again.output
+    assert "0 ok, 0 failed, 3 skipped" in again.output
+    other = _segment(photos, out, tiny_model_dir, "--precision", "int8")
+    assert other.exit_code == ExitCode.CONFIG_MISMATCH, other.output
+    assert "precision" in other.output
+
+
+def test_int8_runs_the_quantised_graph_and_keeps_the_masks(tmp_path):
+    """On the demo model (trained, so its masks are not empty) and the sample scenes."""
+    scenes = Path(__file__).resolve().parent.parent / "sample_data"
+    prompts = ("-p", "a red circle", "-p", "a blue square", "-p", "a yellow triangle")
+    outs = {}
+    for precision in ("fp32", "int8"):
+        outs[precision] = tmp_path / precision
+        args = ["segment", *map(str, sorted(scenes.glob("shapes-*.png"))), *prompts]
+        args += ["--model", "demo", "--precision", precision, "--out", str(outs[precision])]
+        result = runner.invoke(app, [*args, "--progress", "none"])
+        assert result.exit_code == 0, result.output
+    summary = json.loads((outs["int8"] / "clipseg-summary.json").read_text())
+    assert summary["dtype"] == "int8" and summary["onnx_graph"]["variant"] == "int8"
+    exact, quantised = _masks(outs["fp32"]), _masks(outs["int8"])
+    assert len(exact) == 12 and exact.keys() == quantised.keys()
+    pooled_inter = sum(int((exact[n] & quantised[n]).sum()) for n in exact)
+    pooled_union = sum(int((exact[n] | quantised[n]).sum()) for n in exact)
+    assert pooled_union > 10_000 and pooled_inter / pooled_union >= 0.9
+
+
+WARM_RUN = """
+import sys
+from clipseg_cli.commands.app import main
+sys.argv = ["clipseg", "segment", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as stop:
+    code = stop.code
+print("IMPORTED", "torch" in sys.modules, "open_clip" in sys.modules, code)
+"""
+
+
+def test_a_warm_cpu_run_imports_neither_torch_nor_open_clip(photos, tiny_model_dir, tmp_path):
+    env = {**os.environ, "CLIPSEG_CACHE": str(tmp_path / "cache")}
+    args = [str(photos), "-p", "a dog", "--negative", "a car", "--model", str(tiny_model_dir)]
+    args += ["--progress", "none"]
+
+    def run(out: str) -> tuple[str, str]:
+        command = [sys.executable, "-c", WARM_RUN, *args, "--out", str(tmp_path / out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1], done.stderr
+
+    cold, cold_messages = run("cold")
+    assert cold == "IMPORTED True True 0"  # the first run exports the graph and embeds
+    assert "exporting the image graph" in cold_messages and "exported" in cold_messages
+    warm, warm_messages = run("warm")  # a new --out: every image is processed again
+    assert warm == "IMPORTED False False 0", warm_messages
+    assert "export" not in warm_messages
+    cold_masks, warm_masks = _masks(tmp_path / "cold"), _masks(tmp_path / "warm")
+    assert len(cold_masks) == 3 and cold_masks.keys() == warm_masks.keys()
+    for name, mask in cold_masks.items():
+        np.testing.assert_array_equal(warm_masks[name], mask)
+
+
+def test_an_unwritable_cache_warns_once_and_the_run_goes_on(photos, tiny_model_dir, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    out = tmp_path / "out"
+    result = _segment(photos, out, tiny_model_dir, env={"CLIPSEG_CACHE": str(blocker)})
+    assert result.exit_code == 0, result.output
+    assert len(_masks(out)) == 6
+    warnings = [line for line in result.output.splitlines() if "not writable" in line]
+    assert warnings and all(line.startswith("clipseg: ") for line in warnings)
+    assert blocker.read_text() == "a file where the cache folder should be"
+
+
+def test_models_lists_the_cached_graphs(tmp_path):
+    env = {"CLIPSEG_CACHE": str(tmp_path / "cache")}
+    before = runner.invoke(app, ["models"], env=env)
+    rows = {line.split("\t")[0]: line.split("\t") for line in before.output.splitlines()}
+    assert rows["name"][3] == "onnx graph" and rows["demo"][3].startswith("not yet known")
+    photo = tmp_path / "shapes.png"
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(photo)
+    args = ["segment", str(photo), "-p", "a red circle", "--model", "demo", "--progress", "none"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "out")], env=env).exit_code == 0
+    after = runner.invoke(app, ["models"], env=env)
+    rows = {line.split("\t")[0]: line.split("\t") for line in after.output.splitlines()}
+    assert rows["demo"][3] == "fp32"
