@@ -38,11 +38,13 @@ def main() -> None:
     parser.add_argument("--prompt", action="append", required=True, help="repeatable")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    # What a GPU user adds to the typical script: the model and each input on the device.
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = parser.parse_args()
 
     start = time.perf_counter()
     processor = CLIPSegProcessor.from_pretrained(str(args.model))
-    model = CLIPSegForImageSegmentation.from_pretrained(str(args.model)).eval()
+    model = CLIPSegForImageSegmentation.from_pretrained(str(args.model)).eval().to(args.device)
     loaded = time.perf_counter()
 
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -55,7 +57,7 @@ def main() -> None:
         for prompt in args.prompt:
             inputs = processor(
                 text=[prompt], images=[image], padding="max_length", return_tensors="pt"
-            )
+            ).to(args.device)
             with torch.no_grad():
                 logits = model(**inputs).logits
             prob = torch.sigmoid(logits)
@@ -65,7 +67,7 @@ def main() -> None:
             prob = torch.nn.functional.interpolate(
                 prob, size=(image.height, image.width), mode="bilinear", align_corners=False
             )[0, 0]
-            mask = (prob > args.threshold).numpy().astype(np.uint8) * 255
+            mask = (prob > args.threshold).cpu().numpy().astype(np.uint8) * 255
             out_path = args.out / f"{path.name}.{prompt_slug(prompt)}.mask.png"
             Image.fromarray(mask, mode="L").save(out_path)
 
