@@ -215,3 +215,11 @@ def test_models_lists_the_cached_graphs(tmp_path):
     after = runner.invoke(app, ["models"], env=env)
     rows = {line.split("\t")[0]: line.split("\t") for line in after.output.splitlines()}
     assert rows["demo"][3] == "fp32"
+
+
+def test_eval_refuses_int8_and_says_how_to_score_it(photos, tmp_path):
+    args = ["eval", "--images", str(photos), "--gt", str(photos), "-p", "a dog"]
+    result = runner.invoke(app, [*args, "--precision", "int8"])
+    assert result.exit_code == ExitCode.USAGE
+    (line,) = result.output.strip().splitlines()
+    assert "--precision int8" in line and "eval --pred" in line

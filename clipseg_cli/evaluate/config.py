@@ -60,6 +60,11 @@ class EvalConfig:
             raise ValueError(f"--threshold {self.threshold}: must be between 0 and 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if self.precision == "int8":
+            raise ValueError(
+                "--precision int8: eval runs the model with torch; to score the int8 graph, "
+                "segment with --precision int8 and eval --pred that folder"
+            )
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready view of the inputs, for the report and the threshold file."""
