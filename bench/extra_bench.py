@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--rerun-images", type=int, default=10_000)
     parser.add_argument("--only", choices=("matte", "rerun", "sharp"), default=None)
     args = parser.parse_args()
+    # The same caches (ONNX graphs, prompt embeddings) as run_bench.py, never the user's own.
+    os.environ.setdefault("CLIPSEG_CACHE", str(args.work.resolve() / "cache"))
     lines = []
     if args.only in (None, "matte"):
         lines += matte_rates(args.work, args.images)

@@ -13,6 +13,8 @@ import pytest
 
 from clipseg_cli.ops.matting import (
     ARRAY_REFINE_METHODS,
+    Guide,
+    GuidedRefinement,
     default_radius,
     guided_filter,
     refine_matte,
@@ -149,6 +151,35 @@ def test_refinement_leaves_confident_regions_to_the_prediction() -> None:
     refined = refine_matte(rgb, plain)
     assert np.all(refined[plain <= 0.05] == 0.0)
     assert np.all(refined[plain >= 0.95] == 1.0)
+
+
+def test_one_refinement_shared_by_several_prompts_refines_each_as_if_alone() -> None:
+    # The pipeline fits the image's side of the filter once per image and reuses it for every
+    # prompt: nothing of one prompt may leak into the next, and the result is the same, bit
+    # for bit, as refining each probability on its own.
+    rgb, truth = make_scene((240, 320), (0.90, 0.55, 0.15), 3)
+    other_rgb, other_truth = make_scene((240, 320), (0.20, 0.45, 0.85), 4)
+    probs = [clipseg_degrade(truth), clipseg_degrade(other_truth), clipseg_degrade(truth)[::-1]]
+    shared = GuidedRefinement(rgb)
+    for prob in probs:
+        alone = refine_matte(rgb, np.ascontiguousarray(prob))
+        np.testing.assert_array_equal(shared.refine(np.ascontiguousarray(prob)), alone)
+    # ... and it is the image's refinement: another image's edges give another matte.
+    assert not np.array_equal(GuidedRefinement(other_rgb).refine(probs[0]), shared.refine(probs[0]))
+
+
+def test_a_guide_filters_several_sources_as_the_one_shot_filter_does() -> None:
+    rng = np.random.default_rng(5)
+    guide = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    sources = [rng.random((90, 120), dtype=np.float32) for _ in range(3)]
+    for grey in (False, True):
+        g = guide[:, :, 0] if grey else guide
+        for subsample in (1, 3):
+            kept = Guide(g, 6, 1e-3, subsample=subsample)
+            for src in sources:
+                np.testing.assert_array_equal(
+                    kept.filter(src), guided_filter(g, src, 6, 1e-3, subsample=subsample)
+                )
 
 
 def test_method_none_returns_the_probabilities() -> None:

@@ -38,16 +38,19 @@ def _as_float_guide(guide: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(guide, dtype=np.float32)
 
 
-def guided_filter(
-    guide: np.ndarray, src: np.ndarray, radius: int, eps: float, subsample: int = 1
-) -> np.ndarray:
-    """He et al.'s guided filter of ``src`` steered by ``guide``; O(H*W) for any radius.
+class Guide:
+    """The guide's side of He et al.'s guided filter, computed once and shared by every source
+    filtered with it (each prompt of an image is one source; the guide is the image).
+
+    Everything that depends only on the guide is made here: the float guide, its shrunk copy
+    for the fit, the window means and the inverse of each window's regularised colour
+    covariance. :meth:`filter` then pays only for the source's own terms, which on a 1024x768
+    photo is about a third of a whole filter.
 
     Args:
         guide: uint8 (scaled to [0, 1]) or float [H, W, 3] colour guide, or [H, W] grey guide.
             A colour guide uses the full 3x3 colour covariance per window, which separates
             foreground from background by colour, not just brightness (better for mattes).
-        src: float/uint8 [H, W], the image to filter (e.g. a probability map).
         radius: window radius r >= 1 (windows are (2r+1)x(2r+1)).
         eps: regulariser > 0 in squared guide units ([0, 1] scale for uint8 guides): edges
             with guide variance well above ``eps`` are kept, flatter ones are smoothed.
@@ -55,97 +58,127 @@ def guided_filter(
             coefficients are fitted on the guide and source shrunk by s (windows of radius
             r / s), upsampled, and applied to the full-resolution guide. About s^2 times less
             work for the same edges, since the coefficients vary smoothly anyway.
-
-    Returns:
-        float32 [H, W]. With a constant guide and ``subsample=1`` it is exactly
-        ``box(box(src))``, the source smoothed twice by the (2r+1)-box up to float rounding
-        (every window's linear model degenerates to its mean).
     """
-    if radius < 1:
-        raise ValueError(f"radius must be >= 1, got {radius}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if subsample < 1:
-        raise ValueError(f"subsample must be >= 1, got {subsample}")
-    guide_f = _as_float_guide(guide)
-    if src.ndim != 2 or src.shape != guide_f.shape[:2]:
-        raise ValueError(
-            f"src must be [H,W] matching the guide {list(guide_f.shape[:2])}, got {list(src.shape)}"
+
+    def __init__(self, guide: np.ndarray, radius: int, eps: float, subsample: int = 1) -> None:
+        if radius < 1:
+            raise ValueError(f"radius must be >= 1, got {radius}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if subsample < 1:
+            raise ValueError(f"subsample must be >= 1, got {subsample}")
+        self.full = _as_float_guide(guide)
+        height, width = self.full.shape[:2]
+        self.size = (height, width)
+        small = (max(1, round(width / subsample)), max(1, round(height / subsample)))
+        if subsample > 1 and small != (width, height):
+            self._fit_size: tuple[int, int] | None = small
+            fit = cv2.resize(self.full, small, interpolation=cv2.INTER_AREA)
+            self._radius = max(1, round(radius / subsample))
+        else:
+            self._fit_size, fit, self._radius = None, self.full, int(radius)
+        self._fit = fit
+        self._eps = np.float32(eps)
+        self._mean = _box(fit, self._radius)
+        if fit.ndim == 2:
+            self._var = _box(fit * fit, self._radius) - self._mean * self._mean
+            return
+        self._planes = tuple(np.ascontiguousarray(self.full[:, :, c]) for c in range(3))
+        # Second moments of the guide, 6 unique entries of the symmetric 3x3 covariance.
+        ir, ig, ib = fit[:, :, 0], fit[:, :, 1], fit[:, :, 2]
+        products = np.stack([ir * ir, ir * ig, ir * ib, ig * ig, ig * ib, ib * ib], axis=2)
+        moments = _box(products, self._radius)
+        e = self._eps
+        mr, mg, mb = self._mean[:, :, 0], self._mean[:, :, 1], self._mean[:, :, 2]
+        s_rr = moments[:, :, 0] - mr * mr + e
+        s_rg = moments[:, :, 1] - mr * mg
+        s_rb = moments[:, :, 2] - mr * mb
+        s_gg = moments[:, :, 3] - mg * mg + e
+        s_gb = moments[:, :, 4] - mg * mb
+        s_bb = moments[:, :, 5] - mb * mb + e
+        # Closed-form inverse of each pixel's symmetric 3x3 (adjugate / determinant):
+        # vectorised, and (Sigma + eps*I) is positive definite, so the determinant is > 0.
+        inv_rr = s_gg * s_bb - s_gb * s_gb
+        inv_rg = s_gb * s_rb - s_rg * s_bb
+        inv_rb = s_rg * s_gb - s_gg * s_rb
+        inv_gg = s_rr * s_bb - s_rb * s_rb
+        inv_gb = s_rb * s_rg - s_rr * s_gb
+        inv_bb = s_rr * s_gg - s_rg * s_rg
+        self._adjugate = (inv_rr, inv_rg, inv_rb, inv_gg, inv_gb, inv_bb)
+        self._det = (s_rr * inv_rr + s_rg * inv_rg + s_rb * inv_rb)[:, :, None]
+
+    def filter(self, src: np.ndarray) -> np.ndarray:
+        """float32 [H, W]: ``src`` (float/uint8 [H, W], e.g. a probability map) filtered.
+
+        With a constant guide and ``subsample=1`` it is exactly ``box(box(src))``, the source
+        smoothed twice by the (2r+1)-box up to float rounding (every window's linear model
+        degenerates to its mean).
+        """
+        if src.ndim != 2 or src.shape != self.size:
+            raise ValueError(
+                f"src must be [H,W] matching the guide {list(self.size)}, got {list(src.shape)}"
+            )
+        p = np.ascontiguousarray(src, dtype=np.float32)
+        if self._fit_size is not None:
+            p = cv2.resize(p, self._fit_size, interpolation=cv2.INTER_AREA)
+        mean_a, mean_b = self._coefficients(p)
+        height, width = self.size
+
+        def full_size(coefficient: np.ndarray) -> np.ndarray:
+            if self._fit_size is None:
+                return np.ascontiguousarray(coefficient)
+            return cv2.resize(coefficient, (width, height), interpolation=cv2.INTER_LINEAR)
+
+        if self.full.ndim == 2:
+            return full_size(mean_a) * self.full + full_size(mean_b)
+        # Contiguous planes and in-place sums: products of strided channel slices of
+        # [H, W, 3] arrays, each into a new temporary, took twice as long (a sum over the last
+        # axis of an [H, W, 3] product, 5x). The order of the sum is the formula's.
+        output = None
+        for c, plane in enumerate(self._planes):
+            term = full_size(mean_a[:, :, c])
+            np.multiply(term, plane, out=term)
+            output = term if output is None else np.add(output, term, out=output)
+        output += full_size(mean_b)
+        return output
+
+    def _coefficients(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The window-averaged linear coefficients (mean_a ``[h, w]`` or ``[h, w, 3]``, mean_b
+        ``[h, w]``) at the fit's resolution: ``output = mean_a . guide + mean_b``."""
+        r, fit, mean_i = self._radius, self._fit, self._mean
+        mean_p = _box(p, r)
+        if fit.ndim == 2:
+            cov_ip = _box(fit * p, r) - mean_i * mean_p
+            a = cov_ip / (self._var + self._eps)
+            b = mean_p - a * mean_i
+            return _box(a, r), _box(b, r)
+        cov_ip = _box(fit * p[:, :, None], r) - mean_i * mean_p[:, :, None]
+        inv_rr, inv_rg, inv_rb, inv_gg, inv_gb, inv_bb = self._adjugate
+        cr, cg, cb = cov_ip[:, :, 0], cov_ip[:, :, 1], cov_ip[:, :, 2]
+        a = (
+            np.stack(
+                [
+                    inv_rr * cr + inv_rg * cg + inv_rb * cb,
+                    inv_rg * cr + inv_gg * cg + inv_gb * cb,
+                    inv_rb * cr + inv_gb * cg + inv_bb * cb,
+                ],
+                axis=2,
+            )
+            / self._det
         )
-    p = np.ascontiguousarray(src, dtype=np.float32)
-    height, width = p.shape
-    small = (max(1, round(width / subsample)), max(1, round(height / subsample)))
-    if subsample > 1 and small != (width, height):
-        fit_guide = cv2.resize(guide_f, small, interpolation=cv2.INTER_AREA)
-        fit_src = cv2.resize(p, small, interpolation=cv2.INTER_AREA)
-        fit_radius = max(1, round(radius / subsample))
-    else:
-        fit_guide, fit_src, fit_radius = guide_f, p, int(radius)
-    mean_a, mean_b = _coefficients(fit_guide, fit_src, fit_radius, np.float32(eps))
-    if fit_src.shape != p.shape:
-        mean_a = cv2.resize(mean_a, (width, height), interpolation=cv2.INTER_LINEAR)
-        mean_b = cv2.resize(mean_b, (width, height), interpolation=cv2.INTER_LINEAR)
-    if guide_f.ndim == 2:
-        return mean_a * guide_f + mean_b
-    # Channel by channel: a sum over the last axis of an [H, W, 3] product is 5x slower.
-    return (
-        mean_a[:, :, 0] * guide_f[:, :, 0]
-        + mean_a[:, :, 1] * guide_f[:, :, 1]
-        + mean_a[:, :, 2] * guide_f[:, :, 2]
-        + mean_b
-    )
-
-
-def _coefficients(
-    guide_f: np.ndarray, p: np.ndarray, r: int, e: np.float32
-) -> tuple[np.ndarray, np.ndarray]:
-    """The window-averaged linear coefficients (mean_a ``[H, W]`` or ``[H, W, 3]``, mean_b
-    ``[H, W]``) of the guided filter: ``output = mean_a . guide + mean_b``."""
-    mean_p = _box(p, r)
-    if guide_f.ndim == 2:
-        mean_i = _box(guide_f, r)
-        cov_ip = _box(guide_f * p, r) - mean_i * mean_p
-        var_i = _box(guide_f * guide_f, r) - mean_i * mean_i
-        a = cov_ip / (var_i + e)
-        b = mean_p - a * mean_i
+        b = mean_p - (a * mean_i).sum(axis=2)
         return _box(a, r), _box(b, r)
 
-    mean_i = _box(guide_f, r)  # [H, W, 3]
-    cov_ip = _box(guide_f * p[:, :, None], r) - mean_i * mean_p[:, :, None]
-    ir, ig, ib = guide_f[:, :, 0], guide_f[:, :, 1], guide_f[:, :, 2]
-    # Second moments of the guide, 6 unique entries of the symmetric 3x3 covariance.
-    products = np.stack([ir * ir, ir * ig, ir * ib, ig * ig, ig * ib, ib * ib], axis=2)
-    moments = _box(products, r)
-    mr, mg, mb = mean_i[:, :, 0], mean_i[:, :, 1], mean_i[:, :, 2]
-    s_rr = moments[:, :, 0] - mr * mr + e
-    s_rg = moments[:, :, 1] - mr * mg
-    s_rb = moments[:, :, 2] - mr * mb
-    s_gg = moments[:, :, 3] - mg * mg + e
-    s_gb = moments[:, :, 4] - mg * mb
-    s_bb = moments[:, :, 5] - mb * mb + e
-    # Closed-form inverse of each pixel's symmetric 3x3 (adjugate / determinant): vectorised,
-    # and (Sigma + eps*I) is positive definite, so the determinant is > 0.
-    inv_rr = s_gg * s_bb - s_gb * s_gb
-    inv_rg = s_gb * s_rb - s_rg * s_bb
-    inv_rb = s_rg * s_gb - s_gg * s_rb
-    inv_gg = s_rr * s_bb - s_rb * s_rb
-    inv_gb = s_rb * s_rg - s_rr * s_gb
-    inv_bb = s_rr * s_gg - s_rg * s_rg
-    det = s_rr * inv_rr + s_rg * inv_rg + s_rb * inv_rb
-    cr, cg, cb = cov_ip[:, :, 0], cov_ip[:, :, 1], cov_ip[:, :, 2]
-    a = (
-        np.stack(
-            [
-                inv_rr * cr + inv_rg * cg + inv_rb * cb,
-                inv_rg * cr + inv_gg * cg + inv_gb * cb,
-                inv_rb * cr + inv_gb * cg + inv_bb * cb,
-            ],
-            axis=2,
-        )
-        / det[:, :, None]
-    )
-    b = mean_p - (a * mean_i).sum(axis=2)
-    return _box(a, r), _box(b, r)
+
+def guided_filter(
+    guide: np.ndarray, src: np.ndarray, radius: int, eps: float, subsample: int = 1
+) -> np.ndarray:
+    """He et al.'s guided filter of ``src`` steered by ``guide``; O(H*W) for any radius.
+
+    One source: ``Guide(guide, radius, eps, subsample).filter(src)`` (see :class:`Guide` for
+    the arguments; keep the :class:`Guide` to filter several sources with one guide).
+    """
+    return Guide(guide, radius, eps, subsample).filter(src)
 
 
 # Token grid of CLIPSeg at its 352x352 input (352 / 16): one token covers max(H, W) / 22 pixels
@@ -182,18 +215,8 @@ def refine_matte(
     ``method="none"``: ``prob`` clipped to [0, 1], nothing else.
 
     ``method="guided"`` (trimap + guided feathering, He et al. 2010, section "feathering"):
-
-    1. known foreground ``prob >= 0.95`` -> 1, known background ``prob <= 0.05`` -> 0;
-    2. everything between is the uncertain band: there alpha is the colour guided filter of
-       the binary mask ``prob > threshold`` with ``rgb`` as guide, window radius ``radius``
-       (default :func:`default_radius`, two token cells) and regulariser ``eps``, clipped to
-       [0, 1]. Each window fits alpha as a linear function of colour to that mask, so the
-       mask's blocky edge moves onto the image edge and thin structures of foreground colour
-       inside the band (hair, strands) come back as soft alpha. The filter's coefficients are
-       fitted at 1/``subsample`` of the resolution (default: the radius / 12, so the fit keeps
-       windows of about 12 pixels) and applied to the full-resolution image: on 1024x768
-       shape scenes that is 8x faster than fitting at full resolution for the same IoU and
-       boundary F (README, "Masks as sharp as the photo").
+    :class:`GuidedRefinement` (``GuidedRefinement(rgb, ...).refine(prob, threshold)``; keep
+    that object to refine several prompts of one image, which fits the image's side once).
 
     Why this and not a matting solver: closed-form matting (Levin et al.) solves a sparse
     linear system of N = H*W unknowns (~10 s and GBs at 1024x768 on a CPU, and pymatting is
@@ -222,24 +245,79 @@ def refine_matte(
         )
     if prob.ndim != 2:
         raise ValueError(f"prob must be [H,W], got shape {list(prob.shape)}")
-    p = np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0)
     if method == "none":
-        return p
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb must be uint8 [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
-    if rgb.shape[:2] != p.shape:
-        raise ValueError(f"prob {list(p.shape)} and rgb {list(rgb.shape[:2])} differ in size")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    r = default_radius(*p.shape) if radius is None else radius
-    if r < 1:
-        raise ValueError(f"radius must be >= 1, got {r}")
+        return np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0)
+    refinement = GuidedRefinement(rgb, radius=radius, eps=eps, subsample=subsample)
+    return refinement.refine(prob, threshold)
 
-    known = np.where(p >= _KNOWN_FG, np.float32(1.0), np.float32(0.0))
-    band = (p > _KNOWN_BG) & (p < _KNOWN_FG)
-    if not band.any():
-        return known
-    mask = (p > threshold).astype(np.float32)
-    s = max(1, r // 12) if subsample is None else subsample
-    feathered = np.clip(guided_filter(rgb, mask, r, eps, subsample=s), 0.0, 1.0)
-    return np.where(band, feathered, known)
+
+class GuidedRefinement:
+    """``--refine guided`` for one image: the trimap + guided feathering of each of its prompts'
+    probabilities, with the image's side of the filter (:class:`Guide`) fitted once, on first
+    use, and shared by all of them.
+
+    For each probability map:
+
+    1. known foreground ``prob >= 0.95`` -> 1, known background ``prob <= 0.05`` -> 0;
+    2. everything between is the uncertain band: there alpha is the colour guided filter of
+       the binary mask ``prob > threshold`` with ``rgb`` as guide, window radius ``radius``
+       (default :func:`default_radius`, two token cells) and regulariser ``eps``, clipped to
+       [0, 1]. Each window fits alpha as a linear function of colour to that mask, so the
+       mask's blocky edge moves onto the image edge and thin structures of foreground colour
+       inside the band (hair, strands) come back as soft alpha. The filter's coefficients are
+       fitted at 1/``subsample`` of the resolution (default: the radius / 12, so the fit keeps
+       windows of about 12 pixels) and applied to the full-resolution image: on 1024x768
+       shape scenes that is 8x faster than fitting at full resolution for the same IoU and
+       boundary F (README, "Masks as sharp as the photo").
+
+    Args:
+        rgb: uint8 [H, W, 3] image.
+        radius: guided-filter window radius in pixels (>= 1); None for the default.
+        eps: guided-filter regulariser (> 0), in squared [0, 1] colour units.
+        subsample: fit the guided filter at this fraction of the resolution (>= 1); None for
+            the default.
+    """
+
+    def __init__(
+        self,
+        rgb: np.ndarray,
+        *,
+        radius: int | None = None,
+        eps: float = 1e-4,
+        subsample: int | None = None,
+    ) -> None:
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"rgb must be uint8 [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
+        self._rgb = rgb
+        self._radius = default_radius(*rgb.shape[:2]) if radius is None else radius
+        if self._radius < 1:
+            raise ValueError(f"radius must be >= 1, got {self._radius}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self._eps = eps
+        self._subsample = max(1, self._radius // 12) if subsample is None else subsample
+        if self._subsample < 1:
+            raise ValueError(f"subsample must be >= 1, got {self._subsample}")
+        self._guide: Guide | None = None
+
+    def refine(self, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """float32 [H, W] alpha in [0, 1] for ``prob`` (float [H, W], the image's size),
+        the binary mask to be feathered cut at ``threshold`` (in (0, 1))."""
+        if prob.ndim != 2:
+            raise ValueError(f"prob must be [H,W], got shape {list(prob.shape)}")
+        if self._rgb.shape[:2] != prob.shape:
+            raise ValueError(
+                f"prob {list(prob.shape)} and rgb {list(self._rgb.shape[:2])} differ in size"
+            )
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        p = np.clip(np.asarray(prob, dtype=np.float32), 0.0, 1.0)
+        known = np.where(p >= _KNOWN_FG, np.float32(1.0), np.float32(0.0))
+        band = (p > _KNOWN_BG) & (p < _KNOWN_FG)
+        if not band.any():
+            return known
+        if self._guide is None:
+            self._guide = Guide(self._rgb, self._radius, self._eps, subsample=self._subsample)
+        mask = (p > threshold).astype(np.float32)
+        feathered = np.clip(self._guide.filter(mask), 0.0, 1.0)
+        return np.where(band, feathered, known)

