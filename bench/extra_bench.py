@@ -23,7 +23,14 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from make_images import make_photo_like_jpegs  # noqa: E402
-from run_bench import cli_base, ensure_model, image_subset, run_measured  # noqa: E402
+from run_bench import (  # noqa: E402
+    PROMPTS_5,
+    cli_base,
+    ensure_model,
+    image_subset,
+    log_seconds,
+    run_measured,
+)
 
 
 def matte_rates(work: Path, images: int) -> list[str]:
@@ -50,37 +57,67 @@ def matte_rates(work: Path, images: int) -> list[str]:
 
 
 def _segment_rate(work: Path, model: Path, pool: Path, images: int, label: str, *extra: str):
-    """Steady-state (img/s, seconds per image) of ``segment`` with ``extra`` options."""
+    """Steady-state (img/s, seconds per image) of ``segment`` with ``extra`` options: the
+    difference of an ``images``-image and a 1-image run, so start-up cancels out."""
     walls = {}
     for count in (1, images):
-        source = image_subset(pool, work / "sets", count)
-        out = work / f"sharp-{label}-{count}"
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [*cli_base(), "segment", str(source), "-p", "a dog", "--model", str(model)]
-        cmd += ["--out", str(out), "--device", "cpu", "--precision", "fp32", "--progress"]
-        cmd += ["none", *extra]
-        walls[count] = run_measured(f"{label} x{count}", cmd, out / "run.log", count).wall_s
+        walls[count] = _segment(work, model, pool, count, label, ["a dog"], *extra).wall_s
     per_image = (walls[images] - walls[1]) / (images - 1)
     return 1 / per_image, per_image
 
 
+def _segment(
+    work: Path, model: Path, pool: Path, count: int, label: str, prompts: list[str], *extra: str
+):
+    """One whole ``segment`` process on ``count`` images (its output folder: work/sharp-...)."""
+    source = image_subset(pool, work / "sets", count)
+    out = work / f"sharp-{label}-{count}"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [*cli_base(), "segment", str(source), "--model", str(model), "--out", str(out)]
+    cmd += [arg for prompt in prompts for arg in ("-p", prompt)]
+    cmd += ["--device", "cpu", "--precision", "fp32", "--progress", "none", *extra]
+    result = run_measured(f"{label} x{count}", cmd, out / "run.log", count)
+    if not result.ok:
+        raise SystemExit(f"{label} failed; see {result.log}")
+    return result
+
+
 def sharp_costs(work: Path, images: int) -> list[str]:
+    """What ``--refine guided`` costs, from the log rows' ``write_s`` (the refinement runs in
+    the write step, so the difference to ``--refine none`` is its own time, free of the
+    start-up noise of whole processes) and as a share of the whole run's wall time; then how
+    ``--tiles N`` scales."""
     from clipseg_cli.ops.tiles import tile_grid, tiles_along_short_side
 
     model = ensure_model(work / "model-rd64-refined", work / "logs")
     pool = work / "images-1024x768"
     make_photo_like_jpegs(pool, images)
-    rate_none, none_s = _segment_rate(work, model, pool, images, "none", "--refine", "none")
-    rate_guided, guided_s = _segment_rate(work, model, pool, images, "guided")
     megapixels = 1024 * 768 / 1e6
-    cost = guided_s - none_s
-    lines = [
-        f"| segment 1024x768, fp32, 1 prompt, --refine none | {rate_none:.2f} img/s steady "
-        "state | |",
-        f"| segment 1024x768, fp32, 1 prompt, --refine guided (default) | {rate_guided:.2f} "
-        f"img/s: +{100 * cost / none_s:.1f}% time, {1000 * cost / megapixels:.0f} ms per "
-        "megapixel per prompt (target <= 15%) | |",
-    ]
+    lines = []
+    for prompts in (PROMPTS_5[:1], PROMPTS_5):
+        k = len(prompts)
+        runs = {
+            refine: _segment(
+                work, model, pool, images, f"{refine}-p{k}", prompts, "--refine", refine
+            )
+            for refine in ("none", "guided")
+        }
+        writes = {
+            refine: log_seconds(work / f"sharp-{refine}-p{k}-{images}", "clipseg-log.jsonl").get(
+                "write_s", 0.0
+            )
+            for refine in runs
+        }
+        per_prompt_mp = (writes["guided"] - writes["none"]) / (images * k * megapixels)
+        share = runs["guided"].wall_s / runs["none"].wall_s - 1
+        lines.append(
+            f"| segment 1024x768, fp32, {k} prompt(s), {images} images: `--refine guided` "
+            f"(default) against `none` | {1000 * per_prompt_mp:.0f} ms per megapixel per prompt "
+            f"(write steps {writes['guided']:.1f} s against {writes['none']:.1f} s); whole run "
+            f"{runs['guided'].wall_s:.1f} s against {runs['none'].wall_s:.1f} s ({share:+.0%}; "
+            "target <= 15%) | |"
+        )
+    _, none_s = _segment_rate(work, model, pool, images, "none", "--refine", "none")
     for count in (2, 3, 4):
         tiles = len(tile_grid((768, 1024), tiles_along_short_side(str(count), (768, 1024), 352)))
         rate, seconds = _segment_rate(

@@ -338,10 +338,10 @@ def read_summary(out: Path) -> dict:
         return {}
 
 
-def log_seconds(out: Path) -> dict[str, float]:
-    """Per-row ``timings`` of ``OUT/log.jsonl`` summed over the rows (decode_s, write_s, ...)."""
+def log_seconds(out: Path, name: str = "log.jsonl") -> dict[str, float]:
+    """Per-row ``timings`` of ``OUT/name`` summed over the rows (decode_s, write_s, ...)."""
     sums: dict[str, float] = {}
-    path = out / "log.jsonl"
+    path = out / name
     if not path.exists():
         return sums
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -571,7 +571,7 @@ def speed_section(report: Report, m: Measurements) -> list[tuple[str, str, bool 
             "target",
             "verdict",
             "backend / dtype (summary)",
-            "warm-up wall s (1 image, cold caches)",
+            "warm-up wall s (1 image; cold only if WORK/cache was empty)",
             "peak RSS MB",
         ],
         rows,
@@ -711,7 +711,7 @@ def rss_section(report: Report, m: Measurements, harness_rss: int):
             if (run := m.runs.get(config.key(k))) is not None:
                 judged.append((f"{config.title}, {k}p, {m.n} images", run))
             if (run := m.warmups.get(config.key(k))) is not None:
-                cold.append((f"{config.title}, {k}p, warm-up (1 image, first use of caches)", run))
+                cold.append((f"{config.title}, {k}p, warm-up (1 image, may build the caches)", run))
     judged += [(f"warm 1-image run {i + 1}", r) for i, r in enumerate(m.first_mask)]
     judged += [(f"default, 1p, {count} images", r) for count, r in sorted(m.rss_runs.items())]
     rows = []
