@@ -75,6 +75,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from make_images import make_photo_like_jpegs  # noqa: E402
 from onnx_bench import cpu_summary, model_flops  # noqa: E402
 
+from clipseg_cli.io.masks import read_mask  # noqa: E402
 from clipseg_cli.specs import architecture_for  # noqa: E402
 
 PROMPTS_5 = ["a dog", "a cat", "a person", "a car", "the sky"]
@@ -375,9 +376,9 @@ def gemm_peaks(logs: Path) -> list[tuple[str, float]]:
 
 
 def load_binary_mask(path: Path) -> np.ndarray:
-    """Mask PNG -> bool. Accepts 0/1 and 0/255 encodings (and soft masks, cut at half)."""
-    arr = np.asarray(Image.open(path).convert("L"))
-    return arr > 0 if arr.max() <= 1 else arr >= 128
+    """Mask file -> bool, by the project's one rule for mask files (``io.masks.read_mask``:
+    0/1 and 0/max encodings are binary; soft maps are cut at half)."""
+    return read_mask(path).values >= 0.5
 
 
 def _norm_slug(text: str) -> str:

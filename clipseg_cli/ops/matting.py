@@ -38,6 +38,15 @@ def _as_float_guide(guide: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(guide, dtype=np.float32)
 
 
+def _check_filter_settings(radius: int, eps: float, subsample: int) -> None:
+    if radius < 1:
+        raise ValueError(f"radius must be >= 1, got {radius}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if subsample < 1:
+        raise ValueError(f"subsample must be >= 1, got {subsample}")
+
+
 class Guide:
     """The guide's side of He et al.'s guided filter, computed once and shared by every source
     filtered with it (each prompt of an image is one source; the guide is the image).
@@ -61,12 +70,7 @@ class Guide:
     """
 
     def __init__(self, guide: np.ndarray, radius: int, eps: float, subsample: int = 1) -> None:
-        if radius < 1:
-            raise ValueError(f"radius must be >= 1, got {radius}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if subsample < 1:
-            raise ValueError(f"subsample must be >= 1, got {subsample}")
+        _check_filter_settings(radius, eps, subsample)
         self.full = _as_float_guide(guide)
         height, width = self.full.shape[:2]
         self.size = (height, width)
@@ -290,14 +294,11 @@ class GuidedRefinement:
             raise ValueError(f"rgb must be uint8 [H,W,3], got {rgb.dtype} {list(rgb.shape)}")
         self._rgb = rgb
         self._radius = default_radius(*rgb.shape[:2]) if radius is None else radius
-        if self._radius < 1:
-            raise ValueError(f"radius must be >= 1, got {self._radius}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
         self._eps = eps
         self._subsample = max(1, self._radius // 12) if subsample is None else subsample
-        if self._subsample < 1:
-            raise ValueError(f"subsample must be >= 1, got {self._subsample}")
+        # Checked now, not when the guide is first needed: a map without an uncertain band
+        # never fits it, and a bad setting must not pass unnoticed until one does.
+        _check_filter_settings(self._radius, eps, self._subsample)
         self._guide: Guide | None = None
 
     def refine(self, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
