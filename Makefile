@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # by accident; users who pip install the package keep their own torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install browser test lint format bench demo demo-model clean
+.PHONY: install browser test test-all lint format bench demo demo-model clean
 
 install: $(STAMP)
 
@@ -24,7 +24,11 @@ browser:
 		command -v apt-get >/dev/null 2>&1 || { echo "install Chromium (Debian: apt-get install chromium)"; exit 1; }; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# The default suite skips the tests marked slow (load, soak, long end-to-end); test-all runs them.
 test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # ruff (lint + format) and the import rules of pyproject.toml's [tool.importlinter].
