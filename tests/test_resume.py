@@ -162,24 +162,24 @@ def test_disk_full_stops_cleanly_and_the_rerun_resumes(tiny_model_dir, tmp_path,
     reference = tmp_path / "reference"
     assert _segment(inputs, reference, tiny_model_dir).exit_code == 0
 
-    real_write_soft = writers.write_soft
+    real_write_bytes = writers.write_bytes
     calls = {"n": 0}
 
-    def fill_up(path, prob, bits=8):
-        calls["n"] += 1
+    def fill_up(path, data):
+        calls["n"] += path.name.endswith(".soft.png")
         if calls["n"] >= 3:
             # What a full disk looks like half-way through writing a temp file.
             files.atomic_write(path, lambda f: _raise_enospc(f))
-        real_write_soft(path, prob, bits)
+        real_write_bytes(path, data)
 
-    monkeypatch.setattr(writers, "write_soft", fill_up)
+    monkeypatch.setattr(writers, "write_bytes", fill_up)
     result = _segment(inputs, out, tiny_model_dir, "--batch-size", "1")
     assert result.exit_code == ExitCode.DISK_FULL, result.output
     assert "rerun to resume" in result.output and "Traceback" not in result.output
     # The message names the output that could not be written (a full disk's OSError has none).
     assert re.search(r"cannot write \S+\.soft\.png: No space left on device", result.output)
     assert _temporaries(out) == []
-    monkeypatch.setattr(writers, "write_soft", real_write_soft)
+    monkeypatch.setattr(writers, "write_bytes", real_write_bytes)
     assert _segment(inputs, out, tiny_model_dir).exit_code == 0
     assert _output_files(out) == _output_files(reference)
     assert len({row["key"] for row in _ledger_rows(out)}) == 6

@@ -312,13 +312,30 @@ def test_failed_write_keeps_previous_file_and_removes_temp(tmp_path: Path, monke
     write_soft(path, np.zeros((8, 8), np.float32))
     before = path.read_bytes()
     seen_temp: list[str] = []
+    real_open = Path.open
 
-    def broken_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG partial")
-        seen_temp.extend(p.name for p in tmp_path.iterdir() if p.name != "m.png")
-        raise OSError(28, "No space left on device")
+    class DiskFills:
+        """A file handle whose disk fills after the first few bytes."""
 
-    monkeypatch.setattr(Image.Image, "save", broken_save)
+        def __init__(self, handle) -> None:
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.handle.close()
+
+        def write(self, data: bytes) -> int:
+            self.handle.write(data[:5])
+            seen_temp.extend(p.name for p in tmp_path.iterdir() if p.name != "m.png")
+            raise OSError(28, "No space left on device")
+
+    def open_filling(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        return DiskFills(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(Path, "open", open_filling)
     with pytest.raises(OSError, match="No space"):
         write_soft(path, np.ones((8, 8), np.float32))
     assert path.read_bytes() == before

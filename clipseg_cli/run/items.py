@@ -26,7 +26,6 @@ from clipseg_cli.backends.base import ImageBackend
 from clipseg_cli.errors import InputError, disk_full
 from clipseg_cli.io import sources, writers
 from clipseg_cli.io.exports import yolo
-from clipseg_cli.io.naming import output_path
 from clipseg_cli.io.palette import label_palette
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.ops import compose, instances, tiles
@@ -37,6 +36,7 @@ from clipseg_cli.ops.tiles import TileGrid
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, sigmoid, upsampled
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
+from clipseg_cli.run.outputs import FileSink, Output, OutputSink
 from clipseg_cli.run.promptset import Conditional
 from clipseg_cli.sam import refiner_for
 
@@ -259,25 +259,34 @@ class _PromptOutputs:
     background: Callable[[], np.ndarray]  # the composite's background, made once per image
 
 
-def _cutout(path: Path, out: _PromptOutputs, config: SegmentConfig) -> None:
+def _cutout(out: _PromptOutputs, config: SegmentConfig) -> np.ndarray:
     hard = config.command == "segment" and config.cutout_alpha == "mask" and not config.feather
-    writers.write_cutout(path, out.rgb, out.mask if hard else out.alpha)
+    return writers.cutout_pixels(out.rgb, out.mask if hard else out.alpha)
 
 
-def _composite(path: Path, out: _PromptOutputs, _config: SegmentConfig) -> None:
-    writers.write_rgb(path, compose.composite(out.rgb, out.alpha, out.background()))
+def _composite(out: _PromptOutputs, _config: SegmentConfig) -> np.ndarray:
+    return compose.composite(out.rgb, out.alpha, out.background())
 
 
-#: How each per-prompt ``--save`` kind is written (labels are written once per image).
-_PROMPT_WRITERS: dict[str, Callable[[Path, _PromptOutputs, SegmentConfig], None]] = {
-    "mask": lambda path, out, _config: writers.write_mask(path, out.mask),
-    "soft": lambda path, out, config: writers.write_soft(path, out.soft, config.soft_bits),
-    "overlay": lambda path, out, _config: writers.write_overlay(path, out.rgb, out.mask),
-    "cutout": _cutout,
-    "logits": lambda path, out, _config: writers.write_logits(path, out.logits),
-    "matte": lambda path, out, config: writers.write_soft(path, out.alpha, config.soft_bits),
-    "composite": _composite,
-    "instances": lambda path, out, _config: writers.write_instance_ids(path, out.instance_ids),
+Pixels = Callable[[_PromptOutputs, SegmentConfig], np.ndarray]
+
+#: Each per-prompt ``--save`` kind: what it shows (pixels) and how its file is encoded (labels
+#: are made once per image).
+PROMPT_OUTPUTS: dict[str, tuple[Pixels, Callable[[np.ndarray], bytes]]] = {
+    "mask": (lambda out, _config: writers.mask_pixels(out.mask), writers.mask_pixels_png),
+    "soft": (
+        lambda out, config: writers.soft_pixels(out.soft, config.soft_bits),
+        writers.image_png,
+    ),
+    "overlay": (lambda out, _config: writers.overlay_pixels(out.rgb, out.mask), writers.image_png),
+    "cutout": (_cutout, writers.image_png),
+    "logits": (lambda out, _config: out.logits, writers.logits_npy),
+    "matte": (
+        lambda out, config: writers.soft_pixels(out.alpha, config.soft_bits),
+        writers.image_png,
+    ),
+    "composite": (_composite, writers.image_png),
+    "instances": (lambda out, _config: out.instance_ids, writers.instance_ids_png),
 }
 
 
@@ -336,23 +345,18 @@ def write_item(
     prediction: Prediction,
     config: SegmentConfig,
     conditionals: list[Conditional],
+    sink: OutputSink | None = None,
 ) -> Written:
-    """Write every requested output of one image.
+    """Make every requested output of one image and hand it to ``sink`` (default: files under
+    ``--out``, see :mod:`.outputs`).
 
     Raises:
         InputError: the image cannot be finished (``--grow`` larger than it, SAM failed).
     """
     start = time.perf_counter()
     rgb = prepared.image.rgb
-    outputs: list[dict] = []
-
-    def target(kind: str, conditional: Conditional | None) -> Path:
-        slug = conditional.slug if conditional is not None else None
-        path = output_path(config.out_dir, prepared.work.out_key, kind, slug)
-        label = conditional.label if conditional is not None else None
-        outputs.append({"prompt": label, "kind": kind, "path": display_path(path)})
-        return path
-
+    if sink is None:
+        sink = FileSink(config.out_dir, prepared.work.out_key)
     background = functools.cache(lambda: composite_background(rgb, config.background))
     refine = image_refiner(rgb, config)
     stats, found = [], []
@@ -365,11 +369,15 @@ def write_item(
         if labels is not None:
             labels.add(k, out.prob, out.mask)
         for kind in config.save:
-            if kind in _PROMPT_WRITERS:
-                _PROMPT_WRITERS[kind](target(kind, conditional), out, config)
+            if kind in PROMPT_OUTPUTS:
+                pixels, encoder = PROMPT_OUTPUTS[kind]
+                output = Output(
+                    kind, conditional.label, conditional.slug, pixels(out, config), encoder
+                )
+                sink.put(output)
     if labels is not None:
-        palette = label_palette(len(conditionals))
-        writers.write_labels(target("labels", None), labels.labels(config.threshold), palette)
+        encoder = functools.partial(writers.labels_png, palette=label_palette(len(conditionals)))
+        sink.put(Output("labels", None, None, labels.labels(config.threshold), encoder))
     height, width = rgb.shape[:2]
     row = {
         "input": display_path(prepared.work.item.path),
@@ -380,7 +388,7 @@ def write_item(
         "height": height,
         "mode": prepared.image.mode,
         "prompts": stats,
-        "outputs": outputs,
+        "outputs": sink.records,
     }
     if config.wants_instances:
         row["instances"] = [i.row(conditionals[i.prompt].label) for i in found]
