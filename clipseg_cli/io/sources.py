@@ -48,6 +48,8 @@ __all__ = [
     "collect_inputs",
     "configure_pillow_limits",
     "decode_image",
+    "is_ignored_name",
+    "keyed_items",
     "looks_like_image",
 ]
 
@@ -73,6 +75,22 @@ IMAGE_EXTENSIONS = frozenset(
 
 _SNIFF_BYTES = 16
 _GLOB_CHARS = frozenset("*?[")
+
+#: Names a folder walk (``segment``'s and ``watch``'s) never takes: hidden names (``.git``,
+#: macOS ``._x.jpg`` forks, rsync's ``.x.jpg.AbC123`` and our own temporaries), files still being
+#: downloaded or copied, editors' backups and the thumbnail caches of Windows and Synology.
+IGNORED_PREFIXES = (".", "~")
+IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload")
+IGNORED_NAMES = frozenset({"Thumbs.db", "@eaDir"})
+
+
+def is_ignored_name(name: str) -> bool:
+    """Whether a file or folder of this name is left out of folder walks (and watching)."""
+    return (
+        name.startswith(IGNORED_PREFIXES)
+        or name.lower().endswith(IGNORED_SUFFIXES)
+        or name in IGNORED_NAMES
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +212,8 @@ class _Collector:
         """Add candidate files under ``top``, sorted by relative path components.
 
         Symlinks to folders inside the walk are not followed (like ``find`` without ``-L``), so
-        symlink loops cannot hang it; symlinks to files are followed. Names starting with ``.``
-        are skipped (``.git``, macOS ``._x.jpg`` resource forks, our own temp files).
+        symlink loops cannot hang it; symlinks to files are followed. Hidden and temporary
+        names are skipped (:func:`is_ignored_name`).
         """
         found: list[tuple[tuple[str, ...], Path]] = []
         stack: list[tuple[Path, tuple[str, ...]]] = [(top, ())]
@@ -212,7 +230,7 @@ class _Collector:
                 self.unreadable.append((folder, _os_reason(e)))
                 continue
             for entry in entries:
-                if entry.name.startswith("."):
+                if is_ignored_name(entry.name):
                     continue
                 child = folder / entry.name
                 child_rel = (*rel, entry.name)
@@ -320,7 +338,7 @@ def collect_inputs(
                 col.add_named(Path(m), m, root)
 
     return InputListing(
-        items=_assign_keys(col.files, col.roots), missing=col.missing, unreadable=col.unreadable
+        items=keyed_items(col.files, col.roots), missing=col.missing, unreadable=col.unreadable
     )
 
 
@@ -334,14 +352,17 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path()
 
 
-def _assign_keys(files: list[Path], roots: list[str]) -> list[InputItem]:
+def keyed_items(files: Sequence[Path], roots: Sequence[str]) -> list[InputItem]:
+    """``files`` as items keyed relative to the deepest folder holding every one of ``roots``
+    (absolute folders) and every file's folder: the keys :func:`collect_inputs` gives, so a
+    file found later under the same roots gets the key a listing would have given it."""
     if not files:
         return []
     # abspath (not resolve): normalises '..' without following symlinks, so keys mirror the
     # tree the user sees.
     absolute = [os.path.abspath(p) for p in files]  # noqa: PTH100
     parents = [os.path.dirname(a) for a in absolute]  # noqa: PTH120
-    common = os.path.commonpath(roots + parents)
+    common = os.path.commonpath([*roots, *parents])
     items = []
     for path, a in zip(files, absolute, strict=True):
         rel = Path(os.path.relpath(a, common)).as_posix()
