@@ -39,6 +39,11 @@ class ConfigMismatchError(Exception):
     """The output folder holds results of a differently configured run."""
 
 
+class WatchError(Exception):
+    """Folders cannot be watched (gone, unreadable, out of inotify watches). ``str()`` is one
+    line."""
+
+
 class InputError(Exception):
     """One input cannot be finished (its options do not fit it, a refiner failed on it): that
     input's log row fails with ``str()`` as its one-line reason, the run goes on."""

@@ -1,0 +1,289 @@
+"""Files that are complete, as they arrive under folders: watchfiles' events (or its polling)
+in, paths out. Knows nothing of models or runs.
+
+What "complete" means here, and exactly what it relies on:
+
+- **Settled**: a regular file whose size and modification time (``st_size``, ``st_mtime_ns``)
+  have not changed, and about which no event arrived, for ``settle`` seconds of observation.
+  This is the rule for every file written in place (a copy, a scanner, an upload, an NFS
+  writer): a writer that pauses longer than ``settle`` between two writes can be taken early, so
+  ``settle`` is the longest pause to wait out.
+- **Renamed into place**: watchfiles reports a rename inside the watched tree as the old name
+  ``deleted`` and the new name ``added`` in the same batch of changes (notify's paired
+  ``Name(From)`` / ``Name(To)``). A file ``added`` in a batch where a temporary name of it in
+  the same folder (a name containing its name: ``x.jpg.part``, rsync's ``.x.jpg.Ab12Cd``,
+  ``x.jpg.crdownload``) is ``deleted`` is complete at once, if that name was last seen with the
+  same device and inode, or was itself created within the batch (it lived less than one batch,
+  about 50 ms, so it was never seen): the writer finished it under the temporary name and
+  renamed it. Other renames (``mv a.jpg b.jpg``, a temporary ``tmpAb12`` or one in another
+  folder) and files moved in from outside the watched folders are settled like any other.
+- **Close-after-write is not seen**: watchfiles maps inotify's ``IN_CLOSE_WRITE`` to no change
+  at all (its debug output shows ``Access(Close(Write))`` as "no change detected"), so a file
+  written in place is taken by the settle rule, never at its close.
+
+Names that are never taken (:func:`clipseg_cli.io.sources.is_ignored_name`): hidden and
+temporary names, thumbnail caches, and anything under folders of those names or under
+``exclude`` (the output folder). A folder that appears is walked at once, because files
+created in it before its watch was added send no event. Events are only hints: each candidate
+is checked by ``stat`` at every tick, so a lost event delays a file (until the next event for
+it) but never lets a changing one through. With ``poll`` (network filesystems, which send no
+events) watchfiles scans the tree every ``poll`` seconds instead of listening.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipseg_cli.errors import WatchError
+from clipseg_cli.io.sources import is_ignored_name
+
+__all__ = ["FileArrivals"]
+
+# watchfiles groups changes until none arrives for this long (ms), then hands them over.
+_STEP_MS = 50
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime_ns: int
+    since: float  # when this size and mtime were first seen, or the last event
+
+
+def _identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
+
+
+class FileArrivals:
+    """Watches ``roots`` (recursively) from :meth:`start` on; :meth:`wait` hands out the files
+    that became complete, each once per completion.
+
+    Args:
+        roots: the folders to watch.
+        settle: seconds a file's size and mtime must stay unchanged.
+        poll: scan every ``poll`` seconds instead of listening for events (network shares).
+        exclude: folders whose files are never taken (the output folder).
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        *,
+        settle: float = 2.0,
+        poll: float | None = None,
+        exclude: Sequence[Path] = (),
+    ) -> None:
+        self.roots = [Path(os.path.abspath(root)) for root in roots]  # noqa: PTH100
+        self.settle = settle
+        self.poll = poll
+        self._excluded = [os.path.realpath(path) for path in exclude]
+        self._changes: queue.Queue[set[tuple[int, str]]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._candidates: dict[str, _Candidate] = {}
+        # Last seen identity of the names not yet taken (candidates, ignored temporaries): how a
+        # rename is recognised. Taken files leave it, so it is bounded by what is in progress.
+        self._identities: dict[str, tuple[int, int]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> FileArrivals:
+        """Start listening (before listing what is already there, so nothing falls between)."""
+        self._thread = threading.Thread(target=self._listen, name="watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop listening; watchfiles notices within one step (50 ms)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FileArrivals:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        """Files seen but not yet complete."""
+        return len(self._candidates)
+
+    def _listen(self) -> None:
+        from watchfiles import watch
+
+        try:
+            for changes in watch(
+                *self.roots,
+                watch_filter=self._wanted,
+                step=_STEP_MS,
+                stop_event=self._stop,
+                rust_timeout=0,  # no timeout: stop_event is checked every step
+                force_polling=self.poll is not None,
+                poll_delay_ms=round((self.poll or 0.3) * 1000),
+                recursive=True,
+                ignore_permission_denied=True,
+                raise_interrupt=False,
+            ):
+                self._changes.put({(int(change), path) for change, path in changes})
+        except Exception as error:  # any failure of the watcher: raised in wait()'s thread
+            self._error = error
+            self._changes.put(set())
+
+    def _wanted(self, _change: object, path: str) -> bool:
+        """Changes outside the excluded folders (watchfiles' filter; names are judged later,
+        since the deletion of an ignored temporary name pairs a rename)."""
+        if not self._excluded:
+            return True
+        real = os.path.realpath(path)
+        return not any(real == root or real.startswith(root + os.sep) for root in self._excluded)
+
+    # -- what the caller sees ----------------------------------------------------------------
+
+    def track(self, paths: Iterable[Path]) -> None:
+        """Settle these files too (found by a listing while they may still be written)."""
+        now = time.monotonic()
+        for path in paths:
+            self._observe(str(path), now)
+
+    def wait(self, timeout: float) -> list[Path]:
+        """Wait up to ``timeout`` seconds for changes; the files complete now, in name order.
+
+        Raises:
+            WatchError: the folders can no longer be watched.
+        """
+        ready: set[str] = set()
+        try:
+            changes = self._changes.get(timeout=timeout)
+            while True:  # take every batch already there, so a burst comes out together
+                ready |= self._apply(changes)
+                changes = self._changes.get_nowait()
+        except queue.Empty:
+            pass
+        if self._error is not None:
+            error, self._error = self._error, None
+            where = ", ".join(str(root) for root in self.roots)
+            hint = "" if self.poll is not None else "; try --poll SECONDS"
+            raise WatchError(f"cannot watch {where}: {error}{hint}") from None
+        ready |= self._settled(time.monotonic())
+        return [Path(path) for path in sorted(ready)]
+
+    # -- the rules ---------------------------------------------------------------------------
+
+    def _apply(self, changes: set[tuple[int, str]]) -> set[str]:
+        """Take one batch of changes; the files renamed into place by it."""
+        from watchfiles import Change
+
+        now = time.monotonic()
+        added = {path for change, path in changes if change == Change.added}
+        deleted = {path for change, path in changes if change == Change.deleted}
+        touched = added | {path for change, path in changes if change == Change.modified}
+        # Identities before this batch: the old name of a rename is gone by now.
+        vanished = {path: self._identities.pop(path, None) for path in deleted}
+        for path in deleted:
+            self._candidates.pop(path, None)
+        ready = set()
+        for path in sorted(touched):
+            status = self._stat(path)
+            if status is None:
+                continue
+            if stat.S_ISDIR(status.st_mode):
+                self._walk(Path(path), now)
+                continue
+            complete = stat.S_ISREG(status.st_mode) and not self._ignored(path)
+            if (
+                complete
+                and path in added
+                and self._renamed_into_place(path, status, vanished, added)
+            ):
+                self._candidates.pop(path, None)
+                self._identities.pop(path, None)
+                ready.add(path)
+                continue
+            self._observe(path, now, status)
+        return ready
+
+    @staticmethod
+    def _renamed_into_place(
+        path: str,
+        status: os.stat_result,
+        vanished: dict[str, tuple[int, int] | None],
+        added: set[str],
+    ) -> bool:
+        new = Path(path)
+        for old, identity in vanished.items():
+            gone = Path(old)
+            # A temporary name of this file in its folder (x.jpg.part, .x.jpg.Ab12Cd): a
+            # deleted file's inode may be reused by a new one, and other files may be created
+            # in the same batch, so neither the identity nor the batch alone will do.
+            if gone.parent != new.parent or gone.name == new.name or new.name not in gone.name:
+                continue
+            # Its identity as last seen; or, born and renamed within this batch, never seen.
+            if identity == _identity(status) or (identity is None and old in added):
+                return True
+        return False
+
+    def _observe(self, path: str, now: float, status: os.stat_result | None = None) -> None:
+        """A file was named by an event or a listing: (re)start its settle time."""
+        status = status if status is not None else self._stat(path)
+        if status is None:
+            return
+        self._identities[path] = _identity(status)
+        if not stat.S_ISREG(status.st_mode) or self._ignored(path):
+            self._candidates.pop(path, None)
+            return
+        self._candidates[path] = _Candidate(status.st_size, status.st_mtime_ns, now)
+
+    def _settled(self, now: float) -> set[str]:
+        ready = set()
+        for path, seen in list(self._candidates.items()):
+            status = self._stat(path)
+            if status is None or not stat.S_ISREG(status.st_mode):
+                del self._candidates[path]
+                continue
+            if (status.st_size, status.st_mtime_ns) != (seen.size, seen.mtime_ns):
+                self._candidates[path] = _Candidate(status.st_size, status.st_mtime_ns, now)
+            elif now - seen.since >= self.settle:
+                del self._candidates[path]
+                self._identities.pop(path, None)
+                ready.add(path)
+        return ready
+
+    def _walk(self, folder: Path, now: float) -> None:
+        """A folder appeared (created, moved in): its files, which may predate its watch."""
+        if self._ignored(str(folder)):
+            return
+        for parent, folders, files in os.walk(folder):
+            folders[:] = [name for name in folders if not is_ignored_name(name)]
+            for name in files:
+                self._observe(os.path.join(parent, name), now)  # noqa: PTH118
+
+    def _ignored(self, path: str) -> bool:
+        """Hidden or temporary names, in the file's name or any folder below a root; anything
+        under an excluded folder."""
+        if not self._wanted(None, path):
+            return True
+        for root in self.roots:
+            try:
+                relative = Path(path).relative_to(root)
+            except ValueError:
+                continue
+            return any(is_ignored_name(part) for part in relative.parts)
+        return True  # outside every root (a symlink's target): not ours to take
+
+    @staticmethod
+    def _stat(path: str) -> os.stat_result | None:
+        try:
+            return os.stat(path)  # noqa: PTH116 - follows links to files, as listings do
+        except OSError:
+            return None
