@@ -36,6 +36,7 @@ from clipseg_cli.ops.tiles import TileGrid
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, sigmoid, upsampled
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
+from clipseg_cli.run.ledger import InputSignature
 from clipseg_cli.run.outputs import FileSink, Output, OutputSink
 from clipseg_cli.run.promptset import Conditional
 from clipseg_cli.sam import refiner_for
@@ -135,6 +136,10 @@ def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Pr
         )
     except sources.ImageDecodeError as error:
         return Failed(work, str(error))
+    if InputSignature.of(work.item.path) != work.signature:
+        # Read while something wrote to it: these pixels may be half a file, and the ledger
+        # would record them under a size and time they do not belong to.
+        return Failed(work, "the file changed while it was read; it is read again once it settles")
     rows = [resize_rgb(image.rgb, size)]
     count = tiles.tiles_along_short_side(config.tiles, image.rgb.shape[:2], min(size))
     grid = tiles.tile_grid(image.rgb.shape[:2], count) if count else None

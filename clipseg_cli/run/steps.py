@@ -1,20 +1,27 @@
 """The contract between the pipeline and its engines.
 
-An engine is a function with the signature of :class:`Engine`: it takes the inputs to process,
-the per-item steps of this run (:class:`ItemSteps`) and a way to open the model's image side
-(:class:`~clipseg_cli.run.backend.ModelOpener`, or the Python API's loaded model), schedules them
-where it runs (threads on this machine, tasks and actors on a Ray cluster), and yields each
+An engine is a function with the signature of :class:`Engine`: it takes a stream of inputs to
+process (an iterator, which may never end: ``clipseg watch``), the per-item steps of this run
+(:class:`ItemSteps`) and a way to open the model's image side
+(:class:`~clipseg_cli.run.backend.ModelOpener`, or the Python API's loaded model), schedules
+them where it runs (threads on this machine, tasks and actors on a Ray cluster), and yields each
 input's :class:`Finished` result. It never sees the run's state: the pipeline alone records
 results (log, ledger, counters, summary), and stops an engine by closing its generator; an
 engine cleans up in ``finally`` and leaves no partial output (every write is atomic), while the
 inputs it had in flight are simply redone by the next run.
-"""
+
+A stream may yield :data:`IDLE` between inputs: nothing more is ready now. The engine then runs
+what it holds (a short model batch rather than a lone file kept waiting for company) and yields
+:data:`IDLE` back once every earlier input has its :class:`Finished`: the pipeline's heartbeat
+while a stream waits (periodic exports, stop requests). When the stream ends, the engine
+finishes what it holds and ends too."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Literal, Protocol, TypeAlias
 
 import numpy as np
 
@@ -24,6 +31,15 @@ from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.items import Failed, Prediction, Prepared, RowBatcher, Work, Written
 from clipseg_cli.run.promptset import PromptSet
+
+
+class _Idle(enum.Enum):
+    IDLE = "idle"
+
+
+#: In a stream of inputs (and an engine's results): nothing more is ready now.
+IDLE: Final = _Idle.IDLE
+Idle: TypeAlias = Literal[_Idle.IDLE]
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,12 @@ class ItemSteps:
 
 
 class Engine(Protocol):
-    """``engine(todo, steps, open_model)``: process ``todo`` in order of completion."""
+    """``engine(todo, steps, open_model)``: process the stream ``todo``; one result per input
+    (and :data:`IDLE` for each :data:`IDLE` of the stream, once everything before it is done)."""
 
     def __call__(
         self,
-        todo: Sequence[Work],
+        todo: Iterator[Work | Idle],
         steps: ItemSteps,
         open_model: ModelOpener,
-    ) -> Iterator[Finished]: ...
+    ) -> Iterator[Finished | Idle]: ...

@@ -1,32 +1,37 @@
 """The local engine: decode threads -> batched model -> writer threads, on this machine.
 
-Bounded everywhere, so memory stays flat whatever the number of inputs: at most
-``batch_size + workers`` decodes and ``batch_size + writer_threads`` writes are in flight.
-Results come out in input order. On a CPU the model runs alone on the cores
-(:mod:`.cpu_gate`): decode and write tasks wait for it, and the next batch is decoded before the
-model starts on this one, so it overlaps the previous batch's writes.
+Bounded everywhere, so memory stays flat whatever the length of the stream: at most ``batch_size
++ workers`` decodes and ``batch_size + writer_threads`` writes are in flight. Results come out
+in input order. A model batch holds up to ``batch_size`` images; when the stream says nothing
+more is ready (:data:`~clipseg_cli.run.steps.IDLE`), the images it holds run at once in a
+shorter batch (padded, so their numbers do not depend on the grouping), and the model's batch
+sizes are reported with every result (``model_batches``). On a CPU the model runs alone on the
+cores (:mod:`.cpu_gate`): decode and write tasks wait for it, and the next batch is decoded
+before the model starts on this one, so it overlaps the previous batch's writes.
 
-An engine of :mod:`clipseg_cli.run.steps`: it never sees the run's state.
-"""
+An engine of :mod:`clipseg_cli.run.steps`: it never sees the run's state."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.engines.cpu_gate import CpuGate, gate_for
 from clipseg_cli.run.items import Failed, Prepared, Work, Written
-from clipseg_cli.run.steps import Finished, ItemSteps
+from clipseg_cli.run.steps import IDLE, Finished, Idle, ItemSteps
 
 T = TypeVar("T")
 
 
-def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> Iterator[Finished]:
-    """Process ``todo`` on this machine; one :class:`Finished` per input, in input order.
+def process(
+    todo: Iterator[Work | Idle], steps: ItemSteps, open_model: ModelOpener
+) -> Iterator[Finished | Idle]:
+    """Process the stream ``todo`` on this machine; one :class:`Finished` per input, in input
+    order, and :data:`IDLE` back for each :data:`IDLE` of the stream once all before it is done.
 
     Raises:
         DiskFullError: outputs could not be written for lack of space (resumable).
@@ -35,6 +40,7 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
     config = steps.config
     batch_size = config.batch_size_for(model.device_type)
     details = {**model.details, "batch_size": batch_size}
+    sizes: Counter[int] = Counter()  # images per model call -> calls
     gate = gate_for(model.device_type)
     write = gate.sharing(steps.write)
     # (future of the row, the work, its share of the model's time); rows leave in input order.
@@ -45,7 +51,8 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
         while len(writes) > limit:
             future, work, seconds = writes.popleft()
             written = future.result()
-            yield Finished(work, written.row, seconds, details, written.part)
+            reported = {**details, "model_batches": _batch_report(sizes)}
+            yield Finished(work, written.row, seconds, reported, written.part)
 
     with (
         ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as decoders,
@@ -58,7 +65,7 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
 
         def predict(final: bool) -> None:
             # Full model batches of rows (an image's whole view, then its tiles); a short one,
-            # padded to the batch size, only at the very end.
+            # padded to the batch size, only when nothing more is coming for now.
             while len(rows) >= batch_size or (final and len(rows)):
                 taken = rows.next_rows()
                 pixels = [prepared.model_inputs[index] for prepared, index in taken]
@@ -66,6 +73,7 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
                     start = time.perf_counter()
                     logits = steps.predict(model.backend, pixels, pad_to=batch_size)
                     share = (time.perf_counter() - start) / len(taken)
+                sizes[len({id(prepared) for prepared, _index in taken})] += 1
                 for prepared, _index in taken:
                     model_seconds[id(prepared)] = model_seconds.get(id(prepared), 0.0) + share
                 for prepared, prediction in rows.accept(taken, logits):
@@ -73,7 +81,13 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
                     writes.append((future, prepared.work, model_seconds.pop(id(prepared))))
 
         try:
-            for batch, failures in _one_ahead(_batches(stream, batch_size)):
+            for entry in _one_ahead(_batches(stream, batch_size)):
+                if entry is IDLE:
+                    predict(final=True)
+                    yield from finished(0)
+                    yield IDLE
+                    continue
+                batch, failures = entry
                 for failed in failures:
                     writes.append((_done(Written(steps.fail(failed))), failed.work, 0.0))
                 for prepared in batch:
@@ -87,18 +101,35 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
             decoders.shutdown(wait=True, cancel_futures=True)
 
 
+def _batch_report(sizes: Counter[int]) -> dict:
+    """How full the model's batches were: calls, images per call (mean), calls by size."""
+    calls = sum(sizes.values())
+    images = sum(size * count for size, count in sizes.items())
+    return {
+        "calls": calls,
+        "mean_images": round(images / calls, 3) if calls else 0.0,
+        "sizes": {str(size): sizes[size] for size in sorted(sizes)},
+    }
+
+
 def _prepared(
-    todo: Sequence[Work],
+    todo: Iterator[Work | Idle],
     steps: ItemSteps,
     pool: ThreadPoolExecutor,
     ahead: int,
     gate: CpuGate,
-) -> Iterator[Prepared | Failed]:
-    """Decode in the pool, yield in input order, at most ``ahead`` decodes in flight."""
+) -> Iterator[Prepared | Failed | Idle]:
+    """Decode in the pool, yield in input order, at most ``ahead`` decodes in flight; at
+    :data:`IDLE`, everything decoded so far, then :data:`IDLE`."""
     prepare = gate.sharing(steps.prepare)
     pending: deque[Future] = deque()
     try:
         for work in todo:
+            if work is IDLE:
+                while pending:
+                    yield pending.popleft().result()
+                yield IDLE
+                continue
             pending.append(pool.submit(prepare, work))
             if len(pending) >= ahead:
                 yield pending.popleft().result()
@@ -110,12 +141,19 @@ def _prepared(
 
 
 def _batches(
-    stream: Iterator[Prepared | Failed], size: int
-) -> Iterator[tuple[list[Prepared], list[Failed]]]:
-    """Group prepared items into model batches; failures pass through with the next batch."""
+    stream: Iterator[Prepared | Failed | Idle], size: int
+) -> Iterator[tuple[list[Prepared], list[Failed]] | Idle]:
+    """Group prepared items into model batches; failures pass through with the next batch. At
+    :data:`IDLE`, what is grouped so far, then :data:`IDLE`."""
     batch: list[Prepared] = []
     failures: list[Failed] = []
     for entry in stream:
+        if entry is IDLE:
+            if batch or failures:
+                yield batch, failures
+                batch, failures = [], []
+            yield IDLE
+            continue
         if isinstance(entry, Failed):
             failures.append(entry)
             continue
@@ -127,19 +165,23 @@ def _batches(
         yield batch, failures
 
 
-def _one_ahead(batches: Iterator[T]) -> Iterator[T]:
-    """Yield each batch once the next one is decoded too.
+def _one_ahead(batches: Iterator[T | Idle]) -> Iterator[T | Idle]:
+    """Yield each batch once the next one is decoded too (or the stream has gone idle).
 
     On a CPU the model holds the cores alone (:mod:`.cpu_gate`): decoding the next batch before
     the model starts on this one lets it run alongside the previous batch's writes, instead of
     after the model, on cores the model would then leave idle."""
-    previous = next(batches, None)
-    if previous is None:
-        return
+    previous: T | None = None
     for batch in batches:
+        if previous is not None:
+            yield previous
+            previous = None
+        if batch is IDLE:
+            yield IDLE
+        else:
+            previous = batch
+    if previous is not None:
         yield previous
-        previous = batch
-    yield previous
 
 
 def _done(written: Written) -> Future:

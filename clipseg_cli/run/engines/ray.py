@@ -21,7 +21,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +33,7 @@ from clipseg_cli.io import sources
 from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.items import Failed, Prediction, Prepared, Work
-from clipseg_cli.run.steps import Finished, ItemSteps
+from clipseg_cli.run.steps import IDLE, Finished, Idle, ItemSteps
 
 if TYPE_CHECKING:
     import numpy as np
@@ -259,8 +259,13 @@ def _largest_node_cpus(ray: ModuleType) -> float:
     return max((node["Resources"].get("CPU", 0.0) for node in alive), default=1.0)
 
 
-def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> Iterator[Finished]:
+def process(
+    todo: Iterator[Work | Idle], steps: ItemSteps, open_model: ModelOpener
+) -> Iterator[Finished]:
     """Process ``todo`` on Ray Data; one :class:`Finished` per input, in completion order.
+
+    The stream is read to its end first (one Ray Data execution): a stream that never ends
+    (``clipseg watch``) is not for this engine, and its :data:`IDLE` marks are dropped.
 
     ``open_model`` runs in each actor (it must pickle); an ONNX graph CPU actors need is
     exported here first, once, rather than by every actor. Closing the generator shuts the Ray
@@ -273,7 +278,8 @@ def process(todo: Sequence[Work], steps: ItemSteps, open_model: ModelOpener) -> 
     """
     ray = require_ray()
     config = steps.config
-    rows = [{"i": i, "work": pickle.dumps(work, protocol=5)} for i, work in enumerate(todo)]
+    works = [work for work in todo if work is not IDLE]
+    rows = [{"i": i, "work": pickle.dumps(work, protocol=5)} for i, work in enumerate(works)]
     cwd = str(Path.cwd())
     with _cluster(ray, config.ray_address), _data_context():
         sizing = _size(config, ray.cluster_resources(), _largest_node_cpus(ray))
