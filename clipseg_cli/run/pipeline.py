@@ -1,10 +1,14 @@
-"""One ``segment`` / ``matte`` run: list inputs -> lock ``--out`` -> skip finished ones -> embed
-the prompts once -> hand the rest to an engine -> record every result -> write the summary.
+"""One ``segment`` / ``matte`` / ``watch`` run: list inputs -> lock ``--out`` -> skip finished
+ones -> embed the prompts once -> hand the stream of the rest to an engine -> record every
+result -> write exports and the summary.
 
 The pipeline is the only recorder: the log row of each input, then its ledger line, the
-counters, the progress callback and the summary are written here and nowhere else. Engines
-(:mod:`clipseg_cli.run.engines`) only yield finished results; the pipeline stops one by closing
-its generator.
+counters, the progress callback, the exports, the summary and the report are written here and
+nowhere else. Engines (:mod:`clipseg_cli.run.engines`) take a stream of work and only yield
+finished results. ``watch`` is the same run over a stream that does not end
+(:mod:`.watching`); its exports, summary and report are rebuilt every ``flush_every`` seconds
+when something was recorded. A stop request ends the stream: the engine finishes and yields
+what it holds, and the pipeline records it.
 
 It is torch-free until there is work: a rerun over a finished folder never imports torch or
 loads the model. Nothing here prints or exits: progress goes to a callback, problems become log
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +40,8 @@ from clipseg_cli.version import __version__
 if TYPE_CHECKING:
     from clipseg_cli.run.backend import BackendChoice
     from clipseg_cli.run.promptset import PromptModel, PromptSet
-    from clipseg_cli.run.steps import Engine, Finished
+    from clipseg_cli.run.steps import Engine, Finished, Idle
+    from clipseg_cli.run.watching import Follow, InputStream
     from clipseg_cli.segmenter import Segmenter
     from clipseg_cli.weights import WeightsInfo
 
@@ -48,10 +53,11 @@ class Progress:
     """Counts so far, for the CLI's progress display."""
 
     done: int
-    total: int
+    total: int  # known so far: a watching run's grows as files arrive
     ok: int
     failed: int
     elapsed: float
+    row: dict | None = None  # the input just recorded (None when one was queued)
 
 
 @dataclass
@@ -83,46 +89,58 @@ def run_segment(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_notice: Callable[[str], None] | None = None,
+    follow: Follow | None = None,
 ) -> RunSummary:
     """Run ``clipseg segment`` / ``matte`` end to end, resuming whatever an earlier run in
-    ``--out`` did.
+    ``--out`` did; with ``follow``, ``clipseg watch``: the same, then every file that arrives.
 
     Args:
         config: the run's options.
         stdin: where ``-`` reads paths from (``sys.stdin`` when None).
         segmenter: a loaded model to use instead of loading ``config.model`` (local engine).
-        on_progress: called after every recorded input.
-        should_stop: asked after every recorded input; True stops the run (the summary says
-            ``interrupted``, a rerun resumes).
+        on_progress: called after every recorded (and, watching, every queued) input.
+        should_stop: asked between inputs; True ends the stream: the inputs in flight are
+            finished and recorded, the summary says ``interrupted``, a rerun resumes.
         on_notice: receives one-line messages for the user while the run starts (the ONNX
             graph being exported once, an emulated ``--precision bf16``, a read-only cache).
+        follow: watch the input folders (:class:`~clipseg_cli.run.watching.Follow`) until
+            ``should_stop`` says so (or, with ``once``, until the catch-up is done).
 
     Raises:
-        NoInputsError: the inputs named no files.
+        NoInputsError: the inputs named no files (watching: a folder does not exist).
         LockedError: another run holds ``config.out_dir``.
         ConfigMismatchError: ``out_dir`` holds results of another configuration.
         DiskFullError: outputs could not be written for lack of space (resumable).
         ValueError: a prompt or option problem found while starting (bad ``--ref`` image).
         WeightsError: the model could not be loaded.
+        WatchError: the folders could not be watched.
     """
     started = time.perf_counter()
     notice = on_notice or (lambda _message: None)
+    stop = should_stop or (lambda: False)
     if config.engine == "ray":
         from clipseg_cli.run.engines.ray import require_ray
 
         require_ray()  # before anything is locked, loaded or logged
+    folders = None
+    if follow is not None:
+        from clipseg_cli.run.watching import watched_folders
+
+        folders = watched_folders(config)
     if config.refine == "sam":
         from clipseg_cli.sam import locate, require_sam
 
         require_sam()
         locate(config.sam_model)  # offline without it: the one-line error, nothing written
     sources.configure_pillow_limits(config.max_pixels)
-    listing = _listing(config, stdin)
+    listing = _listing(config, stdin) if follow is None else None
     parts = config.fingerprint_parts(__version__)
     summary = RunSummary(
         log_path=config.resolved_log_path, summary_path=config.resolved_summary_path
     )
-    with RunLock(config.out_dir):
+    with RunLock(config.out_dir), _input_stream(config, follow, folders) as arrivals:
+        if listing is None:  # watching: listed once the watch is on, so nothing falls between
+            listing = _listing(config, stdin, allow_empty=True)
         removed = remove_stale_temporaries(config.out_dir)
         ledger = Ledger.load(config.out_dir)
         ledger.begin(fingerprint(parts), parts, overwrite=config.overwrite)
@@ -130,21 +148,43 @@ def run_segment(
             with JsonlLog(config.resolved_log_path) as log, _parts_log(config) as export_parts:
                 recorder = Recorder(summary, log, ledger, on_progress, started)
                 recorder.parts = export_parts
+                flusher = Flusher(config, recorder, follow.flush_every if follow else None)
                 try:
                     todo = recorder.record_planned(listing, config.retry_failed)
-                    if todo and not (should_stop and should_stop()):
-                        _process(config, todo, recorder, segmenter, should_stop, notice)
-                    recorder.details["exports"] = _write_exports(config, ledger, export_parts)
+                    stream: Iterable[Work | Idle] = todo
+                    live = False  # a stream that may bring more than `todo`
+                    if arrivals is not None and follow is not None and folders is not None:
+                        recorder.details["watch"] = follow.describe(folders)
+                        ready = arrivals.settle_recent(todo)
+                        summary.total -= len(todo) - len(ready)  # counted when they settle
+                        todo = ready
+                        stream = arrivals.works(todo, ledger, recorder.queued)
+                        live = not follow.once or arrivals.files.pending > 0
+                    if (todo or live) and not stop():
+                        _process(config, stream, recorder, segmenter, stop, notice, flusher)
+                    flusher.write_exports()
                 finally:
                     _write_summary(config, recorder)
         finally:
             ledger.close()
         if config.report:
-            from clipseg_cli.io.report import write_report
-
-            summary.report_path = write_report(config.out_dir, config.resolved_log_path)
+            summary.report_path = flusher.write_report()
     summary.details["stale_temporaries_removed"] = removed
     return summary
+
+
+@contextmanager
+def _input_stream(
+    config: SegmentConfig, follow: Follow | None, folders: list[Path] | None
+) -> Iterator[InputStream | None]:
+    """The watched folders' stream of inputs, listening while the run lasts (None: segment)."""
+    if follow is None or folders is None:
+        yield None
+        return
+    from clipseg_cli.run.watching import InputStream
+
+    with InputStream(config, follow, folders) as stream:
+        yield stream
 
 
 @contextmanager
@@ -178,9 +218,11 @@ def _write_exports(config: SegmentConfig, ledger: Ledger, parts: JsonlLog | None
     return [display_path(path) for path in written]
 
 
-def _listing(config: SegmentConfig, stdin: TextIO | None) -> sources.InputListing:
+def _listing(
+    config: SegmentConfig, stdin: TextIO | None, allow_empty: bool = False
+) -> sources.InputListing:
     listing = sources.collect_inputs(config.inputs, stdin=stdin, exclude=[config.out_dir])
-    if not listing.items:
+    if not listing.items and not allow_empty:
         problems = listing.missing + [display_path(p) for p, _ in listing.unreadable]
         where = ", ".join(problems) if problems else ", ".join(config.inputs)
         raise NoInputsError(f"no input files found in {where}")
@@ -211,6 +253,7 @@ class Recorder:
         self.details: dict = {}
         # Each finished image's part of the exports, appended before its ledger line.
         self.parts: JsonlLog | None = None
+        self.recorded = 0  # rows written so far
 
     def record(self, row: dict, work: Work | None = None) -> None:
         """Log one input's row, then (for a finished input) its ledger line.
@@ -240,10 +283,24 @@ class Recorder:
             summary.failed += 1
         else:
             summary.skipped += 1
-        if self.on_progress is not None:
-            done = summary.ok + summary.failed + summary.skipped
-            elapsed = time.perf_counter() - self.started
-            self.on_progress(Progress(done, summary.total, summary.ok, summary.failed, elapsed))
+        self.recorded += 1
+        self._progress(row)
+
+    def queued(self, count: int) -> None:
+        """``count`` more inputs arrived (a watching run's total grows)."""
+        if count:
+            self.summary.total += count
+            self._progress(None)
+
+    def _progress(self, row: dict | None) -> None:
+        if self.on_progress is None:
+            return
+        summary = self.summary
+        done = summary.ok + summary.failed + summary.skipped
+        elapsed = time.perf_counter() - self.started
+        self.on_progress(
+            Progress(done, summary.total, summary.ok, summary.failed, elapsed, row=row)
+        )
 
     def describe(self, details: dict) -> None:
         """What the run uses (model, prompts, engine): noted in the ledger (the weights' and
@@ -287,13 +344,15 @@ class Recorder:
 
 def _process(
     config: SegmentConfig,
-    todo: list[Work],
+    todo: Iterable[Work | Idle],
     recorder: Recorder,
     segmenter: Segmenter | None,
-    should_stop: Callable[[], bool] | None,
+    stop: Callable[[], bool],
     notice: Callable[[str], None],
+    flusher: Flusher,
 ) -> None:
-    """Embed the prompts, then let the engine process ``todo`` while recording its results."""
+    """Embed the prompts, then let the engine process the stream ``todo`` while recording its
+    results."""
     # Imported here: numpy, the backends (and torch, when needed) are only paid for when there
     # is work.
     from clipseg_cli.run.backend import ModelOpener, choose_backend, given_model_choice
@@ -329,7 +388,9 @@ def _process(
     else:
         engine = local.process
         memory.tune_for_streaming()
-    _record_results(engine(todo, steps, opener), recorder, should_stop)
+    results = engine(_until_stopped(todo, stop), steps, opener)
+    # The local engine finishes what it holds once the stream ends; Ray's execution is closed.
+    _record_results(results, recorder, stop, flusher, drains=config.engine == "local")
 
 
 def _segmentation_model(
@@ -359,18 +420,77 @@ def _embed_prompts(config: SegmentConfig, model: PromptModel) -> PromptSet:
     return prompts
 
 
+def _until_stopped(todo: Iterable[Work | Idle], stop: Callable[[], bool]) -> Iterator[Work | Idle]:
+    """The stream, ended early when a stop is asked for (closing it stops a watch)."""
+    stream = iter(todo)
+    try:
+        for entry in stream:
+            if stop():
+                return
+            yield entry
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+
+
 def _record_results(
-    results: Iterator[Finished], recorder: Recorder, should_stop: Callable[[], bool] | None
+    results: Iterator[Finished | Idle],
+    recorder: Recorder,
+    stop: Callable[[], bool],
+    flusher: Flusher,
+    drains: bool,
 ) -> None:
-    """Record every result; when asked to stop, close the engine after the current one."""
+    """Record every result, rebuilding exports and the summary when they are due. A stop
+    request ends the stream; a draining engine then yields what it had in flight, and the
+    others are closed after the current result."""
+    from clipseg_cli.run.steps import IDLE
+
     try:
         for finished in results:
-            recorder.record_finished(finished)
-            if should_stop is not None and should_stop():
+            if finished is not IDLE:
+                recorder.record_finished(finished)
+            if stop():
                 recorder.summary.interrupted = True
-                break
+                if not drains:
+                    break
+            flusher.when_due()
     finally:
         results.close()
+
+
+class Flusher:
+    """Exports, summary and review page, rebuilt atomically from the ledger and the log: at the
+    end of a run, and while it runs at most every ``every`` seconds when rows were recorded."""
+
+    def __init__(self, config: SegmentConfig, recorder: Recorder, every: float | None) -> None:
+        self.config = config
+        self.recorder = recorder
+        self.every = every
+        self._flushed_at = time.monotonic()
+        self._recorded = recorder.recorded
+
+    def when_due(self) -> None:
+        """Rebuild everything if ``every`` seconds have passed and something was recorded."""
+        if self.every is None or self.recorder.recorded == self._recorded:
+            return
+        if time.monotonic() - self._flushed_at < self.every:
+            return
+        self.write_exports()
+        _write_summary(self.config, self.recorder)
+        if self.config.report:
+            self.write_report()
+        self._flushed_at = time.monotonic()
+        self._recorded = self.recorder.recorded
+
+    def write_exports(self) -> None:
+        recorder = self.recorder
+        recorder.details["exports"] = _write_exports(self.config, recorder.ledger, recorder.parts)
+
+    def write_report(self) -> Path:
+        from clipseg_cli.io.report import write_report
+
+        return write_report(self.config.out_dir, self.config.resolved_log_path)
 
 
 def _describe(
