@@ -3,6 +3,7 @@
 | command | module |
 |---|---|
 | ``segment``, ``matte`` | :mod:`.segment` |
+| ``watch`` | :mod:`.watch` |
 | ``models`` | :mod:`.models` |
 | ``eval``, ``calibrate`` | :mod:`.eval` |
 | ``train``, ``synthetic`` | :mod:`.train` |
@@ -18,7 +19,7 @@ import sys
 import typer
 
 from clipseg_cli.commands import eval as eval_commands
-from clipseg_cli.commands import models, segment
+from clipseg_cli.commands import models, segment, watch
 from clipseg_cli.commands import train as train_commands
 from clipseg_cli.commands.console import ExitCode
 
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.command()(segment.segment)
 app.command()(segment.matte)
+app.command()(watch.watch)
 app.command()(models.models)
 app.command("eval")(eval_commands.eval_command)
 app.command("calibrate")(eval_commands.calibrate_command)

@@ -21,6 +21,7 @@ from clipseg_cli.errors import (
     DiskFullError,
     LockedError,
     NoInputsError,
+    WatchError,
     WeightsError,
 )
 
@@ -34,7 +35,7 @@ class ExitCode(enum.IntEnum):
     OK = 0  # every input processed
     SOME_FAILED = 1  # the run finished, but some inputs failed (see the log)
     USAGE = 2  # bad options or arguments
-    NO_INPUTS = 3  # the inputs named no files
+    NO_INPUTS = 3  # the inputs named no files (watch: its folders cannot be watched)
     MODEL = 4  # the model could not be loaded (missing, offline, corrupt)
     LOCKED = 5  # another run is writing to the same --out; nothing was written
     CONFIG_MISMATCH = 6  # --out holds results of another configuration (see --overwrite)
@@ -48,6 +49,7 @@ class ExitCode(enum.IntEnum):
 #: Ray install).
 EXIT_CODES: tuple[tuple[type[BaseException], ExitCode], ...] = (
     (NoInputsError, ExitCode.NO_INPUTS),
+    (WatchError, ExitCode.NO_INPUTS),
     (LockedError, ExitCode.LOCKED),
     (ConfigMismatchError, ExitCode.CONFIG_MISMATCH),
     (DiskFullError, ExitCode.DISK_FULL),

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,6 +22,10 @@ from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, 
 from clipseg_cli.io.naming import COMMAND_KINDS, parse_exports, parse_kinds
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SAM_MODEL, MODEL_SPECS
+
+if TYPE_CHECKING:
+    from clipseg_cli.run.pipeline import Progress
+    from clipseg_cli.run.watching import Follow
 
 
 class _StopSignals:
@@ -108,21 +114,60 @@ class _ProgressReporter:
             self._bar.stop()
 
 
-def run_images(config: SegmentConfig, progress: str) -> None:
-    """Run a segment/matte config, say what it did, exit with the run's code."""
+# Parameters of the commands whose config field has another name.
+_FIELD_NAMES = {
+    "out": "out_dir",
+    "ref": "refs",
+    "ref_mask": "ref_masks",
+    "negative": "negatives",
+    "export": "exports",
+    "log": "log_path",
+    "matte_bits": "soft_bits",
+}
+
+
+def segment_config(command: str, options: dict[str, Any]) -> SegmentConfig:
+    """The :class:`SegmentConfig` of a command's parameters (``segment``, ``matte``, ``watch``
+    pass their own by name): prompts and thresholds read from their files, kinds parsed.
+
+    Raises:
+        ValueError: an option is wrong (one line).
+    """
+    values = {_FIELD_NAMES.get(name, name): value for name, value in options.items()}
+    del values["progress"]
+    prompts = o.prompts_from(values.pop("prompt"), values.pop("prompts_file"))
+    threshold = o.threshold_from(values.pop("threshold"), values.pop("threshold_from"))
+    for name in ("inputs", "refs", "ref_masks", "negatives"):
+        values[name] = tuple(values[name] or ())
+    values["save"] = parse_kinds(values["save"] or [], command)
+    if "exports" in values:
+        values["exports"] = parse_exports(values["exports"] or [])
+    return SegmentConfig(command=command, prompts=prompts, threshold=threshold, **values)
+
+
+def run_images(
+    config: SegmentConfig,
+    progress: str,
+    follow: Follow | None = None,
+    reporter: AbstractContextManager[Callable[[Progress], None]] | None = None,
+) -> None:
+    """Run a segment/matte config (watching with ``follow``), say what it did, exit with the
+    run's code. ``reporter``: the progress display, a context manager called with each
+    :class:`Progress` (default: the bar or periodic lines of segment)."""
     from clipseg_cli.run.pipeline import run_segment
 
     with (
         exit_on_error(),
         _StopSignals() as signals,
-        _ProgressReporter(progress) as reporter,
+        reporter or _ProgressReporter(progress) as shown,
     ):
         summary = run_segment(
             config,
             stdin=sys.stdin,
-            on_progress=reporter,
+            on_progress=shown,
             should_stop=lambda: signals.received is not None,
             on_notice=lambda message: typer.echo(f"clipseg: {message}", err=True),
+            follow=follow,
         )
     typer.echo(
         f"clipseg: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
@@ -137,7 +182,8 @@ def run_images(config: SegmentConfig, progress: str) -> None:
         typer.echo(f"clipseg: note: {named.run_note}", err=True)
     stopped = signals.exit_code()
     if stopped is not None:
-        typer.echo("clipseg: interrupted; rerun the same command to resume", err=True)
+        again = "catch up and go on watching" if follow is not None else "resume"
+        typer.echo(f"clipseg: interrupted; rerun the same command to {again}", err=True)
         raise typer.Exit(int(stopped))
     if summary.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
@@ -201,51 +247,7 @@ def segment(
 ) -> None:
     """Segment images with text and/or image prompts; write masks and a JSON log."""
     with exit_on_error():
-        config = SegmentConfig(
-            command="segment",
-            inputs=tuple(inputs),
-            out_dir=out,
-            prompts=o.prompts_from(prompt, prompts_file),
-            refs=tuple(ref or ()),
-            ref_masks=tuple(ref_mask or ()),
-            ref_mode=ref_mode,
-            mix=mix,
-            negatives=tuple(negative or ()),
-            save_prompt=save_prompt,
-            prompt_embedding=prompt_embedding,
-            save=parse_kinds(save or [], "segment"),
-            threshold=o.threshold_from(threshold, threshold_from),
-            soft_bits=soft_bits,
-            cutout_alpha=cutout_alpha,
-            refine=refine,
-            tiles=tiles,
-            sam_model=sam_model,
-            grow=grow,
-            fill_holes=fill_holes,
-            min_area=min_area,
-            invert=invert,
-            feather=feather,
-            exports=parse_exports(export or []),
-            coco_segmentation=coco_segmentation,
-            yolo_copy=yolo_copy,
-            model=model,
-            clip_weights=clip_weights,
-            device=device,
-            precision=precision,
-            backend=backend,
-            batch_size=batch_size,
-            workers=workers,
-            max_pixels=max_pixels,
-            allow_truncated=allow_truncated,
-            log_path=log,
-            overwrite=overwrite,
-            retry_failed=retry_failed,
-            report=report,
-            engine=engine,
-            ray_address=ray_address,
-            num_gpus=num_gpus,
-            actors=actors,
-        )
+        config = segment_config("segment", locals())
     run_images(config, progress)
 
 
@@ -307,46 +309,5 @@ def matte(
 ) -> None:
     """Full-resolution alpha mattes (and cutouts, composites) from text or image prompts."""
     with exit_on_error():
-        config = SegmentConfig(
-            command="matte",
-            inputs=tuple(inputs),
-            out_dir=out,
-            prompts=o.prompts_from(prompt, prompts_file),
-            refs=tuple(ref or ()),
-            ref_masks=tuple(ref_mask or ()),
-            ref_mode=ref_mode,
-            mix=mix,
-            negatives=tuple(negative or ()),
-            save_prompt=save_prompt,
-            prompt_embedding=prompt_embedding,
-            save=parse_kinds(save or [], "matte"),
-            refine=refine,
-            tiles=tiles,
-            sam_model=sam_model,
-            grow=grow,
-            fill_holes=fill_holes,
-            min_area=min_area,
-            invert=invert,
-            feather=feather,
-            background=background,
-            threshold=o.threshold_from(threshold, threshold_from),
-            soft_bits=matte_bits,
-            model=model,
-            clip_weights=clip_weights,
-            device=device,
-            precision=precision,
-            backend=backend,
-            batch_size=batch_size,
-            workers=workers,
-            max_pixels=max_pixels,
-            allow_truncated=allow_truncated,
-            log_path=log,
-            overwrite=overwrite,
-            retry_failed=retry_failed,
-            report=report,
-            engine=engine,
-            ray_address=ray_address,
-            num_gpus=num_gpus,
-            actors=actors,
-        )
+        config = segment_config("matte", locals())
     run_images(config, progress)
