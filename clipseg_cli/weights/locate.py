@@ -7,8 +7,12 @@ alone; :mod:`.load` loads the weights.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +27,12 @@ from clipseg_cli.specs import (
 from clipseg_cli.weights.identity import recall
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: How long finding out whether the hub answers may take: an unattended machine that is offline
+#: (no route, a firewall that drops packets, DNS that never answers) fails within it, instead
+#: of huggingface_hub's five retries with backoff (about 24 s, minutes for dropped packets).
+#: A healthy hub answers in a fraction of it; on a slow link, set ``HF_HUB_ETAG_TIMEOUT``
+#: (huggingface_hub's own timeout for this request) and it is used instead.
+HUB_PROBE_SECONDS = 1.5
 # The package's root folder: bundled models' folders are relative to it.
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -38,11 +48,80 @@ class WeightsInfo:
     sha256: str
 
 
+def hub_offline() -> bool:
+    """Whether the hub is out of reach: ``HF_HUB_OFFLINE`` is set (at once), or one request to
+    it got no answer within :data:`HUB_PROBE_SECONDS` (asked once per process). Weights are then
+    taken from huggingface_hub's cache only, by every command that loads a model."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}:
+        return True
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or not _hub_answers(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_answers(endpoint: str) -> bool:
+    """Whether ``endpoint`` answers one HEAD request (any HTTP status) within the probe time
+    (:data:`HUB_PROBE_SECONDS`, or ``HF_HUB_ETAG_TIMEOUT`` when set).
+
+    The request runs in a daemon thread so that nothing it waits for (DNS included, which
+    httpx's timeouts do not cover) can hold the command longer."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    answered: list[bool] = []
+
+    def ask() -> None:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            get_hf_file_metadata(
+                hf_hub_url(DEFAULT_MODEL, "config.json", endpoint=endpoint),
+                timeout=_probe_seconds(),
+            )
+        except HfHubHTTPError:
+            pass  # an HTTP error status is an answer: the hub is there
+        except Exception:
+            answered.append(False)
+            return
+        answered.append(True)
+
+    probe = threading.Thread(target=ask, name="hub-probe", daemon=True)
+    probe.start()
+    probe.join(_probe_seconds() + 0.1)
+    return bool(answered) and answered[0]
+
+
+def _probe_seconds() -> float:
+    try:
+        return float(os.environ["HF_HUB_ETAG_TIMEOUT"])
+    except (KeyError, ValueError):
+        return HUB_PROBE_SECONDS
+
+
+@contextmanager
+def _cache_only() -> Iterator[None]:
+    """huggingface_hub's offline mode (the switch ``HF_HUB_OFFLINE=1`` sets), for these calls
+    only: ``local_files_only`` alone still lets it ask the hub for other things first (its
+    agent registry, seconds against an unreachable hub), and open_clip's registry cannot pass
+    it at all."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def openai_clip_path() -> Path:
     """OpenAI's CLIP ViT-B/16 through open_clip's pretrained registry (hub cache)."""
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 
     try:
+        if hub_offline():
+            with _cache_only():
+                return Path(download_pretrained(get_pretrained_cfg("ViT-B-16", "openai")))
         return Path(download_pretrained(get_pretrained_cfg("ViT-B-16", "openai")))
     except (OSError, RuntimeError, ValueError) as error:
         raise WeightsError(
@@ -53,8 +132,9 @@ def openai_clip_path() -> Path:
 
 def hub_files(repo_id: str, extra: tuple[str, ...] = (), option: str = "--model") -> list[Path]:
     """config.json + weights (+ the ``extra`` files) of a hub repo, via huggingface_hub's
-    cache (HF_HOME; offline with HF_HUB_OFFLINE). ``option`` names the option that takes a
-    local folder instead, for the error message.
+    cache (HF_HOME): from the cache alone when the hub is out of reach (:func:`hub_offline`),
+    so an offline machine fails (or finds its cached files) within seconds. ``option`` names
+    the option that takes a local folder instead, for the error message.
 
     Raises:
         WeightsError: not cached and not downloadable (one line saying what to do).
@@ -67,20 +147,28 @@ def hub_files(repo_id: str, extra: tuple[str, ...] = (), option: str = "--model"
         RepositoryNotFoundError,
     )
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    offline = hub_offline()
+
+    def download(name: str) -> str:
+        if not offline:
+            return hf_hub_download(repo_id, name)
+        with _cache_only():  # even building headers may ask the hub something, when online
+            return hf_hub_download(repo_id, name, local_files_only=True)
+
     try:
-        config = hf_hub_download(repo_id, "config.json")
+        config = download("config.json")
         try:
-            weights = hf_hub_download(repo_id, "model.safetensors")
+            weights = download("model.safetensors")
         except (EntryNotFoundError, LocalEntryNotFoundError):
-            weights = hf_hub_download(repo_id, "pytorch_model.bin")
-        others = [Path(hf_hub_download(repo_id, name)) for name in extra]
+            weights = download("pytorch_model.bin")
+        others = [Path(download(name)) for name in extra]
     except RepositoryNotFoundError:
         raise WeightsError(
             f"model {repo_id!r}: no such repository on the Hugging Face hub"
         ) from None
     except (LocalEntryNotFoundError, OSError, HFValidationError) as error:
-        how = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached"
+        offline_env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+        how = "HF_HUB_OFFLINE is set" if offline_env else "the hub could not be reached"
         raise WeightsError(
             f"model {repo_id!r} is not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and {how} "
