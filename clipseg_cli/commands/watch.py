@@ -67,8 +67,6 @@ class WatchReporter:
                 "{task.fields[failed]} failed",
             )
             self._task = self._bar.add_task("watch", total=None, queued=0, failed=0)
-        elif not self.quiet:
-            typer.echo(f"clipseg: watching {self.folders} (Ctrl-C to stop)", err=True)
         return self
 
     def __call__(self, progress) -> None:

@@ -12,11 +12,12 @@ What "complete" means here, and exactly what it relies on:
   ``deleted`` and the new name ``added`` in the same batch of changes (notify's paired
   ``Name(From)`` / ``Name(To)``). A file ``added`` in a batch where a temporary name of it in
   the same folder (a name containing its name: ``x.jpg.part``, rsync's ``.x.jpg.Ab12Cd``,
-  ``x.jpg.crdownload``) is ``deleted`` is complete at once, if that name was last seen with the
-  same device and inode, or was itself created within the batch (it lived less than one batch,
-  about 50 ms, so it was never seen): the writer finished it under the temporary name and
-  renamed it. Other renames (``mv a.jpg b.jpg``, a temporary ``tmpAb12`` or one in another
-  folder) and files moved in from outside the watched folders are settled like any other.
+  ``x.jpg.crdownload``) is ``deleted`` is complete at once, if that name was last seen (when
+  its own event came) with the same device and inode, or was already gone when its event came
+  (renamed moments after it was created): the writer finished it under the temporary name and
+  renamed it. Other renames (``mv a.jpg b.jpg``, a temporary ``tmpAb12``, one in another folder,
+  one that was there before the watch began) and files moved in from outside the watched
+  folders are settled like any other.
 - **Close-after-write is not seen**: watchfiles maps inotify's ``IN_CLOSE_WRITE`` to no change
   at all (its debug output shows ``Access(Close(Write))`` as "no change detected"), so a file
   written in place is taken by the settle rule, never at its close.
@@ -48,6 +49,12 @@ __all__ = ["FileArrivals"]
 
 # watchfiles groups changes until none arrives for this long (ms), then hands them over.
 _STEP_MS = 50
+# With no change for this long (ms), watchfiles yields an empty set (the first says it is on).
+_QUIET_MS = 200
+# A deleted name no event had named before.
+_UNHEARD = object()
+# How long start() waits for the watches to be set up (a huge tree takes a while to walk).
+_START_SECONDS = 10.0
 
 
 @dataclass
@@ -84,21 +91,26 @@ class FileArrivals:
         self.settle = settle
         self.poll = poll
         self._excluded = [os.path.realpath(path) for path in exclude]
-        self._changes: queue.Queue[set[tuple[int, str]]] = queue.Queue()
+        # Batches of (change, path, its device and inode when the batch came, if it existed).
+        self._changes: queue.Queue[set[tuple[int, str, tuple[int, int] | None]]] = queue.Queue()
         self._stop = threading.Event()
+        self._listening = threading.Event()  # watchfiles has set its watches up
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._candidates: dict[str, _Candidate] = {}
         # Last seen identity of the names not yet taken (candidates, ignored temporaries): how a
-        # rename is recognised. Taken files leave it, so it is bounded by what is in progress.
-        self._identities: dict[str, tuple[int, int]] = {}
+        # rename is recognised; None for a name that was gone before it could be seen. Taken
+        # files leave it, so it is bounded by what is in progress.
+        self._identities: dict[str, tuple[int, int] | None] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> FileArrivals:
-        """Start listening (before listing what is already there, so nothing falls between)."""
+        """Start listening, and return once the folders are watched (list what is already
+        there after this, so that nothing falls between)."""
         self._thread = threading.Thread(target=self._listen, name="watch", daemon=True)
         self._thread.start()
+        self._listening.wait(_START_SECONDS)
         return self
 
     def close(self) -> None:
@@ -127,18 +139,27 @@ class FileArrivals:
                 *self.roots,
                 watch_filter=self._wanted,
                 step=_STEP_MS,
-                stop_event=self._stop,
-                rust_timeout=0,  # no timeout: stop_event is checked every step
+                stop_event=self._stop,  # checked every step
+                # An empty yield now and then: the first one says the watches are set up.
+                rust_timeout=_QUIET_MS,
+                yield_on_timeout=True,
                 force_polling=self.poll is not None,
                 poll_delay_ms=round((self.poll or 0.3) * 1000),
                 recursive=True,
                 ignore_permission_denied=True,
                 raise_interrupt=False,
             ):
-                self._changes.put({(int(change), path) for change, path in changes})
+                self._listening.set()
+                if changes:
+                    # Identities now: a temporary name may be renamed before wait() looks.
+                    self._changes.put(
+                        {(int(c), path, self._identity_of(path)) for c, path in changes}
+                    )
         except Exception as error:  # any failure of the watcher: raised in wait()'s thread
             self._error = error
             self._changes.put(set())
+        finally:
+            self._listening.set()
 
     def _wanted(self, _change: object, path: str) -> bool:
         """Changes outside the excluded folders (watchfiles' filter; names are judged later,
@@ -180,20 +201,23 @@ class FileArrivals:
 
     # -- the rules ---------------------------------------------------------------------------
 
-    def _apply(self, changes: set[tuple[int, str]]) -> set[str]:
+    def _apply(self, changes: set[tuple[int, str, tuple[int, int] | None]]) -> set[str]:
         """Take one batch of changes; the files renamed into place by it."""
         from watchfiles import Change
 
         now = time.monotonic()
-        added = {path for change, path in changes if change == Change.added}
-        deleted = {path for change, path in changes if change == Change.deleted}
-        touched = added | {path for change, path in changes if change == Change.modified}
-        # Identities before this batch: the old name of a rename is gone by now.
-        vanished = {path: self._identities.pop(path, None) for path in deleted}
+        added = {path for change, path, _ in changes if change == Change.added}
+        deleted = {path for change, path, _ in changes if change == Change.deleted}
+        touched = {path for change, path, _ in changes if change != Change.deleted}
+        for _change, path, identity in changes:
+            if path in touched and (identity is not None or path not in self._identities):
+                self._identities[path] = identity
+        # The names this batch removed, as last seen: the old name of a rename is gone by now.
+        vanished = {path: self._identities.pop(path, _UNHEARD) for path in deleted}
         for path in deleted:
             self._candidates.pop(path, None)
         ready = set()
-        for path in sorted(touched):
+        for path in sorted(touched - deleted):
             status = self._stat(path)
             if status is None:
                 continue
@@ -201,11 +225,7 @@ class FileArrivals:
                 self._walk(Path(path), now)
                 continue
             complete = stat.S_ISREG(status.st_mode) and not self._ignored(path)
-            if (
-                complete
-                and path in added
-                and self._renamed_into_place(path, status, vanished, added)
-            ):
+            if complete and path in added and self._renamed_into_place(path, status, vanished):
                 self._candidates.pop(path, None)
                 self._identities.pop(path, None)
                 ready.add(path)
@@ -214,12 +234,7 @@ class FileArrivals:
         return ready
 
     @staticmethod
-    def _renamed_into_place(
-        path: str,
-        status: os.stat_result,
-        vanished: dict[str, tuple[int, int] | None],
-        added: set[str],
-    ) -> bool:
+    def _renamed_into_place(path: str, status: os.stat_result, vanished: dict[str, object]) -> bool:
         new = Path(path)
         for old, identity in vanished.items():
             gone = Path(old)
@@ -228,8 +243,10 @@ class FileArrivals:
             # in the same batch, so neither the identity nor the batch alone will do.
             if gone.parent != new.parent or gone.name == new.name or new.name not in gone.name:
                 continue
-            # Its identity as last seen; or, born and renamed within this batch, never seen.
-            if identity == _identity(status) or (identity is None and old in added):
+            # Its identity as last seen; or, an event named it but it was gone before it could
+            # be looked at (renamed within moments of its creation), none. A name no event
+            # ever named (there before the watch began) is not known well enough.
+            if identity is None or identity == _identity(status):
                 return True
         return False
 
@@ -280,6 +297,10 @@ class FileArrivals:
                 continue
             return any(is_ignored_name(part) for part in relative.parts)
         return True  # outside every root (a symlink's target): not ours to take
+
+    def _identity_of(self, path: str) -> tuple[int, int] | None:
+        status = self._stat(path)
+        return None if status is None else _identity(status)
 
     @staticmethod
     def _stat(path: str) -> os.stat_result | None:

@@ -141,6 +141,8 @@ def run_segment(
     with RunLock(config.out_dir), _input_stream(config, follow, folders) as arrivals:
         if listing is None:  # watching: listed once the watch is on, so nothing falls between
             listing = _listing(config, stdin, allow_empty=True)
+        if arrivals is not None:
+            notice(arrivals.describe())
         removed = remove_stale_temporaries(config.out_dir)
         ledger = Ledger.load(config.out_dir)
         ledger.begin(fingerprint(parts), parts, overwrite=config.overwrite)
@@ -455,6 +457,8 @@ def _record_results(
                 if not drains:
                     break
             flusher.when_due()
+        if stop():  # the stream ended for it: the engine finished what it held
+            recorder.summary.interrupted = True
     finally:
         results.close()
 

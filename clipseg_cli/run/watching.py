@@ -110,6 +110,14 @@ class InputStream:
     def __exit__(self, *exc: object) -> None:
         self.files.close()
 
+    def describe(self) -> str:
+        """One line for the user: what is watched, and how."""
+        folders = ", ".join(self.roots)
+        if self.follow.once:
+            return f"catching up on {folders} (settle {self.follow.settle:g} s)"
+        how = f"polling every {self.follow.poll:g} s" if self.follow.poll else "file events"
+        return f"watching {folders} ({how}, settle {self.follow.settle:g} s)"
+
     def settle_recent(self, todo: list[Work]) -> list[Work]:
         """The catch-up's inputs, less those changed within the settle time: they may still be
         being written, so they are watched until they settle, like new arrivals."""
