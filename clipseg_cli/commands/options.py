@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from clipseg_cli.io.naming import COMMAND_KINDS
 from clipseg_cli.specs import (
     BACKENDS,
     DEFAULT_BATCH_SIZES,
@@ -41,6 +42,16 @@ ReportOpt = Annotated[
     bool, typer.Option(help="Write OUT/report.html: a static page to review every result.")
 ]
 BitsOpt = Annotated[int, typer.Option(help="Bit depth of probability/alpha PNGs: 8 or 16.")]
+SegmentSaveOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help=f"Output kinds, comma-separated or repeated: {', '.join(COMMAND_KINDS['segment'])}.",
+        show_default=COMMAND_KINDS["segment"][0],
+    ),
+]
+CutoutAlphaOpt = Annotated[
+    str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
+]
 
 # -- prompts --------------------------------------------------------------------------------------
 

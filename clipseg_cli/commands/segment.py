@@ -201,20 +201,11 @@ def segment(
     negative: o.NegativeOpt = None,
     save_prompt: o.SavePromptOpt = None,
     prompt_embedding: o.PromptEmbeddingOpt = None,
-    save: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Output kinds, comma-separated or repeated: "
-            f"{', '.join(COMMAND_KINDS['segment'])}.",
-            show_default=COMMAND_KINDS["segment"][0],
-        ),
-    ] = None,
+    save: o.SegmentSaveOpt = None,
     threshold: o.ThresholdOpt = None,
     threshold_from: o.ThresholdFromOpt = None,
     soft_bits: o.BitsOpt = 8,
-    cutout_alpha: Annotated[
-        str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
-    ] = "soft",
+    cutout_alpha: o.CutoutAlphaOpt = "soft",
     refine: o.RefineOpt = "guided",
     tiles: o.TilesOpt = "off",
     sam_model: o.SamModelOpt = DEFAULT_SAM_MODEL,

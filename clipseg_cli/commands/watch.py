@@ -17,7 +17,6 @@ import typer
 from clipseg_cli.commands import options as o
 from clipseg_cli.commands.console import exit_on_error, progress_bar, wants_bar
 from clipseg_cli.commands.segment import run_images, segment_config
-from clipseg_cli.io.naming import COMMAND_KINDS
 from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SAM_MODEL
 
 WatchedFolders = Annotated[
@@ -105,20 +104,11 @@ def watch(
     negative: o.NegativeOpt = None,
     save_prompt: o.SavePromptOpt = None,
     prompt_embedding: o.PromptEmbeddingOpt = None,
-    save: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Output kinds, comma-separated or repeated: "
-            f"{', '.join(COMMAND_KINDS['segment'])}.",
-            show_default=COMMAND_KINDS["segment"][0],
-        ),
-    ] = None,
+    save: o.SegmentSaveOpt = None,
     threshold: o.ThresholdOpt = None,
     threshold_from: o.ThresholdFromOpt = None,
     soft_bits: o.BitsOpt = 8,
-    cutout_alpha: Annotated[
-        str, typer.Option(help="Alpha of 'cutout' PNGs: soft (probability) or mask.")
-    ] = "soft",
+    cutout_alpha: o.CutoutAlphaOpt = "soft",
     refine: o.RefineOpt = "guided",
     tiles: o.TilesOpt = "off",
     sam_model: o.SamModelOpt = DEFAULT_SAM_MODEL,
