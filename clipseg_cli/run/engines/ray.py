@@ -327,7 +327,7 @@ def process(
                 # The summary names the actors' device, not the driver's (prompts only).
                 row_details = {**details, **json.loads(result["actor"])}
                 row, part = json.loads(result["row"]), json.loads(result["part"])
-                work = todo[int(result["i"])]
+                work = works[int(result["i"])]
                 yield Finished(work, row, float(result["infer_s"]), row_details, part)
         finally:
             close = getattr(stream, "close", None)
