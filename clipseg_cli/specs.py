@@ -38,6 +38,16 @@ REFINE_METHODS = ("none", "guided", "sam")
 #: activations (measured on 2 cores: batches of 1 as fast as of 2, peak memory 60-100 MB lower);
 #: GPUs need larger batches to be fed.
 DEFAULT_BATCH_SIZES = {"cpu": 1, "cuda": 16, "mps": 4}
+#: ``--min-area`` by default: regions below this share of the image's pixels are specks
+#: (0.02%: 157 px on 1024x768, 629 px on 2048x1536, 2400 px on 4000x3000).
+DEFAULT_MIN_AREA_FRACTION = 2e-4
+#: ``--min-score`` by default: objects (instances) whose score, the mean probability inside, is
+#: lower are specks, dropped from the masks, instances and exports (the paper's threshold plus
+#: 0.1; chosen on tuning scenes by bench/instances_bench.py, which measures it on fresh ones).
+DEFAULT_MIN_SCORE = 0.4
+#: ``--split`` values: ``auto`` splits a region where touching objects meet (ops.split),
+#: ``none`` keeps every region of the mask whole.
+SPLIT_MODES = ("auto", "none")
 #: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``): about 179 megapixels, ~0.5 GB as RGB.
 DEFAULT_MAX_PIXELS = 178_956_970
 

@@ -143,6 +143,17 @@ MinAreaOpt = Annotated[
         show_default=False,
     ),
 ]
+MinScoreOpt = Annotated[
+    float,
+    typer.Option(
+        help="Drop objects whose score (mean probability inside) is below S from the mask, the "
+        "instances and the exports (0 keeps every region)."
+    ),
+]
+SplitOpt = Annotated[
+    Literal["auto", "none"],
+    typer.Option(help="Split regions where touching objects meet (auto) or keep them whole."),
+]
 InvertOpt = Annotated[bool, typer.Option(help="Everything but the prompt (background removal).")]
 FeatherOpt = Annotated[
     int, typer.Option(help="Soft edge of PX pixels for soft outputs, mattes and cutouts.")

@@ -21,7 +21,13 @@ from clipseg_cli.commands import options as o
 from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, wants_bar
 from clipseg_cli.io.naming import COMMAND_KINDS, parse_exports, parse_kinds
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SAM_MODEL, MODEL_SPECS
+from clipseg_cli.specs import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_MODEL,
+    DEFAULT_SAM_MODEL,
+    MODEL_SPECS,
+)
 
 if TYPE_CHECKING:
     from clipseg_cli.run.pipeline import Progress
@@ -212,6 +218,8 @@ def segment(
     grow: o.GrowOpt = 0,
     fill_holes: o.FillHolesOpt = False,
     min_area: o.MinAreaOpt = None,
+    min_score: o.MinScoreOpt = DEFAULT_MIN_SCORE,
+    split: o.SplitOpt = "auto",
     invert: o.InvertOpt = False,
     feather: o.FeatherOpt = 0,
     export: o.ExportOpt = None,
@@ -267,6 +275,8 @@ def matte(
     grow: o.GrowOpt = 0,
     fill_holes: o.FillHolesOpt = False,
     min_area: o.MinAreaOpt = None,
+    min_score: o.MinScoreOpt = DEFAULT_MIN_SCORE,
+    split: o.SplitOpt = "auto",
     invert: o.InvertOpt = False,
     feather: o.FeatherOpt = 0,
     background: Annotated[

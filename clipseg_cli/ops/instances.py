@@ -1,24 +1,43 @@
-"""One mask per object: a prompt's final mask split into its connected regions, each an
-instance with its COCO run-length encoding, area, box, polygon and score.
+"""One mask per object: a prompt's final mask split into its objects, each an instance with its
+COCO run-length encoding, area, box, polygon and score; objects scored under a floor dropped.
 
-OpenCV finds the regions (8-connected) and their contours; pycocotools encodes them, and its
-area and box of each encoding are the ones every output reports (the log, COCO, YOLO), so they
-agree with what any COCO tool computes. Pure arrays in, plain values out: no files.
+An object is a connected region of the mask (8-connected), or, with ``--split auto``, a part of
+one where touching objects meet (:mod:`clipseg_cli.ops.split`). Its score is the mean
+probability inside (:data:`SCORE_KIND`; the other candidates are measured by
+``bench/instances_bench.py``, which chose it), and objects scored under ``--min-score`` are
+dropped from the mask too, so that the mask, the id map and the exports always hold the same
+objects.
+
+OpenCV finds the regions and their contours; pycocotools encodes them, and its area and box of
+each encoding are the ones every output reports (the log, COCO, YOLO), so they agree with what
+any COCO tool computes. Pure arrays in, plain values out: no files.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-#: At most this many instances per image (the largest first): COCO annotation ids are the
-#: image's id times 1000 plus the instance's id.
+from clipseg_cli.ops.shape import default_min_area
+from clipseg_cli.ops.split import distance_map, split_regions
+from clipseg_cli.specs import DEFAULT_MIN_SCORE
+
+#: At most this many instances per image (in id order): COCO annotation ids are the image's id
+#: times 1000 plus the instance's id.
 MAX_INSTANCES_PER_IMAGE = 999
 #: Polygon simplification (Douglas-Peucker), in pixels.
 POLYGON_TOLERANCE = 0.5
+#: The score candidates: ``mean`` and ``peak`` probability inside, and ``stability`` (SAM's:
+#: the object's area above threshold + STABILITY_OFFSET over its area above threshold -
+#: STABILITY_OFFSET).
+SCORE_KINDS = ("mean", "peak", "stability")
+#: The score every instance carries: the one that separated objects from specks best.
+SCORE_KIND = "mean"
+STABILITY_OFFSET = 0.1
 
 
 @dataclass(frozen=True)
@@ -31,7 +50,7 @@ class Instance:
     rle: dict  # {"size": [H, W], "counts": str}, COCO's compressed RLE
     area: int
     bbox: tuple[float, float, float, float]  # COCO [x, y, w, h], pixels
-    score: float  # mean probability inside
+    score: float  # SCORE_KIND: the mean probability inside
     polygon: tuple[float, ...]  # outer contour x1, y1, x2, y2, ... (pixels)
 
     def row(self, prompt_label: str) -> dict:
@@ -45,27 +64,166 @@ class Instance:
         }
 
 
-def split(
-    mask: np.ndarray, prob: np.ndarray, prompt: int, first_id: int
-) -> tuple[np.ndarray, list[Instance]]:
-    """The regions of bool ``[H, W]`` ``mask`` as instances numbered from ``first_id``.
+@dataclass(frozen=True)
+class InstanceRules:
+    """How a prompt's shaped mask becomes objects: ``--split``, ``--min-score``, and the run's
+    ``--min-area`` in pixels of this image (no split makes a part that cannot hold a disc of
+    that area, nor of the default's)."""
+
+    split: str = "auto"
+    min_score: float = DEFAULT_MIN_SCORE
+    min_area: int = 0
+
+    def min_peak(self, size: tuple[int, int]) -> float:
+        """The radius, in pixels, of the smallest part a split may make in an image of
+        ``size``."""
+        return math.sqrt(max(self.min_area, default_min_area(size)) / math.pi)
+
+
+@dataclass(frozen=True)
+class Objects:
+    """A mask's objects before they get ids.
+
+    Attributes:
+        labels: int32 ``[H, W]``, one label per object (0: background).
+        order: the labels of the objects kept (score >= ``--min-score``), in raster order of
+            their first pixel.
+        scores: float64, each label's score (index 0 unused).
+        dropped: how many objects ``--min-score`` dropped.
+        mask: bool ``[H, W]``, the pixels of the objects kept.
+        boxes: each label's box ``(x, y, w, h)``.
+    """
+
+    labels: np.ndarray
+    order: np.ndarray
+    scores: np.ndarray
+    dropped: int
+    mask: np.ndarray
+    boxes: dict[int, tuple[int, int, int, int]]
+
+
+def find_objects(
+    mask: np.ndarray, prob: np.ndarray, rules: InstanceRules, threshold: float
+) -> Objects:
+    """The objects of bool ``[H, W]`` ``mask`` scored on float ``[H, W]`` ``prob`` (the
+    probability the mask was cut from at ``threshold``); those under the floor dropped."""
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if rules.split == "auto" and count > 1:
+        min_peak = rules.min_peak(mask.shape)
+        labels, count = split_regions(labels, count, distance_map(mask), min_peak)
+    scores = object_scores(SCORE_KIND, labels, count, prob, threshold)
+    table = _LabelTable.of(labels)
+    order = table.labels[np.argsort(table.first, kind="stable")]
+    kept = order[scores[order] >= rules.min_score]
+    dropped = len(order) - len(kept)
+    if dropped:
+        keep = np.zeros(count, bool)
+        keep[kept] = True
+        mask = keep[labels]
+    boxes = {int(label): box for label, box in zip(table.labels, table.boxes, strict=True)}
+    return Objects(labels, kept, scores, dropped, mask.astype(bool, copy=False), boxes)
+
+
+@dataclass(frozen=True)
+class _LabelTable:
+    """The labels present in a label map, each with its first pixel (flat index, raster
+    order) and box ``(x, y, w, h)``: one sort of the foreground pixels."""
+
+    labels: np.ndarray
+    first: np.ndarray
+    boxes: list[tuple[int, int, int, int]]
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> _LabelTable:
+        where = np.flatnonzero(labels)
+        if not len(where):
+            return cls(where, where, [])
+        which = labels.ravel()[where]
+        order = np.argsort(which, kind="stable")  # raster order within each label
+        where, which = where[order], which[order]
+        starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
+        rows, cols = np.divmod(where, labels.shape[1])
+        top, bottom = rows[starts], np.maximum.reduceat(rows, starts)
+        left, right = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
+        boxes = [
+            (int(x), int(y), int(x2 - x + 1), int(y2 - y + 1))
+            for x, y, x2, y2 in zip(left, top, right, bottom, strict=True)
+        ]
+        return cls(which[starts], where[starts], boxes)
+
+
+def object_scores(
+    kind: str, labels: np.ndarray, count: int, prob: np.ndarray, threshold: float
+) -> np.ndarray:
+    """float64 ``[count]``: each label's score of ``kind`` (:data:`SCORE_KINDS`), from float
+    ``[H, W]`` ``prob`` cut at ``threshold``."""
+    where = np.flatnonzero(labels)
+    which = labels.ravel()[where]
+    inside = prob.ravel()[where].astype(np.float64)
+    area = np.maximum(np.bincount(which, minlength=count), 1)
+    if kind == "mean":
+        return np.bincount(which, weights=inside, minlength=count) / area
+    if kind == "peak":
+        peak = np.zeros(count)
+        np.maximum.at(peak, which, inside)
+        return peak
+    if kind == "stability":
+        return _stability(labels, count, prob, threshold, which, inside)
+    raise ValueError(f"unknown score kind {kind}")
+
+
+def _stability(
+    labels: np.ndarray,
+    count: int,
+    prob: np.ndarray,
+    threshold: float,
+    which: np.ndarray,
+    inside: np.ndarray,
+) -> np.ndarray:
+    """SAM's stability score of each object: its pixels above ``threshold + offset`` over its
+    pixels above ``threshold - offset``, where the latter is the object with the pixels of the
+    looser mask around it that lie nearer to it than to any other object."""
+    high = np.bincount(which, weights=inside > threshold + STABILITY_OFFSET, minlength=count)
+    loose = (prob > threshold - STABILITY_OFFSET) | (labels > 0)
+    _, nearest = cv2.distanceTransformWithLabels(
+        (labels == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
+        labelType=cv2.DIST_LABEL_PIXEL,
+    )  # fmt: skip
+    seeds = labels > 0
+    by_seed = np.zeros(int(nearest.max()) + 1, np.int64)
+    by_seed[1 : int(seeds.sum()) + 1] = labels[seeds]
+    # Only the looser mask's regions that hold an object count as its surroundings.
+    _, loose_regions = cv2.connectedComponents(loose.astype(np.uint8), connectivity=8)
+    holds = np.zeros(int(loose_regions.max()) + 1, bool)
+    holds[loose_regions[seeds]] = True
+    around = loose & ~seeds & holds[loose_regions]
+    low = np.bincount(by_seed[nearest[around]], minlength=count)
+    low += np.bincount(which, minlength=count)
+    return high / np.maximum(low, 1)
+
+
+def make_instances(
+    objects: Objects, prompt: int, first_id: int
+) -> tuple[np.ndarray, list[Instance], int]:
+    """The kept objects as instances numbered from ``first_id`` (at most up to
+    :data:`MAX_INSTANCES_PER_IMAGE`).
 
     Returns:
-        uint16 ``[H, W]`` id map (0 = background) and the instances, in id order.
+        uint16 ``[H, W]`` id map (0 = background), the instances in id order, and how many
+        objects the cap left out.
     """
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
-    ids = np.zeros(mask.shape, np.uint16)
+    labels = objects.labels
+    room = max(0, MAX_INSTANCES_PER_IMAGE - first_id + 1)
+    order = objects.order[:room]
+    lut = np.zeros(len(objects.scores), np.uint16)
+    lut[order] = np.arange(first_id, first_id + len(order), dtype=np.uint16)
+    ids = lut[labels]
     instances = []
-    for region in range(1, count):
-        if first_id + len(instances) > MAX_INSTANCES_PER_IMAGE:
-            break
-        x, y = int(stats[region, cv2.CC_STAT_LEFT]), int(stats[region, cv2.CC_STAT_TOP])
-        w, h = int(stats[region, cv2.CC_STAT_WIDTH]), int(stats[region, cv2.CC_STAT_HEIGHT])
+    for instance_id, label in zip(range(first_id, first_id + len(order)), order, strict=True):
+        x, y, w, h = objects.boxes[int(label)]
         window = (slice(y, y + h), slice(x, x + w))
-        inside = labels[window] == region
-        instance_id = first_id + len(instances)
-        ids[window][inside] = instance_id
-        full = np.zeros(mask.shape, np.uint8)
+        inside = labels[window] == label
+        full = np.zeros(labels.shape, np.uint8)
         full[window][inside] = 1
         rle = mask_utils.encode(np.asfortranarray(full))
         instances.append(
@@ -75,11 +233,11 @@ def split(
                 rle={"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()},
                 area=int(mask_utils.area(rle)),
                 bbox=tuple(float(v) for v in mask_utils.toBbox(rle)),
-                score=float(prob[window][inside].mean()),
+                score=float(objects.scores[label]),
                 polygon=_outline(inside, x, y),
             )
         )
-    return ids, instances
+    return ids, instances, len(objects.order) - len(order)
 
 
 def _outline(region: np.ndarray, x: int, y: int) -> tuple[float, ...]:

@@ -12,10 +12,12 @@ import cv2
 import numpy as np
 
 from clipseg_cli.errors import InputError
+from clipseg_cli.specs import DEFAULT_MIN_AREA_FRACTION
 
-#: ``--min-area`` by default: regions below this share of the image's pixels are specks
-#: (0.02%: 157 px on 1024x768, 629 px on 2048x1536, 2400 px on 4000x3000).
-DEFAULT_MIN_AREA_FRACTION = 2e-4
+
+def default_min_area(size: tuple[int, int]) -> int:
+    """``--min-area`` by default in an image of ``size = (H, W)``, in pixels."""
+    return round(DEFAULT_MIN_AREA_FRACTION * size[0] * size[1])
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,7 @@ class MaskShaping:
 
     def min_area_for(self, size: tuple[int, int]) -> int:
         """The smallest region kept in an image of ``size = (H, W)``, in pixels."""
-        if self.min_area is not None:
-            return self.min_area
-        return round(DEFAULT_MIN_AREA_FRACTION * size[0] * size[1])
+        return self.min_area if self.min_area is not None else default_min_area(size)
 
     @property
     def changes_the_mask(self) -> bool:
@@ -68,23 +68,24 @@ def grow(mask: np.ndarray, pixels: int) -> np.ndarray:
     return cv2.erode(as_bytes, disc, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
 
 
-def drop_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+def drop_small_regions(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, int]:
     """bool ``[H, W]``: ``mask`` without its 8-connected regions of fewer than ``min_area``
-    pixels."""
+    pixels, and how many regions were dropped."""
     if min_area <= 1 or not mask.any():
-        return mask
+        return mask, 0
     # Areas by counting labels: OpenCV's own statistics (boxes, centroids) cost 8x the labelling.
     _count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     keep = np.bincount(labels.ravel()) >= min_area
     if keep[1:].all():
-        return mask.astype(bool, copy=False)  # nothing to drop: skip a full-size lookup
+        return mask.astype(bool, copy=False), 0  # nothing to drop: skip a full-size lookup
     keep[0] = False  # the background
-    return keep[labels]
+    return keep[labels], int((~keep[1:]).sum())
 
 
-def shape_mask(mask: np.ndarray, shaping: MaskShaping) -> np.ndarray:
+def shape_mask(mask: np.ndarray, shaping: MaskShaping) -> tuple[np.ndarray, int]:
     """The mask every output uses: holes filled, grown or shrunk, inverted, then regions below
-    the minimum area dropped (so the instances of the result are exactly its regions).
+    the minimum area dropped; and how
+    many regions the minimum area dropped.
 
     Raises:
         InputError: ``--grow`` is larger than the image (it would cover or erase everything).

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import cv2
@@ -212,14 +213,27 @@ def make_large_scene(
     gap: int = 12,
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
+    copies_of: Mapping[str, tuple[int, int]] | None = None,
+    touching: float = 0.0,
+    texture: float = 0.0,
 ) -> Scene:
-    """A deterministic scene of ``size = (H, W)`` pixels whose objects never touch.
+    """A deterministic scene of ``size = (H, W)`` pixels whose objects never overlap.
 
     Between ``classes[0]`` and ``classes[1]`` classes are drawn (``include`` first, never one of
     ``exclude``), each ``copies[0]`` to ``copies[1]`` times, with radii in pixels drawn from
     ``radius``; every object stays ``gap`` pixels away from the others, so each mask is one
     whole shape (what instance counts need). An object that finds no free place after some
-    tries is left out.
+    tries is left out. ``copies_of`` overrides ``copies`` for the classes it names.
+
+    ``touching``: the chance that a copy after a class's first is placed against the previous
+    copy instead (the two touch, with neither gap nor overlap; it keeps ``gap`` from every other
+    object): what splitting touching objects is measured on. At 0, the default, each seed
+    draws exactly the scene it drew before this option existed.
+
+    ``texture``: the strength (grey levels, about 0-50) of a coloured multi-scale noise added
+    to the background, from a random stream of its own (0: none, the scene as before): a
+    busy background on which a model fires here and there, the specks instance floors are
+    measured on.
     """
     rng = np.random.default_rng([seed, 3])
     height, width = size
@@ -230,22 +244,81 @@ def make_large_scene(
     labels = [*include, *(allowed[i] for i in rng.permutation(len(allowed)))][:count]
     taken = np.zeros((height, width), bool)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * gap + 1, 2 * gap + 1))
-    objects = []
+    objects: list[SceneObject] = []
     for label in labels:
         colour, shape = label.split(" ")
-        for _copy in range(int(rng.integers(copies[0], copies[1] + 1))):
+        previous: tuple[np.ndarray, tuple[float, float], float] | None = None
+        low, high = (copies_of or {}).get(label, copies)
+        for _copy in range(int(rng.integers(low, high + 1))):
+            against = previous if previous and touching and rng.random() < touching else None
             for _attempt in range(50):
                 r = rng.uniform(*radius)
                 margin = r * 1.5
-                centre = (rng.uniform(margin, width - margin), rng.uniform(margin, height - margin))
-                mask = _shape_mask(shape, centre, r, canvas)[:height, :width]
+                if against is None:
+                    centre = (
+                        rng.uniform(margin, width - margin),
+                        rng.uniform(margin, height - margin),
+                    )
+                    mask = _shape_mask(shape, centre, r, canvas)[:height, :width]
+                    others = taken
+                else:
+                    centre, mask = _touching(shape, against, r, canvas, rng.uniform(0, 2 * math.pi))
+                    mask = mask[:height, :width]
+                    others = taken & ~against[0]
+                    inside = margin <= centre[0] <= width - margin
+                    if not (inside and margin <= centre[1] <= height - margin):
+                        continue
                 grown = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
-                if not (grown & taken).any():
+                if not (grown & others).any():
                     break
             else:
                 continue
             taken |= mask
+            previous = (mask, centre, r)
             _paint(image, mask, colour, rng)
             objects.append(SceneObject(colour, shape, mask=mask, prompt=phrase(label, rng)))
+    if texture:
+        image[~taken] += _texture(np.random.default_rng([seed, 4]), size, texture)[~taken]
     rgb = np.clip(image, 0, 255).astype(np.uint8)
     return Scene(seed=seed, image=rgb, objects=tuple(objects))
+
+
+def _texture(rng: np.random.Generator, size: tuple[int, int], strength: float) -> np.ndarray:
+    """float32 ``[H, W, 3]``: coloured noise at three scales (blotches a sixteenth, a
+    sixty-fourth and a 256th of the width across), of standard deviation about ``strength``."""
+    height, width = size
+    texture = np.zeros((height, width, 3), np.float32)
+    for cells, share in ((16, 0.8), (64, 0.5), (256, 0.3)):
+        coarse = rng.normal(0, share * strength, (max(1, cells * height // width), cells, 3))
+        texture += cv2.resize(
+            coarse.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC
+        )
+    return texture
+
+
+def _touching(
+    shape: str,
+    partner: tuple[np.ndarray, tuple[float, float], float],
+    radius: float,
+    canvas: int,
+    angle: float,
+) -> tuple[tuple[float, float], np.ndarray]:
+    """A ``shape`` of ``radius`` against ``partner`` (its mask, centre and radius) in the
+    direction ``angle``: the nearest centre (to a tenth of a pixel) at which it does not overlap
+    the partner, so the two touch."""
+    partner_mask, (px, py), partner_radius = partner
+    height, width = partner_mask.shape
+
+    def placed(distance: float) -> tuple[tuple[float, float], np.ndarray]:
+        centre = (px + distance * math.cos(angle), py + distance * math.sin(angle))
+        return centre, _shape_mask(shape, centre, radius, canvas)[:height, :width]
+
+    near, far = 0.0, 2.0 * (partner_radius + radius)  # overlapping at near, apart at far
+    while far - near > 0.1:
+        middle = (near + far) / 2
+        if (placed(middle)[1] & partner_mask).any():
+            near = middle
+        else:
+            far = middle
+    centre, _ = placed(far)
+    return centre, _shape_mask(shape, centre, radius, canvas)

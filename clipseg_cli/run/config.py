@@ -23,12 +23,15 @@ from clipseg_cli.specs import (
     BACKENDS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_AREA_FRACTION,
+    DEFAULT_MIN_SCORE,
     DEFAULT_MODEL,
     DEFAULT_SAM_MODEL,
     DEFAULT_THRESHOLD,
     DEVICES,
     PRECISIONS,
     REFINE_METHODS,
+    SPLIT_MODES,
     is_device_name,
     resolve_model,
 )
@@ -80,6 +83,10 @@ class SegmentConfig:
     min_area: int | None = field(default=None, metadata=_VALUE)  # None: 0.02% of the image
     invert: bool = field(default=False, metadata=_VALUE)
     feather: int = field(default=0, metadata=_VALUE)  # pixels of soft edge (soft, cutout)
+    # Objects (ops.instances): touching ones split, those scored under min_score dropped from
+    # the mask, the instances and the exports.
+    split: str = field(default="auto", metadata=_VALUE)
+    min_score: float = field(default=DEFAULT_MIN_SCORE, metadata=_VALUE)
     # Dataset exports built from every finished image's instances (io.exports).
     exports: tuple[str, ...] = field(default=(), metadata=_VALUE)
     coco_segmentation: str = field(default="rle", metadata=_VALUE)  # or "polygon"
@@ -154,6 +161,7 @@ class SegmentConfig:
             ("--backend", self.backend, BACKENDS),
             ("--cutout-alpha", self.cutout_alpha, CUTOUT_ALPHAS),
             ("--coco-segmentation", self.coco_segmentation, COCO_SEGMENTATIONS),
+            ("--split", self.split, SPLIT_MODES),
         )
         for option, value, allowed in choices:
             if value not in allowed:
@@ -184,6 +192,8 @@ class SegmentConfig:
             raise ValueError(f"--min-area {self.min_area}: must be 0 or more pixels")
         if self.feather < 0:
             raise ValueError(f"--feather {self.feather}: must be 0 or more pixels")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"--min-score {self.min_score}: must be between 0 and 1")
 
     def batch_size_for(self, device_type: str) -> int:
         """``--batch-size``, or the device type's default (``specs.DEFAULT_BATCH_SIZES``)."""
@@ -196,6 +206,17 @@ class SegmentConfig:
         """Whether each prompt's mask is split into instances (``--save instances``,
         ``--export``)."""
         return "instances" in self.save or bool(self.exports)
+
+    def floors(self) -> dict:
+        """What decided which objects became instances, as the exports record it."""
+        return {
+            "threshold": self.threshold,
+            "min_area": self.min_area,  # None: min_area_fraction of each image
+            "min_area_fraction": DEFAULT_MIN_AREA_FRACTION if self.min_area is None else None,
+            "min_score": self.min_score,
+            "score": "mean probability",
+            "split": self.split,
+        }
 
     @property
     def resolved_log_path(self) -> Path:

@@ -368,8 +368,10 @@ def write_item(
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
         prob, logits = refine(prediction.probabilities(k)), prediction.logits[k]
-        out, instances = _prompt_outputs(rgb, prob, logits, k, config, 1 + len(found), background)
-        stats.append(_prompt_stats(out.prob, out.mask, conditional))
+        out, instances, counts = _prompt_outputs(
+            rgb, prob, logits, k, config, 1 + len(found), background
+        )
+        stats.append(_prompt_stats(out.prob, out.mask, conditional) | counts)
         found += instances
         if labels is not None:
             labels.add(k, out.prob, out.mask)
@@ -413,23 +415,34 @@ def _prompt_outputs(
     config: SegmentConfig,
     first_id: int,
     background: Callable[[], np.ndarray],
-) -> tuple[_PromptOutputs, list[instances.Instance]]:
+) -> tuple[_PromptOutputs, list[instances.Instance], dict]:
     """Prompt ``k``'s shaped mask, soft map, alpha and instances from its refined ``prob``
-    (``logits``: its raw low-resolution logits, for ``--save logits``)."""
+    (``logits``: its raw low-resolution logits, for ``--save logits``), and the log's counts of
+    its instances and of the objects each floor dropped."""
     shaping = MaskShaping(
         config.grow, config.fill_holes, config.min_area, config.invert, config.feather
     )
-    mask = shape_mask(prob > config.threshold, shaping)
+    mask, small = shape_mask(prob > config.threshold, shaping)
+    # The objects of an inverted mask are what the prompt is not: scored on 1 - probability.
+    scored, cut = (1 - prob, 1 - config.threshold) if config.invert else (prob, config.threshold)
+    min_area = shaping.min_area_for(mask.shape)
+    rules = instances.InstanceRules(config.split, config.min_score, min_area)
+    objects = instances.find_objects(mask, scored, rules, cut)
+    mask = objects.mask
     soft = feathered(mask, config.feather) if config.feather else prob
     if config.feather:
         alpha = soft
     else:
         alpha = mask.astype(np.float32) if shaping.changes_the_mask else prob
-    ids, found = None, []
+    ids, found, capped = None, [], 0
     if config.wants_instances:
-        ids, found = instances.split(mask, prob, k, first_id)
+        ids, found, capped = instances.make_instances(objects, k, first_id)
     out = _PromptOutputs(rgb, prob, mask, soft, alpha, logits, ids, background)
-    return out, found
+    counts = {
+        "instances": len(found) if config.wants_instances else len(objects.order),
+        "dropped": {"min_area": small, "min_score": objects.dropped, "cap": capped},
+    }
+    return out, found, counts
 
 
 def export_part(prepared: Prepared, found: list[instances.Instance], config: SegmentConfig) -> dict:

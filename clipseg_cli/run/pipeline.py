@@ -216,6 +216,7 @@ def _write_exports(config: SegmentConfig, ledger: Ledger, parts: JsonlLog | None
         prompts,
         coco_segmentation=config.coco_segmentation,
         yolo_copy=config.yolo_copy,
+        floors=config.floors(),
     )
     return [display_path(path) for path in written]
 
@@ -256,6 +257,8 @@ class Recorder:
         # Each finished image's part of the exports, appended before its ledger line.
         self.parts: JsonlLog | None = None
         self.recorded = 0  # rows written so far
+        # Per prompt: instances made and objects dropped by each floor, over this run's images.
+        self.instances: dict[str, dict] = {}
 
     def record(self, row: dict, work: Work | None = None) -> None:
         """Log one input's row, then (for a finished input) its ledger line.
@@ -281,6 +284,8 @@ class Recorder:
         if row["status"] == "ok":
             summary.ok += 1
             summary.empty += any(p["empty"] for p in row["prompts"])
+            for prompt in row["prompts"]:
+                _add_instance_counts(self.instances, prompt)
         elif row["status"] == "failed":
             summary.failed += 1
         else:
@@ -342,6 +347,16 @@ class Recorder:
             row["reason"] = "unchanged since it was processed"
             self.record(row)
         return todo
+
+
+def _add_instance_counts(totals: dict[str, dict], prompt: dict) -> None:
+    """Add one log row's counts of a prompt (``instances``, ``dropped``) to the run's."""
+    total = totals.setdefault(
+        prompt["prompt"], {"instances": 0, "dropped": {"min_area": 0, "min_score": 0, "cap": 0}}
+    )
+    total["instances"] += prompt["instances"]
+    for floor, count in prompt["dropped"].items():
+        total["dropped"][floor] += count
 
 
 def _process(
@@ -564,6 +579,7 @@ def _write_summary(config: SegmentConfig, recorder: Recorder) -> None:
         "inference_seconds": round(recorder.infer_seconds, 3),
         "images_per_second": round(summary.images_per_second, 3),
         "config": config.describe(),
+        "instances": recorder.instances,
         **recorder.details,
         "log": display_path(config.resolved_log_path),
         "ledger": display_path(recorder.ledger.path),

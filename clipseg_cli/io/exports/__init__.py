@@ -46,15 +46,17 @@ def write_exports(
     *,
     coco_segmentation: str = "rle",
     yolo_copy: bool = False,
+    floors: dict | None = None,
 ) -> list[Path]:
-    """Write every requested export; returns the paths written."""
+    """Write every requested export; returns the paths written. ``floors``: what decided which
+    objects became instances (threshold, minimum area and score, split), recorded in both."""
     written = []
     if "coco" in formats:
         path = out_dir / COCO_NAME
-        coco.write(path, parts, prompts, segmentation=coco_segmentation)
+        coco.write(path, parts, prompts, segmentation=coco_segmentation, floors=floors)
         written.append(path)
     if "yolo" in formats:
         folder = out_dir / YOLO_DIR
-        yolo.write_dataset(folder, parts, prompts, copy=yolo_copy)
+        yolo.write_dataset(folder, parts, prompts, copy=yolo_copy, floors=floors)
         written.append(folder)
     return written

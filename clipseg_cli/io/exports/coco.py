@@ -6,7 +6,8 @@ as detection results by ``COCOeval`` (each annotation has a ``score``).
 text, ids 1, 2, ... in prompt order. ``annotations``: ``id``, ``image_id``, ``category_id``,
 ``segmentation`` (compressed RLE exactly as pycocotools encodes it, or polygons with
 ``--coco-segmentation polygon``), ``area``, ``bbox`` ``[x, y, w, h]`` (pycocotools' of the RLE),
-``iscrowd`` 0, ``score`` (the mean probability inside).
+``iscrowd`` 0, ``score`` (the mean probability inside). ``info`` records the floors that
+decided which objects became instances (``threshold``, ``min_area``, ``min_score``, ``split``).
 
 Ids stay the same across runs and growing folders: an image's id is a 48-bit number from the
 SHA-1 of its key, an annotation's the image's id times 1000 plus the instance's id within the
@@ -42,8 +43,14 @@ def image_ids(keys: Sequence[str]) -> dict[str, int]:
     return ids
 
 
-def build(parts: list[dict], prompts: Sequence[str], *, segmentation: str = "rle") -> dict:
-    """The COCO dataset of the parts (in their order)."""
+def build(
+    parts: list[dict],
+    prompts: Sequence[str],
+    *,
+    segmentation: str = "rle",
+    floors: dict | None = None,
+) -> dict:
+    """The COCO dataset of the parts (in their order); ``info`` records the ``floors``."""
     ids = image_ids([part["key"] for part in parts])
     images, annotations = [], []
     for part in parts:
@@ -73,8 +80,11 @@ def build(parts: list[dict], prompts: Sequence[str], *, segmentation: str = "rle
                     "score": instance["score"],
                 }
             )
+    info: dict = {"description": "clipseg instances", "version": __version__}
+    if floors is not None:
+        info["floors"] = floors
     return {
-        "info": {"description": "clipseg instances", "version": __version__},
+        "info": info,
         "images": images,
         "annotations": annotations,
         "categories": [
@@ -84,6 +94,13 @@ def build(parts: list[dict], prompts: Sequence[str], *, segmentation: str = "rle
     }
 
 
-def write(path: Path, parts: list[dict], prompts: Sequence[str], *, segmentation: str) -> None:
+def write(
+    path: Path,
+    parts: list[dict],
+    prompts: Sequence[str],
+    *,
+    segmentation: str,
+    floors: dict | None = None,
+) -> None:
     """Write :func:`build`'s dataset to ``path``, atomically."""
-    write_json_atomic(path, build(parts, prompts, segmentation=segmentation))
+    write_json_atomic(path, build(parts, prompts, segmentation=segmentation, floors=floors))

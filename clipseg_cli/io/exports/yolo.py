@@ -2,7 +2,9 @@
 
 * ``data.yaml``: ``path`` (this folder, absolute: ultralytics resolves a relative one against its
   own datasets folder), ``train`` and ``val`` (both ``images``: the loader refuses a file without
-  ``val``), ``names`` (``{0: first prompt, ...}``, prompt order).
+  ``val``), ``names`` (``{0: first prompt, ...}``, prompt order), ``clipseg_floors`` (the
+  floors that decided which objects became instances: threshold, minimum area and score,
+  split; the loader ignores keys it does not know).
 * ``images/<key>``: a symbolic link to each input (a copy with ``--yolo-copy``; a PNG of the
   image as displayed when its format is one the loader cannot read, e.g. GIF).
 * ``labels/...txt``: one line per instance, ``class x1 y1 x2 y2 ...``, its outer polygon
@@ -90,8 +92,16 @@ def _label_lines(part: dict) -> str:
     return "".join(lines)
 
 
-def write_dataset(folder: Path, parts: list[dict], prompts: Sequence[str], *, copy: bool) -> None:
-    """Write (or update) the dataset in ``folder`` for ``parts`` (in key order)."""
+def write_dataset(
+    folder: Path,
+    parts: list[dict],
+    prompts: Sequence[str],
+    *,
+    copy: bool,
+    floors: dict | None = None,
+) -> None:
+    """Write (or update) the dataset in ``folder`` for ``parts`` (in key order); ``floors``
+    go to ``data.yaml`` as ``clipseg_floors``."""
     keep: set[Path] = set()
     for part, image in zip(parts, _image_names(folder, parts), strict=True):
         if "converted" not in part:
@@ -109,4 +119,6 @@ def write_dataset(folder: Path, parts: list[dict], prompts: Sequence[str], *, co
         "val": "images",
         "names": dict(enumerate(prompts)),
     }
+    if floors is not None:
+        config["clipseg_floors"] = floors
     write_bytes_atomic(folder / "data.yaml", yaml.safe_dump(config, sort_keys=False).encode())
