@@ -31,9 +31,9 @@ from clipseg_cli.specs import DEFAULT_MIN_SCORE
 MAX_INSTANCES_PER_IMAGE = 999
 #: Polygon simplification (Douglas-Peucker), in pixels.
 POLYGON_TOLERANCE = 0.5
-#: The score candidates: ``mean`` and ``peak`` probability inside, and ``stability`` (SAM's:
-#: the object's area above threshold + STABILITY_OFFSET over its area above threshold -
-#: STABILITY_OFFSET).
+#: The score candidates (:func:`object_scores`): ``mean`` and ``peak`` probability inside, and
+#: ``stability`` (SAM's: the object's area above threshold + STABILITY_OFFSET over its area
+#: above threshold - STABILITY_OFFSET).
 SCORE_KINDS = ("mean", "peak", "stability")
 #: The score every instance carries: the one that separated objects from specks best.
 SCORE_KIND = "mean"
@@ -50,7 +50,7 @@ class Instance:
     rle: dict  # {"size": [H, W], "counts": str}, COCO's compressed RLE
     area: int
     bbox: tuple[float, float, float, float]  # COCO [x, y, w, h], pixels
-    score: float  # SCORE_KIND: the mean probability inside
+    score: float  # SCORE_KIND: the mean probability of its pixels above the threshold
     polygon: tuple[float, ...]  # outer contour x1, y1, x2, y2, ... (pixels)
 
     def row(self, prompt_label: str) -> dict:
@@ -107,10 +107,14 @@ def find_objects(
 ) -> Objects:
     """The objects of bool ``[H, W]`` ``mask`` scored on float ``[H, W]`` ``prob`` (the
     probability the mask was cut from at ``threshold``); those under the floor dropped."""
-    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    as_bytes = mask.astype(np.uint8)
+    count, labels = cv2.connectedComponents(as_bytes, connectivity=8)
     if rules.split == "auto" and count > 1:
+        # Only the box around the mask: outside it there is nothing to split.
+        x, y, w, h = cv2.boundingRect(as_bytes)
+        box = (slice(y, y + h), slice(x, x + w))
         min_peak = rules.min_peak(mask.shape)
-        labels, count = split_regions(labels, count, distance_map(mask), min_peak)
+        labels[box], count = split_regions(labels[box], count, distance_map(mask[box]), min_peak)
     scores = object_scores(SCORE_KIND, labels, count, prob, threshold)
     table = _LabelTable.of(labels)
     order = table.labels[np.argsort(table.first, kind="stable")]
@@ -156,50 +160,47 @@ def object_scores(
     kind: str, labels: np.ndarray, count: int, prob: np.ndarray, threshold: float
 ) -> np.ndarray:
     """float64 ``[count]``: each label's score of ``kind`` (:data:`SCORE_KINDS`), from float
-    ``[H, W]`` ``prob`` cut at ``threshold``."""
-    where = np.flatnonzero(labels)
+    ``[H, W]`` ``prob`` cut at ``threshold``.
+
+    Only the object's pixels whose probability passes ``threshold`` count: the score judges
+    what the model found, not what ``--grow`` or ``--fill-holes`` added around it (0 for an
+    object without such pixels).
+    """
+    core = (labels > 0) & (prob > threshold)
+    where = np.flatnonzero(core)
     which = labels.ravel()[where]
     inside = prob.ravel()[where].astype(np.float64)
-    area = np.maximum(np.bincount(which, minlength=count), 1)
     if kind == "mean":
+        area = np.maximum(np.bincount(which, minlength=count), 1)
         return np.bincount(which, weights=inside, minlength=count) / area
     if kind == "peak":
         peak = np.zeros(count)
         np.maximum.at(peak, which, inside)
         return peak
     if kind == "stability":
-        return _stability(labels, count, prob, threshold, which, inside)
+        high = np.bincount(which, weights=inside > threshold + STABILITY_OFFSET, minlength=count)
+        return high / np.maximum(_loose_areas(labels, count, prob, threshold), 1)
     raise ValueError(f"unknown score kind {kind}")
 
 
-def _stability(
-    labels: np.ndarray,
-    count: int,
-    prob: np.ndarray,
-    threshold: float,
-    which: np.ndarray,
-    inside: np.ndarray,
-) -> np.ndarray:
-    """SAM's stability score of each object: its pixels above ``threshold + offset`` over its
-    pixels above ``threshold - offset``, where the latter is the object with the pixels of the
-    looser mask around it that lie nearer to it than to any other object."""
-    high = np.bincount(which, weights=inside > threshold + STABILITY_OFFSET, minlength=count)
-    loose = (prob > threshold - STABILITY_OFFSET) | (labels > 0)
-    _, nearest = cv2.distanceTransformWithLabels(
-        (labels == 0).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5,
-        labelType=cv2.DIST_LABEL_PIXEL,
-    )  # fmt: skip
+def _loose_areas(labels: np.ndarray, count: int, prob: np.ndarray, threshold: float) -> np.ndarray:
+    """int64 ``[count]``: each object's area at ``threshold - STABILITY_OFFSET``: its own pixels
+    above it, and the pixels of the looser mask around it (in a region of the looser mask that
+    holds an object) that lie nearer to it than to any other object."""
+    loose = prob > threshold - STABILITY_OFFSET
     seeds = labels > 0
+    own = np.bincount(labels[seeds & loose], minlength=count)
+    _, nearest = cv2.distanceTransformWithLabels(
+        (~seeds).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    # DIST_LABEL_PIXEL numbers the zero pixels (the objects' pixels) 1, 2, ... in raster order.
     by_seed = np.zeros(int(nearest.max()) + 1, np.int64)
     by_seed[1 : int(seeds.sum()) + 1] = labels[seeds]
-    # Only the looser mask's regions that hold an object count as its surroundings.
-    _, loose_regions = cv2.connectedComponents(loose.astype(np.uint8), connectivity=8)
-    holds = np.zeros(int(loose_regions.max()) + 1, bool)
-    holds[loose_regions[seeds]] = True
-    around = loose & ~seeds & holds[loose_regions]
-    low = np.bincount(by_seed[nearest[around]], minlength=count)
-    low += np.bincount(which, minlength=count)
-    return high / np.maximum(low, 1)
+    _, regions = cv2.connectedComponents((loose | seeds).astype(np.uint8), connectivity=8)
+    holds = np.zeros(int(regions.max()) + 1, bool)
+    holds[regions[seeds]] = True
+    around = loose & ~seeds & holds[regions]
+    return own + np.bincount(by_seed[nearest[around]], minlength=count)
 
 
 def make_instances(
