@@ -32,13 +32,15 @@ PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a green circle
 
 
 def _scenes(folder: Path, count: int, first_seed: int, size=(384, 512)) -> dict:
-    """Scenes with 1-3 objects of a kind; returns {file name: scene}."""
+    """Scenes with 1-3 objects of a kind, some touching, on plain and busy backgrounds (so
+    that touching objects are split and specks dropped); returns {file name: scene}."""
     folder.mkdir(parents=True, exist_ok=True)
     scenes = {}
     for seed in range(first_seed, first_seed + count):
         scene = make_large_scene(
             seed, size, radius=(36.0, 60.0), classes=(1, 3), copies=(1, 3), gap=16,
             include=(("red circle", "blue square", "yellow triangle")[seed % 3],),
+            touching=0.5, texture=40.0 * (seed % 2),
         )  # fmt: skip
         Image.fromarray(scene.image).save(folder / f"s{seed}.png")
         scenes[f"s{seed}.png"] = scene
@@ -98,6 +100,21 @@ def test_coco_rle_decodes_to_exactly_each_instance_and_the_union_to_the_mask(exp
             np.testing.assert_array_equal(union, mask)
             np.testing.assert_array_equal(ids > 0, mask)
     assert checked >= 5
+
+
+def test_the_round_trips_cover_split_and_dropped_objects(exported):
+    """The scenes of these tests make the defaults split regions and drop specks."""
+    _, out, _ = exported
+    rows = _rows(out)
+    dropped = sum(p["dropped"]["min_score"] for row in rows.values() for p in row["prompts"])
+    assert dropped > 0
+    split = 0
+    for row in rows.values():
+        for slug in prompt_slugs(PROMPTS):
+            ids = np.asarray(Image.open(out / f"{row['key']}.{slug}.instances.png"))
+            regions = cv2.connectedComponents((ids > 0).astype(np.uint8), connectivity=8)[0] - 1
+            split += len(np.unique(ids[ids > 0])) > regions
+    assert split > 0
 
 
 def test_instances_are_in_the_log_with_their_box_area_and_score(exported):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
 from clipseg_cli.io.naming import LEDGER_NAME, STATE_DIR
+from clipseg_cli.ops.shapes import make_large_scene
 from clipseg_cli.run import pipeline
 from clipseg_cli.run.config import SegmentConfig
 
@@ -50,8 +52,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _segment(inputs: Path, out: Path, model: Path, *extra: str):
-    args = ["segment", str(inputs), "-p", "a dog", "-p", "a cat", "--save", SAVE]
+def _segment(inputs: Path, out: Path, model: Path, *extra: str, prompts=("a dog", "a cat")):
+    args = ["segment", str(inputs), *(a for p in prompts for a in ("-p", p)), "--save", SAVE]
     args += ["--out", str(out), "--model", str(model), "--device", "cpu", "--progress", "none"]
     return runner.invoke(app, [*args, "--batch-size", "2", *extra])
 
@@ -176,24 +178,45 @@ def test_ray_engine_with_tiles_and_refinement_matches_the_local_engine(
     assert summary["config"]["tiles"] == "2"
 
 
-def test_ray_engine_exports_the_same_datasets_as_the_local_engine(
-    ray_cluster, tiny_model_dir, photos, tmp_path
-):
-    """Export parts travel back from the Ray write tasks: COCO and YOLO files are the same."""
+def test_ray_engine_exports_the_same_datasets_as_the_local_engine(ray_cluster, tmp_path):
+    """Export parts travel back from the Ray write tasks: COCO and YOLO files, instance maps
+    and the summary's instance counts are the same, on scenes where the demo model's touching
+    objects are split and specks dropped by the score floor."""
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    for seed in range(84_000_000, 84_000_004):
+        scene = make_large_scene(
+            seed, (384, 512), radius=(36.0, 60.0), classes=(1, 2), copies=(1, 3), gap=16,
+            include=("red circle",), touching=0.7, texture=40.0 * (seed % 2),
+        )  # fmt: skip
+        Image.fromarray(scene.image).save(scenes / f"s{seed}.png")
+    (scenes / "empty.jpg").write_bytes(b"")
     options = ("--save", "mask,instances", "--export", "coco,yolo", "--yolo-copy")
+    demo, prompts = Path("demo"), ("a red circle", "a green square")  # the bundled model
     local = tmp_path / "local"
-    assert _segment(photos, local, tiny_model_dir, *options).exit_code == ExitCode.SOME_FAILED
+    result = _segment(scenes, local, demo, *options, prompts=prompts)
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
     out = tmp_path / "ray"
-    result = _segment(photos, out, tiny_model_dir, *options, *_ray())
+    result = _segment(scenes, out, demo, *options, *_ray(), prompts=prompts)
     assert result.exit_code == ExitCode.SOME_FAILED, result.output
     coco = json.loads((out / "coco.json").read_text())
-    assert len(coco["images"]) == 8 and coco["annotations"]
+    assert len(coco["images"]) == 4 and coco["annotations"]
     assert coco == json.loads((local / "coco.json").read_text())
     ray_files, local_files = _output_files(out), _output_files(local)
     data_yaml = "yolo/data.yaml"  # names its own folder: the same but for the path
     assert ray_files.pop(data_yaml).replace(b"/ray/", b"/local/") == local_files.pop(data_yaml)
     assert any(name.startswith("yolo/labels/") for name in ray_files)
     assert ray_files == local_files  # instance maps, YOLO labels and images
+    summaries = [json.loads((o / "clipseg-summary.json").read_text()) for o in (out, local)]
+    assert summaries[0]["instances"] == summaries[1]["instances"]
+    assert sum(c["dropped"]["min_score"] for c in summaries[0]["instances"].values()) > 0
+    split = 0  # instance maps with more instances than regions: touching circles split
+    for path in out.glob("*.instances.png"):
+        ids = np.asarray(Image.open(path))
+        regions = cv2.connectedComponents((ids > 0).astype(np.uint8), connectivity=8)[0] - 1
+        split += len(np.unique(ids[ids > 0])) > regions
+    assert split > 0
+    assert _log(out) == _log(local)
 
 
 def test_ray_actors_run_the_backend_the_run_asks_for(ray_cluster, tiny_model_dir, photos, tmp_path):

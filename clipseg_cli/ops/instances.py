@@ -16,13 +16,13 @@ any COCO tool computes. Pure arrays in, plain values out: no files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from clipseg_cli.ops.shape import default_min_area
+from clipseg_cli.ops.shape import MaskShaping, default_min_area, drop_small_regions, shape_mask
 from clipseg_cli.ops.split import distance_map, split_regions
 from clipseg_cli.specs import DEFAULT_MIN_SCORE
 
@@ -126,6 +126,26 @@ def find_objects(
         mask = keep[labels]
     boxes = {int(label): box for label, box in zip(table.labels, table.boxes, strict=True)}
     return Objects(labels, kept, scores, dropped, mask.astype(bool, copy=False), boxes)
+
+
+def shaped_objects(
+    prob: np.ndarray, threshold: float, shaping: MaskShaping, rules: InstanceRules
+) -> tuple[Objects, int]:
+    """The objects of ``prob > threshold`` shaped (:func:`clipseg_cli.ops.shape.shape_mask`),
+    those under the score floor dropped; and how many regions ``--min-area`` dropped.
+
+    With ``--invert`` the floor judges the prompt's own objects before the mask is inverted
+    (a speck under it is not the prompt, so the inverted mask keeps it), and the objects are
+    the regions of the inverted mask, whole and scored on ``1 - prob``.
+    """
+    if not shaping.invert:
+        mask, small = shape_mask(prob > threshold, shaping)
+        return find_objects(mask, prob, rules, threshold), small
+    prompt, _ = shape_mask(prob > threshold, replace(shaping, invert=False, min_area=0))
+    kept = find_objects(prompt, prob, rules, threshold).mask
+    mask, small = drop_small_regions(~kept, shaping.min_area_for(prob.shape))
+    background = replace(rules, split="none", min_score=0.0)
+    return find_objects(mask, 1 - prob, background, 1 - threshold), small
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from clipseg_cli.io.paths import display_path
 from clipseg_cli.ops import compose, instances, tiles
 from clipseg_cli.ops.matting import GuidedRefinement
 from clipseg_cli.ops.prompts import apply_negatives
-from clipseg_cli.ops.shape import MaskShaping, feathered, shape_mask
+from clipseg_cli.ops.shape import MaskShaping, feathered
 from clipseg_cli.ops.tiles import TileGrid
 from clipseg_cli.ops.transforms import probabilities_at_size, resize_rgb, sigmoid, upsampled
 from clipseg_cli.run.config import SegmentConfig
@@ -422,12 +422,9 @@ def _prompt_outputs(
     shaping = MaskShaping(
         config.grow, config.fill_holes, config.min_area, config.invert, config.feather
     )
-    mask, small = shape_mask(prob > config.threshold, shaping)
-    # The objects of an inverted mask are what the prompt is not: scored on 1 - probability.
-    scored, cut = (1 - prob, 1 - config.threshold) if config.invert else (prob, config.threshold)
-    min_area = shaping.min_area_for(mask.shape)
+    min_area = shaping.min_area_for(prob.shape)
     rules = instances.InstanceRules(config.split, config.min_score, min_area)
-    objects = instances.find_objects(mask, scored, rules, cut)
+    objects, small = instances.shaped_objects(prob, config.threshold, shaping, rules)
     mask = objects.mask
     soft = feathered(mask, config.feather) if config.feather else prob
     if config.feather:
