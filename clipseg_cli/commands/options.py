@@ -146,8 +146,8 @@ MinAreaOpt = Annotated[
 MinScoreOpt = Annotated[
     float,
     typer.Option(
-        help="Drop objects whose score (mean probability inside) is below S from the mask, the "
-        "instances and the exports (0 keeps every region)."
+        help="Drop objects scored below S (the mean probability of their pixels above the "
+        "threshold) from the mask, the instances and the exports; 0 keeps every region."
     ),
 ]
 SplitOpt = Annotated[

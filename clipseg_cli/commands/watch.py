@@ -17,7 +17,12 @@ import typer
 from clipseg_cli.commands import options as o
 from clipseg_cli.commands.console import exit_on_error, progress_bar, wants_bar
 from clipseg_cli.commands.segment import run_images, segment_config
-from clipseg_cli.specs import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DEFAULT_SAM_MODEL
+from clipseg_cli.specs import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_MODEL,
+    DEFAULT_SAM_MODEL,
+)
 
 WatchedFolders = Annotated[
     list[str],
@@ -115,6 +120,8 @@ def watch(
     grow: o.GrowOpt = 0,
     fill_holes: o.FillHolesOpt = False,
     min_area: o.MinAreaOpt = None,
+    min_score: o.MinScoreOpt = DEFAULT_MIN_SCORE,
+    split: o.SplitOpt = "auto",
     invert: o.InvertOpt = False,
     feather: o.FeatherOpt = 0,
     export: o.ExportOpt = None,
