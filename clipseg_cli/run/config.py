@@ -83,8 +83,7 @@ class SegmentConfig:
     min_area: int | None = field(default=None, metadata=_VALUE)  # None: 0.02% of the image
     invert: bool = field(default=False, metadata=_VALUE)
     feather: int = field(default=0, metadata=_VALUE)  # pixels of soft edge (soft, cutout)
-    # Objects (ops.instances): touching ones split, those scored under min_score dropped from
-    # the mask, the instances and the exports.
+    # Objects (ops.instances): touching ones split; those scored under min_score dropped.
     split: str = field(default="auto", metadata=_VALUE)
     min_score: float = field(default=DEFAULT_MIN_SCORE, metadata=_VALUE)
     # Dataset exports built from every finished image's instances (io.exports).
@@ -207,17 +206,6 @@ class SegmentConfig:
         ``--export``)."""
         return "instances" in self.save or bool(self.exports)
 
-    def floors(self) -> dict:
-        """What decided which objects became instances, as the exports record it."""
-        return {
-            "threshold": self.threshold,
-            "min_area": self.min_area,  # None: min_area_fraction of each image
-            "min_area_fraction": DEFAULT_MIN_AREA_FRACTION if self.min_area is None else None,
-            "min_score": self.min_score,
-            "score": "mean probability",
-            "split": self.split,
-        }
-
     @property
     def resolved_log_path(self) -> Path:
         return self.log_path if self.log_path is not None else self.out_dir / LOG_NAME
@@ -265,6 +253,18 @@ class SegmentConfig:
         if self.clip_weights is not None:
             weights.append(file_identity(self.clip_weights))
         return weights
+
+
+def instance_floors(config: SegmentConfig) -> dict:
+    """What decided which objects became instances, as the exports record it."""
+    return {
+        "threshold": config.threshold,
+        "min_area": config.min_area,  # None: min_area_fraction of each image
+        "min_area_fraction": DEFAULT_MIN_AREA_FRACTION if config.min_area is None else None,
+        "min_score": config.min_score,
+        "score": "mean probability",
+        "split": config.split,
+    }
 
 
 def _check_backend(config: SegmentConfig) -> None:

@@ -31,7 +31,7 @@ from clipseg_cli.io.files import JsonlLog, remove_stale_temporaries, write_json_
 from clipseg_cli.io.naming import EXPORT_PARTS_NAME, STATE_DIR
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.run import memory
-from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.config import SegmentConfig, instance_floors
 from clipseg_cli.run.inputs import Work, failure_row, plan
 from clipseg_cli.run.ledger import Ledger, RunLock, fingerprint
 from clipseg_cli.specs import PRECISION_DTYPES
@@ -216,7 +216,7 @@ def _write_exports(config: SegmentConfig, ledger: Ledger, parts: JsonlLog | None
         prompts,
         coco_segmentation=config.coco_segmentation,
         yolo_copy=config.yolo_copy,
-        floors=config.floors(),
+        floors=instance_floors(config),
     )
     return [display_path(path) for path in written]
 
