@@ -350,12 +350,13 @@ class Recorder:
 
 
 def _add_instance_counts(totals: dict[str, dict], prompt: dict) -> None:
-    """Add one log row's counts of a prompt (``instances``, ``dropped``) to the run's."""
+    """Add one log row's counts of a prompt (``instances``, ``dropped``; a row without them
+    adds nothing) to the run's."""
     total = totals.setdefault(
         prompt["prompt"], {"instances": 0, "dropped": {"min_area": 0, "min_score": 0, "cap": 0}}
     )
-    total["instances"] += prompt["instances"]
-    for floor, count in prompt["dropped"].items():
+    total["instances"] += prompt.get("instances", 0)
+    for floor, count in prompt.get("dropped", {}).items():
         total["dropped"][floor] += count
 
 
