@@ -7,6 +7,7 @@
 | ``models`` | :mod:`.models` |
 | ``eval``, ``calibrate`` | :mod:`.eval` |
 | ``train``, ``synthetic`` | :mod:`.train` |
+| ``serve`` | :mod:`.serve` |
 
 The commands package is the only one that imports Typer or rich, prints or exits; exit codes
 and the exception -> exit code table are in :mod:`.console`, shared options in :mod:`.options`.
@@ -19,7 +20,7 @@ import sys
 import typer
 
 from clipseg_cli.commands import eval as eval_commands
-from clipseg_cli.commands import models, segment, watch
+from clipseg_cli.commands import models, segment, serve, watch
 from clipseg_cli.commands import train as train_commands
 from clipseg_cli.commands.console import ExitCode
 
@@ -37,6 +38,7 @@ app.command("eval")(eval_commands.eval_command)
 app.command("calibrate")(eval_commands.calibrate_command)
 app.command("train", help=train_commands.TRAIN_HELP)(train_commands.train_command)
 app.command("synthetic")(train_commands.synthetic_command)
+app.command()(serve.serve)
 
 
 def main() -> None:

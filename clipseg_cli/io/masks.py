@@ -14,6 +14,7 @@ targets), foreground is ``value > 0.5`` (:meth:`MaskArray.foreground`). Sizes ar
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,18 @@ def _grey_from_colour(arr: np.ndarray, mode: str) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, 0])
 
 
-def read_mask(path: Path) -> MaskArray:
-    """Read a mask, probability map or alpha matte (the rules are in the module docstring).
+def read_mask(path: Path | bytes, max_pixels: int | None = None) -> MaskArray:
+    """Read a mask, probability map or alpha matte (the rules are in the module docstring)
+    from a file or its bytes (an upload); ``max_pixels``: refuse larger images before their
+    pixels are decoded.
 
     Raises:
         MaskError: unreadable file, not an image, or an image that is not a mask.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as im:
+            if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+                raise MaskError(f"too large: {im.size[0]}x{im.size[1]} pixels")
             im.load()
             mode = im.mode
             if mode == "P":
@@ -80,6 +85,8 @@ def read_mask(path: Path) -> MaskArray:
         raise MaskError("is a directory") from None
     except UnidentifiedImageError:
         raise MaskError("not an image (cannot identify image file)") from None
+    except Image.DecompressionBombError as error:
+        raise MaskError(f"too large: {first_line(error)}") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise MaskError(f"cannot read: {first_line(error)}") from None
     if arr.ndim != 2 and mode not in ("P", "RGB", "RGBA", "LA"):

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -51,6 +51,7 @@ __all__ = [
     "is_ignored_name",
     "keyed_items",
     "looks_like_image",
+    "read_header",
 ]
 
 #: Extensions that make a file in a folder walk a candidate even if its content is not an image,
@@ -108,10 +109,13 @@ class InputItem:
         key: Relative path, unique within the run, used to mirror the input tree under the
             output folder (``photos/sub/dog.jpg`` under common ancestor ``photos`` ->
             ``sub/dog.jpg``).
+        data: The file's bytes when they are already in memory (an upload to ``clipseg
+            serve``): decoded from there, and ``path`` is then only a name, never opened.
     """
 
     path: Path
     key: PurePosixPath
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -485,8 +489,32 @@ def _reason(e: BaseException) -> str:
     return msg
 
 
+def read_header(data: bytes, formats: Sequence[str] | None = None) -> tuple[str, int, int]:
+    """``(format, width, height)`` of an image file's bytes, from its header alone (no pixels
+    are decoded: a decompression bomb costs nothing here).
+
+    Args:
+        data: the file's bytes.
+        formats: Pillow format names to try (``("JPEG", "PNG")``); others are not even parsed.
+
+    Raises:
+        ImageDecodeError: not an image of one of ``formats`` (or of any format Pillow reads).
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data), formats=list(formats) if formats else None) as im:
+            return im.format or "unknown", im.size[0], im.size[1]
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large: {first_line(e)}") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("not an image (cannot identify image file)") from e
+    except _PIL_ERRORS as e:
+        raise ImageDecodeError(_reason(e)) from e
+
+
 def decode_image(
-    path: Path,
+    path: Path | bytes,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     allow_truncated: bool = False,
@@ -504,7 +532,7 @@ def decode_image(
     Thread-safe: called from worker threads (see ``_TruncationGate`` for ``allow_truncated``).
 
     Args:
-        path: File to decode.
+        path: File to decode, or its bytes (an upload).
         max_pixels: Reject images with more than this many pixels; None disables the check.
         allow_truncated: Decode what is present of a truncated file (rest is grey) instead of
             failing.
@@ -518,6 +546,10 @@ def decode_image(
     """
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
+    if isinstance(path, bytes):
+        if not path:
+            raise ImageDecodeError("empty file (0 bytes)")
+        return _decode_file(io.BytesIO(path), max_pixels, allow_truncated)
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -538,26 +570,31 @@ def decode_image(
     except OSError as e:
         raise ImageDecodeError(_os_reason(e)) from None
     with f:
-        try:
-            with _GATE.hold(allow_truncated), Image.open(f) as im:
-                width, height = im.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        f"image too large: {width}x{height} = {_fmt_count(width * height)} "
-                        f"pixels exceeds --max-pixels {_fmt_count(max_pixels)}"
-                    )
-                im.load()
-                fmt = im.format or "unknown"
-                mode = im.mode
-                notes: list[str] = []
-                _apply_orientation(im, notes)
-                rgb, alpha = _to_rgb_alpha(im)
-        except Image.DecompressionBombError as e:
-            raise ImageDecodeError(f"image too large: {first_line(e)}") from e
-        except UnidentifiedImageError as e:
-            raise ImageDecodeError("not an image (cannot identify image file)") from e
-        except _PIL_ERRORS as e:
-            raise ImageDecodeError(_reason(e)) from e
+        return _decode_file(f, max_pixels, allow_truncated)
+
+
+def _decode_file(f: BinaryIO, max_pixels: int | None, allow_truncated: bool) -> DecodedImage:
+    """:func:`decode_image` of an open file."""
+    try:
+        with _GATE.hold(allow_truncated), Image.open(f) as im:
+            width, height = im.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"image too large: {width}x{height} = {_fmt_count(width * height)} "
+                    f"pixels exceeds --max-pixels {_fmt_count(max_pixels)}"
+                )
+            im.load()
+            fmt = im.format or "unknown"
+            mode = im.mode
+            notes: list[str] = []
+            _apply_orientation(im, notes)
+            rgb, alpha = _to_rgb_alpha(im)
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image too large: {first_line(e)}") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("not an image (cannot identify image file)") from e
+    except _PIL_ERRORS as e:
+        raise ImageDecodeError(_reason(e)) from e
     return DecodedImage(rgb=rgb, alpha=alpha, format=fmt, mode=mode, notes=tuple(notes))
 
 

@@ -131,8 +131,9 @@ def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Pr
     problem becomes :class:`Failed`."""
     start = time.perf_counter()
     try:
+        source = work.item.path if work.item.data is None else work.item.data
         image = sources.decode_image(
-            work.item.path, max_pixels=config.max_pixels, allow_truncated=config.allow_truncated
+            source, max_pixels=config.max_pixels, allow_truncated=config.allow_truncated
         )
     except sources.ImageDecodeError as error:
         return Failed(work, str(error))
@@ -338,11 +339,13 @@ def image_refiner(rgb: np.ndarray, config: SegmentConfig) -> Callable[[np.ndarra
 
 @dataclass(frozen=True)
 class Written:
-    """One image's outputs are on disk: its log row, and its part of the exports (its image
-    and instances, see :mod:`clipseg_cli.io.exports`) when instances were made."""
+    """One image's outputs are written (to the sink): its log row, its part of the exports (its
+    image and instances, see :mod:`clipseg_cli.io.exports`) when the run exports, and its
+    instances when they were made (the server answers with their RLE)."""
 
     row: dict
     part: dict | None = None
+    instances: tuple[instances.Instance, ...] = ()
 
 
 def write_item(
@@ -404,7 +407,7 @@ def write_item(
         "write_s": round(time.perf_counter() - start, 4),
     }
     part = export_part(prepared, found, config) if config.exports else None
-    return Written(row, part)
+    return Written(row, part, tuple(found))
 
 
 def _prompt_outputs(

@@ -99,6 +99,9 @@ class PromptModel:
     config: SegmentConfig
     choice: BackendChoice
     segmenter: Segmenter | None = None
+    #: The towers to load (default: what ``config``'s prompts need, :func:`prompt_parts`); a
+    #: server names every tower its requests may need.
+    parts: frozenset[str] | None = None
     #: One-line messages for the user (a text cache that could not be written).
     notes: list[str] = field(default_factory=list)
     _identity: tuple[WeightsInfo, ArchitectureSpec] | None = field(default=None, repr=False)
@@ -131,7 +134,7 @@ class PromptModel:
                 clip_weights=self.config.clip_weights,
                 device=self.choice.device if torch_backend else "cpu",
                 precision=self.choice.precision if torch_backend else "fp32",
-                components=prompt_parts(self.config),
+                components=self.parts or prompt_parts(self.config),
             )
             self._identity = (self.segmenter.info, self.segmenter.model.arch)
         return self.segmenter
@@ -163,24 +166,43 @@ class PromptModel:
         return _to_array(self.towers().embed_images(images))
 
 
-def _reference_image(ref: Path, mask_path: Path | None, config: SegmentConfig) -> np.ndarray:
+@dataclass(frozen=True)
+class Reference:
+    """An image prompt: a support image and, optionally, its object mask. Files (``--ref``,
+    ``--ref-mask``) or the bytes of a server request's uploads; ``name`` is what the prompt's
+    label shows (``ref:NAME``), never opened."""
+
+    name: str
+    image: Path | bytes
+    mask: Path | bytes | None = None
+
+    @classmethod
+    def from_config(cls, config: SegmentConfig) -> list[Reference]:
+        """``--ref`` files paired in order with ``--ref-mask`` files."""
+        masks = list(config.ref_masks) + [None] * (len(config.refs) - len(config.ref_masks))
+        return [cls(str(ref), ref, mask) for ref, mask in zip(config.refs, masks, strict=True)]
+
+
+def _reference_image(reference: Reference, config: SegmentConfig) -> np.ndarray:
     """The support image CLIP encodes: engineered around its object when a mask is known
     (``--ref-mask`` or the reference's own alpha), raw otherwise (or with ``--ref-mode raw``).
 
     A ``--ref-mask`` file means what every mask file means (:func:`clipseg_cli.io.masks.read_mask`).
     """
+    ref = reference.name
     try:
-        image = sources.decode_image(ref, max_pixels=config.max_pixels)
+        image = sources.decode_image(reference.image, max_pixels=config.max_pixels)
     except sources.ImageDecodeError as error:
         raise ValueError(f"--ref {ref}: {error}") from None
     mask = None
-    if mask_path is not None:
+    if reference.mask is not None:
+        shown = reference.mask if isinstance(reference.mask, Path) else f"of {ref}"
         try:
-            mask = read_mask(mask_path).foreground()
+            mask = read_mask(reference.mask, max_pixels=config.max_pixels).foreground()
         except MaskError as error:
-            raise ValueError(f"--ref-mask {mask_path}: {error}") from None
+            raise ValueError(f"--ref-mask {shown}: {error}") from None
         if mask.shape != image.rgb.shape[:2]:
-            raise ValueError(f"--ref-mask {mask_path}: its size differs from --ref {ref}")
+            raise ValueError(f"--ref-mask {shown}: its size differs from --ref {ref}")
     elif image.alpha is not None:
         mask = reference_mask_from_alpha(image.alpha)
     mode = config.ref_mode or ("engineered" if mask is not None else "raw")
@@ -216,25 +238,28 @@ def _load_prompt_set(model: PromptModel, path: Path) -> PromptSet:
     return PromptSet(vectors, conditionals, labels[len(positives) :])
 
 
-def build_prompt_set(model: PromptModel, config: SegmentConfig) -> PromptSet:
+def build_prompt_set(
+    model: PromptModel, config: SegmentConfig, references: Sequence[Reference] | None = None
+) -> PromptSet:
     """Embed the run's prompts once (or read them from ``--prompt-embedding``).
 
     Several ``--ref`` images describe one object: their embeddings are averaged into one
     conditional. With ``--mix W`` each text prompt becomes ``W * text + (1 - W) * image``.
+    ``references``: the image prompts (default: ``config``'s ``--ref`` files).
     """
     if config.prompt_embedding is not None:
         return _load_prompt_set(model, config.prompt_embedding)
+    if references is None:
+        references = Reference.from_config(config)
     labels: list[str] = []
     slug_sources: list[str] = []
     parts = []
     text = model.embed_texts(config.prompts) if config.prompts else None
     image = image_label = None
-    if config.refs:
-        masks = list(config.ref_masks) + [None] * (len(config.refs) - len(config.ref_masks))
-        pairs = zip(config.refs, masks, strict=True)
-        references = [_reference_image(ref, mask, config) for ref, mask in pairs]
-        image = average_conditionals(model.embed_images(references))[None]
-        image_label = "ref:" + ",".join(str(ref) for ref in config.refs)
+    if references:
+        supports = [_reference_image(reference, config) for reference in references]
+        image = average_conditionals(model.embed_images(supports))[None]
+        image_label = "ref:" + ",".join(reference.name for reference in references)
     if text is not None and image is not None and config.mix is not None:
         parts.append(mix_conditionals(text, image, config.mix))
         labels += [f"{prompt} (mix {config.mix:g} with {image_label})" for prompt in config.prompts]
@@ -247,7 +272,7 @@ def build_prompt_set(model: PromptModel, config: SegmentConfig) -> PromptSet:
         if image is not None:
             parts.append(image)
             labels.append(image_label)
-            slug_sources.append(f"ref-{Path(config.refs[0]).stem}")
+            slug_sources.append(f"ref-{Path(references[0].name).stem}")
     if config.negatives:
         parts.append(model.embed_texts(config.negatives))
     slugs = prompt_slugs(slug_sources)
