@@ -325,4 +325,23 @@ def _api_message(message: str, command: str = "segment") -> str:
     return re.sub(r"--([a-z][a-z0-9-]*)", field, message)
 
 
-__all__ = ["REQUEST_FIELDS", "ApiError", "ParsedRequest", "Upload", "parse_request"]
+def fields_markdown(command: str) -> str:
+    """A route's option fields as ``docs/serve.md`` lists them (:data:`REQUEST_FIELDS`)."""
+    defaults = {option.name: option.default for option in dataclasses.fields(SegmentConfig)}
+    lines = ["| field | type | default (as `clipseg " + command + "`) |", "|---|---|---|"]
+    for field in REQUEST_FIELDS[command]:
+        default = defaults[field.option]
+        shown = "none" if default is None else str(default).lower()
+        kind = f"{field.kind} or none" if field.optional else field.kind
+        lines.append(f"| `{field.name}` | {kind} | `{shown}` |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "REQUEST_FIELDS",
+    "ApiError",
+    "ParsedRequest",
+    "Upload",
+    "fields_markdown",
+    "parse_request",
+]
