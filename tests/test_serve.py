@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import socket
@@ -348,6 +349,7 @@ def _answer_of(sock: socket.socket) -> tuple[int, dict]:
     return status, json.loads(body)
 
 
+@functools.cache
 def _bomb(side: int = 30000) -> bytes:
     """A real PNG of side x side black 1-bit pixels: ~100 KB that decode to 112 MB (and to
     2.7 GB as RGB)."""

@@ -17,11 +17,16 @@ from fastapi.testclient import TestClient
 from clipseg_cli.commands.serve import check_exposure
 from clipseg_cli.io import writers
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.serve import request as request_module
 from clipseg_cli.serve.app import create_app
 from clipseg_cli.serve.limits import LIMITS, ServeLimits, limits_markdown, parse_size
 from clipseg_cli.serve.problems import ApiError
-from clipseg_cli.serve.request import Upload, fields_markdown, parse_request
+from clipseg_cli.serve.request import (
+    REQUEST_FIELDS,
+    Upload,
+    fields_markdown,
+    parse_request,
+    request_fields,
+)
 from clipseg_cli.serve.service import BatchPolicy, ServeSettings, measure_batch_policy, shared_calls
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,13 +53,13 @@ def test_limits_table_options_and_docs_agree() -> None:
 
 
 def test_request_fields_are_the_configs_output_options_by_name() -> None:
-    names = {field.name for field in request_module.REQUEST_FIELDS["segment"]}
+    names = {field.name for field in REQUEST_FIELDS["segment"]}
     assert {"threshold", "refine", "tiles", "grow", "fill_holes", "min_area", "invert"} <= names
     assert {"feather", "soft_bits", "cutout_alpha", "mix", "ref_mode"} <= names
     # Nothing that names a file, a model or a place; nothing the server fixes.
     assert not names & {"model", "prompt_embedding", "refs", "out_dir", "sam_model", "exports"}
     assert not names & {"precision", "max_pixels", "allow_truncated", "background"}
-    matte = {field.name for field in request_module.REQUEST_FIELDS["matte"]}
+    matte = {field.name for field in REQUEST_FIELDS["matte"]}
     assert {"background", "matte_bits"} <= matte and not matte & {"soft_bits", "cutout_alpha"}
 
     # A new option of segment that decides outputs becomes a request field without a change.
@@ -63,12 +68,7 @@ def test_request_fields_are_the_configs_output_options_by_name() -> None:
         min_score: float = dataclasses.field(default=0.0, metadata={"fingerprint": "value"})
         split: bool = dataclasses.field(default=False, metadata={"fingerprint": "value"})
 
-    original = request_module.SegmentConfig
-    request_module.SegmentConfig = Grown
-    try:
-        grown = {f.name: f for f in request_module._request_fields("segment")}
-    finally:
-        request_module.SegmentConfig = original
+    grown = {f.name: f for f in request_fields("segment", Grown)}
     assert grown["min_score"].kind == "float" and grown["split"].kind == "bool"
 
 

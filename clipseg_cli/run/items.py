@@ -137,9 +137,10 @@ def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Pr
         )
     except sources.ImageDecodeError as error:
         return Failed(work, str(error))
-    if InputSignature.of(work.item.path) != work.signature:
+    if work.item.data is None and InputSignature.of(work.item.path) != work.signature:
         # Read while something wrote to it: these pixels may be half a file, and the ledger
-        # would record them under a size and time they do not belong to.
+        # would record them under a size and time they do not belong to. (Bytes in memory, an
+        # upload to the server, cannot change while they are read.)
         return Failed(work, "the file changed while it was read; it is read again once it settles")
     rows = [resize_rgb(image.rgb, size)]
     count = tiles.tiles_along_short_side(config.tiles, image.rgb.shape[:2], min(size))

@@ -66,9 +66,11 @@ class RequestField:
     optional: bool  # "" (or "none") gives None
 
 
-def _request_fields(command: str) -> tuple[RequestField, ...]:
+def request_fields(command: str, options: type = SegmentConfig) -> tuple[RequestField, ...]:
+    """The fields a request of ``command`` may set: the options (a config class's fields)
+    that decide outputs and hold one plain value, but for the server's own."""
     found = []
-    for option in dataclasses.fields(SegmentConfig):
+    for option in dataclasses.fields(options):
         rule = option.metadata.get("fingerprint")
         if rule not in ("value", "composite") or option.name in SERVER_FIXED:
             continue
@@ -86,7 +88,7 @@ def _request_fields(command: str) -> tuple[RequestField, ...]:
 
 #: Per command: the option fields a request may send (besides the special fields below).
 REQUEST_FIELDS: dict[str, tuple[RequestField, ...]] = {
-    command: _request_fields(command) for command in COMMAND_KINDS
+    command: request_fields(command) for command in COMMAND_KINDS
 }
 #: Fields with a meaning of their own: uploads, repeatable texts, a start-up prompt file's name.
 UPLOADS = ("image", "ref", "ref_mask")
