@@ -66,6 +66,13 @@ def parse_prompt_files(values: list[str]) -> tuple[tuple[str, Path], ...]:
     return tuple(found)
 
 
+def _size(option: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise ValueError(f"{option}: {error}") from None
+
+
 def check_exposure(host: str, token: str | None, no_auth: bool) -> None:
     """A server reachable from other machines needs a token unless ``--no-auth`` says so.
 
@@ -197,7 +204,7 @@ def serve(
         limits = ServeLimits(
             max_queue=max_queue,
             read_timeout=read_timeout,
-            max_body=parse_size(max_body),
+            max_body=_size("--max-body", max_body),
             max_prompts=max_prompts,
             max_prompt_chars=max_prompt_chars,
             max_refs=max_refs,

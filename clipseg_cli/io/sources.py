@@ -502,9 +502,18 @@ def read_header(data: bytes, formats: Sequence[str] | None = None) -> tuple[str,
     """
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    with (
+        _pillow_errors(),
+        Image.open(io.BytesIO(data), formats=list(formats) if formats else None) as im,
+    ):
+        return im.format or "unknown", im.size[0], im.size[1]
+
+
+@contextmanager
+def _pillow_errors() -> Iterator[None]:
+    """What Pillow raises on a bad file, as one-line :class:`ImageDecodeError` s."""
     try:
-        with Image.open(io.BytesIO(data), formats=list(formats) if formats else None) as im:
-            return im.format or "unknown", im.size[0], im.size[1]
+        yield
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"image too large: {first_line(e)}") from e
     except UnidentifiedImageError as e:
@@ -575,26 +584,19 @@ def decode_image(
 
 def _decode_file(f: BinaryIO, max_pixels: int | None, allow_truncated: bool) -> DecodedImage:
     """:func:`decode_image` of an open file."""
-    try:
-        with _GATE.hold(allow_truncated), Image.open(f) as im:
-            width, height = im.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image too large: {width}x{height} = {_fmt_count(width * height)} "
-                    f"pixels exceeds --max-pixels {_fmt_count(max_pixels)}"
-                )
-            im.load()
-            fmt = im.format or "unknown"
-            mode = im.mode
-            notes: list[str] = []
-            _apply_orientation(im, notes)
-            rgb, alpha = _to_rgb_alpha(im)
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large: {first_line(e)}") from e
-    except UnidentifiedImageError as e:
-        raise ImageDecodeError("not an image (cannot identify image file)") from e
-    except _PIL_ERRORS as e:
-        raise ImageDecodeError(_reason(e)) from e
+    with _pillow_errors(), _GATE.hold(allow_truncated), Image.open(f) as im:
+        width, height = im.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                f"image too large: {width}x{height} = {_fmt_count(width * height)} "
+                f"pixels exceeds --max-pixels {_fmt_count(max_pixels)}"
+            )
+        im.load()
+        fmt = im.format or "unknown"
+        mode = im.mode
+        notes: list[str] = []
+        _apply_orientation(im, notes)
+        rgb, alpha = _to_rgb_alpha(im)
     return DecodedImage(rgb=rgb, alpha=alpha, format=fmt, mode=mode, notes=tuple(notes))
 
 

@@ -125,6 +125,7 @@ def run(
             log_config=None,
             access_log=False,
             timeout_keep_alive=5,
+            server_header=False,
             timeout_graceful_shutdown=settings.limits.timeout,
         )
         on_listening(url_of(sock))

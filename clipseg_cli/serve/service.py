@@ -197,10 +197,11 @@ class Service:
         self.ready = True
 
     def details(self) -> dict:
-        """What /readyz says about the model and the batching."""
+        """What /readyz (public) says: how the model runs and batches; never a path."""
         return {
-            "model": self.model_id,
-            **self.model.details,
+            "backend": self.model.details.get("backend"),
+            "device": self.model.details.get("device"),
+            "dtype": self.model.details.get("dtype"),
             "batching": dataclasses.asdict(self.policy),
             "prompt_files": sorted(self.prompt_files),
         }
