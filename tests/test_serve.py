@@ -275,6 +275,32 @@ def test_image_prompt_and_prompt_file_equal_the_cli(
     assert [o["prompt"] for o in answer["outputs"]] == ["ref:passwd", "ref:passwd"]
     assert [base64.b64decode(o["png_base64"]) for o in answer["outputs"]] == files
 
+    # A reference with its object mask (and a text prompt mixed in), as --ref --ref-mask --mix.
+    photo, mask = tmp_path / "ref.png", tmp_path / "ref-mask.png"
+    Image.fromarray(scene.image).save(photo)
+    Image.fromarray(np.where(circle.mask, 255, 0).astype(np.uint8)).save(mask)
+    out = tmp_path / "ref-mask"
+    _cli(
+        "segment",
+        str(SCENES[2]),
+        *("--ref", str(photo), "--ref-mask", str(mask), "-p", "a circle", "--mix", "0.5"),
+        *("--save", "mask,soft", "--out", str(out)),
+    )
+    files = [Path(o["path"]).read_bytes() for o in _rows(out)[SCENES[2].name]["outputs"]]
+    response = httpx.post(
+        f"{served.url}v1/segment",
+        data={"save": "mask,soft", "prompt": "a circle", "mix": "0.5"},
+        files=[
+            ("image", ("s.png", SCENES[2].read_bytes())),
+            ("ref", ("ref.png", photo.read_bytes())),
+            ("ref_mask", ("ref-mask.png", mask.read_bytes())),
+        ],
+        headers=served.headers(),
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert [base64.b64decode(o["png_base64"]) for o in response.json()["outputs"]] == files
+
     out = tmp_path / "embedding"
     _cli("segment", str(SCENES[3]), "--prompt-embedding", str(prompt_file), "--out", str(out))
     row = _rows(out)[SCENES[3].name]

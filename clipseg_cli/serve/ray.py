@@ -63,8 +63,8 @@ class RayServing:
         return await self._batched(job)
 
 
-def deployment(settings: ServeSettings, replicas: int | None):
-    """The Ray Serve deployment class of these settings."""
+def deployment(settings: ServeSettings, replicas: int | None, gpus: float = 0.0):
+    """The Ray Serve deployment class of these settings; ``gpus`` per replica."""
     from ray import serve
 
     def build_app():
@@ -75,7 +75,7 @@ def deployment(settings: ServeSettings, replicas: int | None):
         # Our admission answers 503 + Retry-After in JSON before Ray's own bound is reached.
         "max_ongoing_requests": 2 * limits.max_queue,
         "max_queued_requests": limits.max_queue,
-        "ray_actor_options": {"num_cpus": 1},
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": gpus},
     }
     if replicas is not None:
         options["num_replicas"] = replicas
@@ -133,7 +133,10 @@ def run(
         port = port or _free_port(host)
         serve.start(http_options={"host": host, "port": port})
         on_notice(f"deploying on Ray Serve ({'a local Ray' if address is None else address})")
-        serve.run(deployment(settings, replicas).bind(), name=APP_NAME, route_prefix="/")
+        # One GPU per replica where the cluster has GPUs (then --device auto picks it there).
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        app = deployment(settings, replicas, gpus).bind()
+        serve.run(app, name=APP_NAME, route_prefix="/")
         shown = f"[{host}]" if ":" in host else host
         on_listening(f"http://{shown}:{port}/")
         _wait_for_a_stop_signal()

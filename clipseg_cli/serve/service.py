@@ -188,6 +188,7 @@ class Service:
             settings.max_batch or DEFAULT_MAX_BATCH,
             config.batch_size_for(self.model.device_type),
         )
+        notice(f"batching: {self.policy.describe()}")
         if settings.max_batch is not None and settings.max_batch > self.policy.call_rows:
             notice(
                 f"--max-batch {settings.max_batch}: this backend's results depend on the batch, "
@@ -213,8 +214,11 @@ class Service:
 
     # -- the steps --------------------------------------------------------------------------------
 
-    def prepare(self, request: ParsedRequest, name: str, as_png: bool = False) -> Job:
-        """Embed a request's prompts and decode its image (a worker thread).
+    def prepare(
+        self, request: ParsedRequest, name: str, as_png: bool = False, formats: bool = True
+    ) -> Job:
+        """Embed a request's prompts and decode its image (a worker thread). ``formats``:
+        check the decoded format against ``--formats`` (as well as the header was).
 
         Raises:
             ApiError: 406 (one PNG asked for several prompts), 415, 422.
@@ -233,7 +237,7 @@ class Service:
             )
         if isinstance(prepared, items.Failed):
             raise invalid(f"image: {prepared.error}")
-        if prepared.image.format not in self.limits.format_names:
+        if formats and prepared.image.format not in self.limits.format_names:
             raise exceeded("formats", f"image: {prepared.image.format} is not accepted")
         return Job(request.config, prompts, prepared, as_png)
 
@@ -313,7 +317,8 @@ class Service:
             save=("mask",),
         )
         image = Upload("warm-up.png", writers.image_png(make_scene(1).image))
-        return self.prepare(ParsedRequest(config, image, (), None), "warm-up")
+        # Our own PNG, whatever --formats accepts from clients.
+        return self.prepare(ParsedRequest(config, image, (), None), "warm-up", formats=False)
 
 
 def shared_calls(
