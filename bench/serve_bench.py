@@ -8,8 +8,8 @@ bench/make_model.py), on the same photo-like 1024x768 JPEGs (bench/make_images.p
    ``--requests`` requests each (the project's :class:`clipseg_cli.client.Client`): every answer's
    mask compared byte for byte with segment's file, p50/p99 latency, throughput against
    segment's img/s, the mean images per model call (from /metrics);
-3. soak (the demo model): requests until ``--soak`` answers, the server's RSS at answer 500
-   and at the last one (flat: within 10%);
+3. soak (the demo model): requests until ``--soak`` answers, the server's RSS sampled every
+   50 ms: its median over answers 300-500 against the last 200 (flat: within 10%);
 4. overload: ``--overload-clients`` clients at once against ``--max-queue 8``, three rounds:
    every refusal a 503 with Retry-After within 100 ms (client side), every accepted request
    answered right, and a request after each round answered.
@@ -133,13 +133,20 @@ class Load:
         self.wrong: list[str] = []
         self.failed: list[str] = []
         self.latencies: list[float] = []
-        self.rss_at: dict[int, int] = {}
-        self.marks: set[int] = set()
+        self.rss: list[tuple[int, int]] = []  # (answers so far, the server's RSS)
 
-    def run(self, clients: int, total: int, marks: tuple[int, ...] = ()) -> float:
-        self.marks = set(marks)
+    def run(self, clients: int, total: int, sample_rss: bool = False) -> float:
         issued = iter(range(total))
         started = time.perf_counter()
+        finished = threading.Event()
+
+        def sampler() -> None:
+            while not finished.wait(0.05):
+                self.rss.append((self.done, rss_bytes(self.served.process.pid)))
+
+        watcher = threading.Thread(target=sampler, daemon=True)
+        if sample_rss:
+            watcher.start()
 
         def client(_index: int) -> None:
             with Client(self.served.url, retries=0) as api:
@@ -162,12 +169,19 @@ class Load:
                         if outputs.get((PROMPT, "mask")) != self.expected[name]:
                             self.wrong.append(name)
                         self.done += 1
-                        if self.done in self.marks:
-                            self.rss_at[self.done] = rss_bytes(self.served.process.pid)
 
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(client, range(clients)))
+        finished.set()
+        if sample_rss:
+            watcher.join()
         return time.perf_counter() - started
+
+    def rss_around(self, answers: int, width: int = 200) -> tuple[float, float]:
+        """The server's RSS (median, max; MB) sampled while answers ``answers - width`` to
+        ``answers`` came in: requests in flight make single samples swing by tens of MB."""
+        window = [rss for done, rss in self.rss if answers - width <= done <= answers]
+        return statistics.median(window) / 2**20, max(window) / 2**20
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -218,17 +232,20 @@ def soak(model: str, images: list[Path], work: Path, args) -> dict:
     served = start_server(["--model", model, "--max-queue", "64"], work / "server-soak.log")
     try:
         load = Load(served, images, expected)
-        wall = load.run(args.clients, args.soak, marks=(500, args.soak))
-        first, last = load.rss_at.get(500), load.rss_at.get(args.soak)
+        wall = load.run(args.clients, args.soak, sample_rss=True)
+        (first, first_max), (last, last_max) = load.rss_around(500), load.rss_around(args.soak)
         result = {
             "requests": args.soak,
             "answered": load.done,
             "wrong": len(load.wrong),
             "failed": len(load.failed),
             "seconds": round(wall, 1),
-            "rss_at_500_mb": round(first / 2**20, 1) if first else None,
-            f"rss_at_{args.soak}_mb": round(last / 2**20, 1) if last else None,
-            "rss_growth": round(last / first - 1, 4) if first and last else None,
+            "rss_median_at_300_500_mb": round(first, 1),
+            f"rss_median_at_{args.soak - 200}_{args.soak}_mb": round(last, 1),
+            "rss_growth": round(last / first - 1, 4),
+            "rss_max_at_300_500_mb": round(first_max, 1),
+            f"rss_max_at_{args.soak - 200}_{args.soak}_mb": round(last_max, 1),
+            "samples": len(load.rss),
         }
         print(f"[soak] {json.dumps(result)}", flush=True)
         return result
@@ -335,6 +352,7 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=5000)
     parser.add_argument("--overload-clients", type=int, default=64)
     parser.add_argument("--models", default="demo,full", help="demo, full or both")
+    parser.add_argument("--parts", default="load,soak,overload", help="which measurements")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness")
     args = parser.parse_args()
     if args.quick:
@@ -346,11 +364,14 @@ def main() -> None:
     folder = work / f"images-{args.images}"
     images = make_photo_like_jpegs(folder, args.images, SIZE, seed=0)
     results: dict = {"cpu": cpu_report(), "load": []}
-    for label in args.models.split(","):
+    parts = args.parts.split(",")
+    for label in args.models.split(",") if "load" in parts else []:
         model = "demo" if label == "demo" else str(ensure_full_model(BENCH / "_work"))
         results["load"].append(load_test(model, label, images, folder, work, args))
-    results["soak"] = soak("demo", images, work, args)
-    results["overload"] = overload("demo", images, work, args)
+    if "soak" in parts:
+        results["soak"] = soak("demo", images, work, args)
+    if "overload" in parts:
+        results["overload"] = overload("demo", images, work, args)
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results: {work / 'results.json'}")
 

@@ -146,8 +146,9 @@ def serve(
         ),
     ] = None,
     max_wait_ms: Annotated[
-        float, typer.Option(help="How long a model call waits for more requests.")
-    ] = 5.0,
+        float,
+        typer.Option(help="How long a model call waits for requests being decoded to join it."),
+    ] = 20.0,
     workers: Annotated[int, typer.Option(help="Decode and answer threads.")] = 2,
     engine: Annotated[
         Literal["local", "ray"],

@@ -204,8 +204,9 @@ async def _answer(request: Request, command: str, serving: Serving, settings: Se
     name = f"request-{request.state.request_id}"
 
     async def work() -> tuple[bytes, str]:
-        job = await loop.run_in_executor(service.pool, service.prepare, parsed, name, as_png)
-        prediction = await serving.predict(job)
+        with service.arriving():
+            job = await loop.run_in_executor(service.pool, service.prepare, parsed, name, as_png)
+        prediction = await serving.predict(job)  # no await in between: never seen uncounted
         request.state.batch_size = job.batch_images
         return await loop.run_in_executor(service.pool, service.answer, job, prediction)
 

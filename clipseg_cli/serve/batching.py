@@ -1,8 +1,9 @@
 """Gathering concurrent requests into model calls, on this machine (``--engine local``).
 
 A request that has been decoded waits here for the model; when the model is free, the next call
-takes what is waiting, after waiting up to ``--max-wait-ms`` for a full call. The call runs on
-the model's own thread, so the event loop keeps answering (refusals, health checks) meanwhile.
+takes what is waiting, after waiting (up to ``--max-wait-ms``) for the requests being decoded
+at that moment, if any, to fill the call: a lone request never waits. The call runs on the
+model's own thread, so the event loop keeps answering (refusals, health checks) meanwhile.
 A request that was cancelled (its client left, its deadline passed) before its call started is
 dropped: it costs the model nothing. Ray Serve's ``@serve.batch`` does the same on a cluster
 (:mod:`.ray`); both hand the gathered jobs to :meth:`~clipseg_cli.serve.service.Service.predict`.
@@ -55,7 +56,11 @@ class LocalBatcher:
             await self._arrived.wait()
             self._arrived.clear()
             deadline = loop.time() + self.max_wait
-            while self.waiting_rows() < self.max_rows and (left := deadline - loop.time()) > 0:
+            while (
+                self.waiting_rows() < self.max_rows
+                and self.service.incoming > 0
+                and (left := deadline - loop.time()) > 0
+            ):
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except TimeoutError:

@@ -32,8 +32,9 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -74,7 +75,7 @@ class ServeSettings:
     limits: ServeLimits = field(default_factory=ServeLimits)
     prompt_files: tuple[tuple[str, Path], ...] = ()  # (NAME, file written by --save-prompt)
     max_batch: int | None = None  # images per model call; None: DEFAULT_MAX_BATCH if allowed
-    max_wait_ms: float = 5.0  # how long a call waits for more requests
+    max_wait_ms: float = 20.0  # how long a call waits for requests being decoded
     workers: int = 2  # decode and answer threads
     threads: int | None = None  # the model's threads (None: every core)
     token: str | None = field(default=None, repr=False)
@@ -180,6 +181,7 @@ class Service:
         self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="serve-work")
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="serve-model")
         self.seconds_per_image = 0.0  # moving average of model seconds per image
+        self.incoming = 0  # requests admitted and being prepared (the event loop counts them)
         warmup = self._warmup_request()
         self.policy = measure_batch_policy(
             self.model.backend,
@@ -206,6 +208,15 @@ class Service:
             "batching": dataclasses.asdict(self.policy),
             "prompt_files": sorted(self.prompt_files),
         }
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Counts a request while it is prepared: a batcher may wait for it (event loop)."""
+        self.incoming += 1
+        try:
+            yield
+        finally:
+            self.incoming -= 1
 
     def close(self) -> None:
         self.ready = False
