@@ -530,8 +530,8 @@ def test_bad_token_costs_no_decoding(served: Served) -> None:
         )
         assert response.status_code == 401 and response.json()["error"] == "unauthorized"
         assert response.headers["www-authenticate"].startswith("Bearer")
-    lines = served.log_lines()[before:]
-    assert [line["status"] for line in lines] == [401, 401, 401]
+    lines = [line for line in served.log_lines()[before:] if line["status"] == 401]
+    assert len(lines) == 3
     assert all(line["bytes_in"] == 0 for line in lines)  # not a byte of the body was read
     assert httpx.get(served.url + "metrics").status_code == 401
     assert httpx.get(served.url + "healthz").status_code == 200
