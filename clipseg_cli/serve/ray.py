@@ -127,6 +127,11 @@ def run(
     ray = require_ray_serve()
     from ray import serve
 
+    from clipseg_cli.weights import identify
+
+    # Here first: a model that is not there (or not cached, offline) is one line, exit 4,
+    # before a cluster is started or joined.
+    identify(settings.base.model, settings.base.clip_weights)
     address = settings.base.ray_address
     ray.init(address=address, include_dashboard=False, configure_logging=False)
     try:
