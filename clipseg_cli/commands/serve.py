@@ -119,7 +119,7 @@ def serve(
         ),
     ] = None,
     no_auth: Annotated[
-        bool, typer.Option(help="Serve without a token on a non-loopback --host.")
+        bool, typer.Option("--no-auth", help="Serve without a token on a non-loopback --host.")
     ] = False,
     cors_origin: Annotated[
         list[str] | None,
@@ -171,7 +171,7 @@ def serve(
     ] = L["read_timeout"].default,
     max_body: Annotated[
         str, typer.Option(help=_limit_help("max_body", "Largest request body (25MB, 200k)"))
-    ] = "25MB",
+    ] = f"{L['max_body'].default / 1e6:g}MB",
     max_prompts: Annotated[
         int, typer.Option(help=_limit_help("max_prompts", "Prompts + negatives per request"))
     ] = L["max_prompts"].default,
