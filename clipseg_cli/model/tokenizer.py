@@ -1,8 +1,8 @@
-"""CLIP's tokenizer: prompt texts -> token ids ``[K, L]`` for the text tower.
+"""CLIP's tokenizer for the torch model: prompt texts -> token ids ``[K, L]`` as a tensor.
 
-The one tokenizer of the package (open_clip's BPE ``SimpleTokenizer``, which reads its
-vocabulary once when built): the Python API and ``segment`` use it at the full context length,
-training with ``trim=True``.
+The one tokenizer of the package is :class:`clipseg_cli.ops.tokenizer.BpeTokenizer` (torch-free,
+numpy out, the same ids as open_clip's ``SimpleTokenizer``); this wraps its arrays as tensors.
+The Python API and ``segment`` use it at the full context length, training with ``trim=True``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from collections.abc import Sequence
 
 import torch
 
+from clipseg_cli.ops.tokenizer import BpeTokenizer
+
 
 class ClipTokenizer:
     """CLIP's byte-pair tokenizer for a text tower of ``context_length`` positions."""
 
     def __init__(self, context_length: int) -> None:
-        from open_clip.tokenizer import SimpleTokenizer
-
-        self._tokenizer = SimpleTokenizer(context_length=context_length)
+        self._tokenizer = BpeTokenizer(context_length)
 
     def __call__(self, prompts: Sequence[str], *, trim: bool = False) -> torch.Tensor:
         """Token ids ``[K, context_length]`` (start, text, end-of-text, zero padding).
@@ -28,7 +28,4 @@ class ClipTokenizer:
         rounding (about 1e-6), several times faster for short prompts. Training trims; segment
         runs keep the full length, which is what the reference implementation computes.
         """
-        tokens = self._tokenizer(list(prompts))
-        if trim:
-            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
-        return tokens
+        return torch.from_numpy(self._tokenizer(list(prompts), trim=trim))
