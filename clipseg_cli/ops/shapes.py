@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import cv2
@@ -322,3 +322,56 @@ def _touching(
             far = middle
     centre, _ = placed(far)
     return centre, _shape_mask(shape, centre, radius, canvas)
+
+
+# -- moving scenes (videos) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mover:
+    """An object of a moving scene: its class, its size (circumradius as a fraction of the
+    frame's shorter side), where it starts (fractions of the width and height) and its speed in
+    pixels per frame; it bounces off the frame's edges."""
+
+    label: str
+    radius: float = 0.15
+    start: tuple[float, float] = (0.3, 0.5)
+    velocity: tuple[float, float] = (3.0, 1.0)
+
+
+def moving_frames(
+    count: int,
+    size: tuple[int, int] = (180, 320),
+    movers: tuple[Mover, ...] = (Mover("red circle"),),
+    *,
+    seed: int = 0,
+    grain: float = 4.0,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """``count`` frames (uint8 ``[H, W, 3]``) of ``movers`` crossing a still background, each
+    with its objects' visible masks by label (the ground truth). Every frame has its own fine
+    grain (``grain``: its standard deviation), as a camera's sensor noise."""
+    height, width = size
+    rng = np.random.default_rng(seed)
+    canvas = max(height, width)
+    background = _background(rng, canvas)[:height, :width]
+    side = min(height, width)
+    positions = [[m.start[0] * width, m.start[1] * height] for m in movers]
+    velocities = [list(m.velocity) for m in movers]
+    for _frame in range(count):
+        image = background + rng.normal(0, grain, size=background.shape).astype(np.float32)
+        masks: dict[str, np.ndarray] = {}
+        for mover, position in zip(movers, positions, strict=True):
+            colour, shape = mover.label.split(" ")
+            mask = _shape_mask(shape, (position[0], position[1]), mover.radius * side, canvas)
+            mask = mask[:height, :width]
+            masks = {label: m & ~mask for label, m in masks.items()}
+            masks[mover.label] = mask
+            _paint(image, mask, colour, np.random.default_rng(seed + 1))
+        yield np.clip(image, 0, 255).astype(np.uint8), masks
+        for mover, position, velocity in zip(movers, positions, velocities, strict=True):
+            margin = mover.radius * side * 0.8
+            for axis, limit in ((0, width), (1, height)):
+                position[axis] += velocity[axis]
+                if not margin <= position[axis] <= limit - margin:
+                    velocity[axis] = -velocity[axis]
+                    position[axis] = min(max(position[axis], margin), limit - margin)
