@@ -6,18 +6,22 @@ plus the decoder, as one call ``logits(pixels, conditionals)``, numpy in, numpy 
   exporter traces);
 * :mod:`.onnx`: :class:`~.onnx.OnnxImageBackend` on an ONNX Runtime session, and
   :func:`~.onnx.open_onnx_backend`, which finds the graph in the cache or builds it;
-* :mod:`.export` (torch): the fp32 graph from a :class:`~clipseg_cli.model.clipseg.ClipSegModel`;
+* :mod:`.text`: :class:`~.text.OnnxTextEncoder`, the text tower's graph on ONNX Runtime (text
+  prompts -> conditionals), and :func:`~.text.open_text_encoder`, which finds or builds it;
+* :mod:`.export` (torch): the fp32 image and text graphs from a
+  :class:`~clipseg_cli.model.clipseg.ClipSegModel`;
 * :mod:`.quantize`: the int8 graph from the fp32 one (ONNX Runtime's dynamic quantisation);
 * :mod:`.cache`: the on-disk cache of graphs and of text-prompt embeddings (standard library
   only until text embeddings are read or written, which need numpy).
 
-Only :mod:`.torch` and :mod:`.export` import torch: a warm run with a cached graph and cached
-prompt embeddings never does. This package never prints; messages go to callbacks.
+Only :mod:`.torch` and :mod:`.export` import torch: a warm run with cached graphs never does,
+whether its text prompts are cached or new. This package never prints; messages go to callbacks.
 """
 
 from __future__ import annotations
 
-#: Graph variants: the exported float32 graph, and its dynamically quantised int8 copy.
-GRAPH_VARIANTS = ("fp32", "int8")
+#: Graph variants: the exported float32 image graph, its dynamically quantised int8 copy, and
+#: the float32 text tower (:mod:`.text`: new text prompts embedded without torch).
+GRAPH_VARIANTS = ("fp32", "int8", "text")
 
 __all__ = ["GRAPH_VARIANTS"]

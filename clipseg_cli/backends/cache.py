@@ -4,7 +4,7 @@ Folder: ``$CLIPSEG_CACHE`` when set, else the user's cache folder: ``$XDG_CACHE_
 ``~/Library/Caches/clipseg`` on macOS, ``%LOCALAPPDATA%\\clipseg`` on Windows,
 ``~/.cache/clipseg`` elsewhere. Layout::
 
-    graphs/{key}.onnx      an ONNX graph (fp32 or int8), written by ONNX Runtime's user
+    graphs/{key}.onnx      an ONNX graph (fp32, int8 or text), written by ONNX Runtime's user
     graphs/{key}.json      its sidecar: size and sha256 of the .onnx file, and what the key hashed
     text/{weights sha256}/{sha256 of the prompt}.npz   one prompt's conditional vector
     timings.json           how long the last export / quantisation took, per architecture

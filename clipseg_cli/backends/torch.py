@@ -1,6 +1,7 @@
 """The torch image backend: exactly the Segmenter's math (normalise on the device, the model's
 forward, float32 out), as a tensor-level function, as the module the ONNX exporter traces, and
-as a numpy-in, numpy-out :class:`TorchImageBackend`."""
+as a numpy-in, numpy-out :class:`TorchImageBackend`; and the text tower as the module the text
+graph's exporter traces."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ class ImageGraphModule(nn.Module):
     def forward(self, pixels: torch.Tensor, conditionals: torch.Tensor) -> torch.Tensor:
         model = self.model
         return model(model.normalize(pixels), conditionals).float()
+
+
+class TextGraphModule(nn.Module):
+    """``tokens int64 [K, L] -> conditionals float32 [K, D]``: the text tower as
+    ``Segmenter.embed_texts`` runs it, the graph
+    :func:`clipseg_cli.backends.export.export_text_graph_bytes` exports."""
+
+    def __init__(self, model: ClipSegModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens).float()
 
 
 class TorchImageBackend:
