@@ -191,6 +191,61 @@ def test_a_warm_cpu_run_imports_neither_torch_nor_open_clip(photos, tiny_model_d
         np.testing.assert_array_equal(warm_masks[name], mask)
 
 
+def test_a_warm_cpu_run_with_a_new_text_prompt_imports_neither_torch_nor_open_clip(
+    photos, tiny_model_dir, tmp_path
+):
+    from clipseg_cli.backends.cache import load_text_embeddings
+    from clipseg_cli.segmenter import Segmenter
+    from clipseg_cli.weights import identify
+
+    env = {**os.environ, "CLIPSEG_CACHE": str(tmp_path / "cache")}
+    base = [str(photos), "--model", str(tiny_model_dir), "--progress", "none"]
+
+    def run(out: str, *prompts: str) -> tuple[str, str]:
+        args = [*base, *(x for p in prompts for x in ("-p", p)), "--out", str(tmp_path / out)]
+        command = [sys.executable, "-c", WARM_RUN, *args]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip().splitlines()[-1], done.stderr
+
+    cold, cold_messages = run("cold", "a dog")
+    assert cold == "IMPORTED True True 0"  # exports the image and text graphs
+    assert "exporting the text graph of" in cold_messages, cold_messages
+    new = ["a never seen prompt", "ünïcode 🐶 and a very long prompt " * 8]
+    warm, warm_messages = run("warm", "a dog", *new)
+    assert warm == "IMPORTED False False 0", warm_messages
+    assert "export" not in warm_messages
+    assert len(_masks(tmp_path / "warm")) == 9
+    # What the text graph computed (and cached) is the torch tower's conditionals.
+    os.environ["CLIPSEG_CACHE"], before = env["CLIPSEG_CACHE"], os.environ["CLIPSEG_CACHE"]
+    try:
+        info, _arch = identify(str(tiny_model_dir))
+        cached = load_text_embeddings(info.sha256, new)
+    finally:
+        os.environ["CLIPSEG_CACHE"] = before
+    assert cached is not None
+    towers = Segmenter.load(str(tiny_model_dir), device="cpu", precision="fp32")
+    expected = towers.embed_texts(new).numpy()
+    assert np.abs(cached - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_a_text_graph_that_cannot_be_built_falls_back_to_the_torch_tower(
+    photos, tiny_model_dir, tmp_path, monkeypatch
+):
+    import clipseg_cli.backends.text as text
+    from clipseg_cli.backends.base import BackendError
+
+    def broken(*args, **kwargs):
+        raise BackendError("the ONNX export failed (no exporter here)")
+
+    monkeypatch.setattr(text, "open_text_encoder", broken)
+    out = tmp_path / "out"
+    result = _segment(photos, out, tiny_model_dir, env={"CLIPSEG_CACHE": str(tmp_path / "c")})
+    assert result.exit_code == 0, result.output
+    assert "no exporter here): text prompts are embedded with torch instead" in result.output
+    assert len(_masks(out)) == 6
+
+
 def test_an_unwritable_cache_warns_once_and_the_run_goes_on(photos, tiny_model_dir, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the cache folder should be")
@@ -214,7 +269,7 @@ def test_models_lists_the_cached_graphs(tmp_path):
     assert runner.invoke(app, [*args, "--out", str(tmp_path / "out")], env=env).exit_code == 0
     after = runner.invoke(app, ["models"], env=env)
     rows = {line.split("\t")[0]: line.split("\t") for line in after.output.splitlines()}
-    assert rows["demo"][3] == "fp32"
+    assert rows["demo"][3] == "fp32, text"  # the image graph, and the text tower's
 
 
 def test_eval_refuses_int8_and_says_how_to_score_it(photos, tmp_path):

@@ -69,6 +69,12 @@ class BackendChoice:
         return device_type(self.device)
 
     @property
+    def cpu_runtime(self) -> bool:
+        """Whether the image side runs on a CPU runtime of the cached graphs (not torch): then
+        text prompts are embedded through the text graph too, without torch."""
+        return self.name in ("onnx", "openvino")
+
+    @property
     def graph_variant(self) -> str:
         """The ONNX graph this choice runs (``fp32`` or ``int8``)."""
         return "int8" if self.precision == "int8" else "fp32"

@@ -386,7 +386,7 @@ def _process(
         from clipseg_cli.sam import refiner_for
 
         refiner_for(config.sam_model, config.device)  # loaded once, before any image
-    prompt_model = PromptModel(config, choice, segmenter)
+    prompt_model = PromptModel(config, choice, segmenter, on_progress=notice)
     prompts = _embed_prompts(config, prompt_model)
     for note in prompt_model.notes:
         notice(note)

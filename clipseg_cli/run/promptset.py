@@ -5,14 +5,16 @@ The prompt phase loads only what the prompts need (the text tower, or the whole 
 for ``--ref``), and only when something must be computed: text prompts embedded on the CPU in
 full precision are cached (:mod:`clipseg_cli.backends.cache`, keyed by the weights' sha256 and
 the prompt's text), so a warm run with known weights and prompts loads no tower and imports no
-torch. The segmentation phase loads vision blocks 0-9 and the decoder (:mod:`.backend`): the
-whole model is never resident at once.
+torch. When the image side runs on a CPU runtime (ONNX Runtime, OpenVINO), prompts not cached
+yet are embedded by the text tower's ONNX graph (:mod:`clipseg_cli.backends.text`, exported
+once), so a warm run with new prompts imports no torch either. The segmentation phase loads
+vision blocks 0-9 and the decoder (:mod:`.backend`): the whole model is never resident at once.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,7 +94,8 @@ class PromptModel:
     Args:
         config: the run's options.
         choice: the run's backend choice; text prompts are cached when the towers run on the
-            CPU in fp32 (what the ONNX backend always uses for them).
+            CPU in fp32 (what the CPU runtimes always use for them), and embedded through the
+            text graph when the image side runs on a CPU runtime.
         segmenter: a loaded model to use instead (the Python API's ``run_segment``).
     """
 
@@ -104,6 +107,11 @@ class PromptModel:
     parts: frozenset[str] | None = None
     #: One-line messages for the user (a text cache that could not be written).
     notes: list[str] = field(default_factory=list)
+    #: Receives progress messages while the text graph is exported (default: :attr:`notes`).
+    on_progress: Callable[[str], None] | None = field(default=None, compare=False)
+    #: Keep the text graph's session between calls (a server); a run frees it after each.
+    resident: bool = False
+    _text_encoder: object | None = field(default=None, repr=False)
     _identity: tuple[WeightsInfo, ArchitectureSpec] | None = field(default=None, repr=False)
     _given: bool = field(default=False, repr=False)
 
@@ -119,7 +127,7 @@ class PromptModel:
         """Whether the towers run on the CPU in fp32 (then text embeddings are cached)."""
         if self._given:
             return False  # the caller's model: its device and dtype are its own
-        return self.choice.name == "onnx" or (
+        return self.choice.cpu_runtime or (
             self.choice.device == "cpu" and self.choice.precision == "fp32"
         )
 
@@ -147,19 +155,76 @@ class PromptModel:
             self.towers()
         return self._identity
 
+    @property
+    def text_graph(self) -> bool:
+        """Whether new text prompts go through the text tower's ONNX graph (no torch): when
+        the image side runs on a CPU runtime."""
+        return not self._given and self.choice.cpu_runtime
+
     def embed_texts(self, prompts: Sequence[str]) -> np.ndarray:
-        """float32 ``[K, D]`` text conditionals, from the cache when they are there."""
+        """float32 ``[K, D]`` text conditionals: each from the cache when it is there, the
+        others computed (in one call) and cached."""
+        prompts = list(prompts)
+        if not self.on_cpu_fp32:
+            return _to_array(self.towers().embed_texts(prompts))
         sha256 = self.identity[0].sha256
-        if self.on_cpu_fp32:
-            cached = load_text_embeddings(sha256, list(prompts))
+        rows: dict[str, np.ndarray] = {}
+        for prompt in dict.fromkeys(prompts):
+            cached = load_text_embeddings(sha256, [prompt])
             if cached is not None:
-                return cached
-        vectors = _to_array(self.towers().embed_texts(prompts))
-        if self.on_cpu_fp32:
-            problem = store_text_embeddings(sha256, list(prompts), vectors)
+                rows[prompt] = cached[0]
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in rows]
+        if missing:
+            vectors = self._embed_new(missing)
+            problem = store_text_embeddings(sha256, missing, vectors)
             if problem is not None:
                 self.notes.append(problem)
-        return vectors
+            rows.update(zip(missing, vectors, strict=True))
+        if not prompts:
+            return np.zeros((0, self.identity[1].embed_dim), np.float32)
+        return np.stack([rows[prompt] for prompt in prompts]).astype(np.float32, copy=False)
+
+    def _embed_new(self, prompts: list[str]) -> np.ndarray:
+        """Texts the cache does not hold: through the text graph on a CPU runtime's run, else
+        the torch tower."""
+        if self.text_graph:
+            from clipseg_cli.backends.base import BackendError
+
+            try:
+                encoder = self._text_encoder or self._open_text_encoder()
+            except BackendError as error:  # e.g. an exporter that fails on this install
+                self.notes.append(f"{error}: text prompts are embedded with torch instead")
+            else:
+                self._text_encoder = encoder if self.resident else None
+                return encoder.embed_texts(prompts)
+        return _to_array(self.towers().embed_texts(prompts))
+
+    def _open_text_encoder(self):
+        from clipseg_cli.backends.text import open_text_encoder
+
+        info, arch = self.identity
+        say = self.on_progress or self.notes.append
+        loaded = open_text_encoder(
+            info.sha256, arch, self._text_model, label=info.model_id, on_progress=say
+        )
+        for warning in loaded.warnings:
+            self.notes.append(warning)
+        return loaded.encoder
+
+    def _text_model(self):
+        """The float32 text tower to export: the loaded towers' when they hold it (a first run
+        loads them to learn the weights' identity), else only the text tower."""
+        if (
+            self.segmenter is not None
+            and self.segmenter.model.backbone.clip.transformer is not None
+        ):
+            return self.segmenter.model
+        from clipseg_cli.weights import load_weights
+
+        model, _info = load_weights(
+            self.config.model, clip_weights=self.config.clip_weights, components=frozenset({"text"})
+        )
+        return model
 
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """float32 ``[K, D]`` image conditionals of support images."""

@@ -161,7 +161,7 @@ class Service:
         for note in self.choice.notes:
             notice(note)
         self._prompt_lock = threading.Lock()
-        self.prompt_model = PromptModel(config, self.choice, parts=PROMPT_TOWERS)
+        self.prompt_model = PromptModel(config, self.choice, parts=PROMPT_TOWERS, resident=True)
         info, arch = self.prompt_model.identity
         self.model_id = info.model_id
         self.input_size = (arch.input_size, arch.input_size)
