@@ -4,9 +4,9 @@
 on the package's own tokenizer (:mod:`clipseg_cli.ops.tokenizer`): a CPU run with a text prompt
 that is not in the embedding cache needs neither torch nor open_clip once the graph is cached.
 Its session follows the image backend's thread rules (:func:`.onnx.session_options`), with
-ONNX Runtime's memory arena off: the session runs a handful of times per run, and an arena
-sized for its largest call would stay allocated next to the image graph (measured in
-bench/text_bench.py).
+ONNX Runtime's memory arena off: the session runs once per run, and an arena sized for that
+call would only hold memory (arena on vs off not measured; the warm runs' peak RSS with new
+prompts is in docs/backends.md, from bench/text_bench.py).
 
 :func:`open_text_encoder` finds the graph in the cache (:mod:`.cache`, variant ``text``) or
 exports it from the weights (torch, once), stores it like the image graph (atomic, sidecar with
@@ -132,8 +132,9 @@ class TextLoad:
 
 def default_seconds(arch: ArchitectureSpec) -> float:
     """A first guess of the export's seconds before this machine has done it once. Measured on
-    2 cores of an AMD EPYC (Zen 5): ~3 s for a tiny model's 2-block text tower, ~6 s for
-    ViT-B/16's 12 blocks of width 512 (bench/text_bench.py)."""
+    2 cores of an AMD EPYC (Zen 5): ~3 s for a tiny model's 2-block text tower; 10 s for
+    ViT-B/16's 12 blocks of width 512 on a loaded machine (bench/text_bench.py), where this
+    guess says 6 s; the run records the real time for the next estimate."""
     text = arch.text
     millions = text.layers * 12 * text.width**2 / 1e6  # ~38 M parameters for ViT-B/16's tower
     return 3.0 + 0.08 * millions
