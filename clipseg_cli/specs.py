@@ -48,6 +48,14 @@ DEFAULT_MIN_SCORE = 0.4
 #: ``--split`` values: ``auto`` splits a region where touching objects meet (ops.split),
 #: ``none`` keeps every region of the mask whole.
 SPLIT_MODES = ("auto", "none")
+#: ``--smooth`` for videos (ops.temporal): none, ema, or flow (EMA of the flow-warped past);
+#: the default was chosen by measurement (bench/video_bench.py, docs/video.md).
+SMOOTH_MODES = ("none", "ema", "flow")
+DEFAULT_SMOOTH = "flow"
+#: ``--video-codec``: the format of videos with alpha (matte, cutout), see io.video.
+VIDEO_CODECS = ("prores", "vp9", "ffv1", "png")
+#: ``--segment-frames``: a video's frames per ledger segment (the unit of resuming).
+DEFAULT_SEGMENT_FRAMES = 300
 #: Pillow's own default limit (``Image.MAX_IMAGE_PIXELS``): about 179 megapixels, ~0.5 GB as RGB.
 DEFAULT_MAX_PIXELS = 178_956_970
 

@@ -229,6 +229,46 @@ RetryOpt = Annotated[
     bool, typer.Option(help="Retry inputs that failed in earlier runs into the same --out.")
 ]
 
+# -- videos (docs/video.md) ----------------------------------------------------------------------
+
+SmoothOpt = Annotated[
+    Literal["none", "ema", "flow"],
+    typer.Option(
+        help="Videos: steady the probabilities over time: flow (average with the past warped "
+        "by optical flow), ema (plain average) or none."
+    ),
+]
+VideoCodecOpt = Annotated[
+    Literal["prores", "vp9", "ffv1", "png"],
+    typer.Option(
+        help="Videos with alpha (matte, cutout): prores (ProRes 4444 .mov), vp9 (.webm), "
+        "ffv1 (lossless .mkv) or png (a folder of frames)."
+    ),
+]
+EveryOpt = Annotated[int, typer.Option(help="Videos: keep every N-th frame.")]
+FpsOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Videos: keep at most F frames a second; a --sequence's frame rate (default 25).",
+        show_default=False,
+    ),
+]
+StartOpt = Annotated[
+    float | None, typer.Option(help="Videos: start at this second.", show_default=False)
+]
+EndOpt = Annotated[
+    float | None, typer.Option(help="Videos: end before this second.", show_default=False)
+]
+SegmentFramesOpt = Annotated[
+    int, typer.Option(help="Videos: frames per segment, the unit a killed run resumes from.")
+]
+FramesOpt = Annotated[
+    bool, typer.Option(help="Videos: also write every frame's outputs as PNG files.")
+]
+SequenceOpt = Annotated[
+    bool, typer.Option(help="A folder of numbered frames is one video (rate from --fps).")
+]
+
 # -- Ray ------------------------------------------------------------------------------------------
 
 EngineOpt = Annotated[

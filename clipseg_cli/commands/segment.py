@@ -20,12 +20,14 @@ import typer
 from clipseg_cli.commands import options as o
 from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, wants_bar
 from clipseg_cli.io.naming import COMMAND_KINDS, parse_exports, parse_kinds
-from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.config import SegmentConfig, VideoOptions
 from clipseg_cli.specs import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SCORE,
     DEFAULT_MODEL,
     DEFAULT_SAM_MODEL,
+    DEFAULT_SEGMENT_FRAMES,
+    DEFAULT_SMOOTH,
     MODEL_SPECS,
 )
 
@@ -132,6 +134,19 @@ _FIELD_NAMES = {
 }
 
 
+_VIDEO_OPTIONS = (
+    "smooth",
+    "video_codec",
+    "every",
+    "fps",
+    "start",
+    "end",
+    "segment_frames",
+    "frames",
+    "sequence",
+)
+
+
 def segment_config(command: str, options: dict[str, Any]) -> SegmentConfig:
     """The :class:`SegmentConfig` of a command's parameters (``segment``, ``matte``, ``watch``
     pass their own by name): prompts and thresholds read from their files, kinds parsed.
@@ -148,6 +163,9 @@ def segment_config(command: str, options: dict[str, Any]) -> SegmentConfig:
     values["save"] = parse_kinds(values["save"] or [], command)
     if "exports" in values:
         values["exports"] = parse_exports(values["exports"] or [])
+    video = {name: values.pop(name) for name in _VIDEO_OPTIONS if name in values}
+    if video:
+        values["video"] = VideoOptions(**video)
     return SegmentConfig(command=command, prompts=prompts, threshold=threshold, **values)
 
 
@@ -225,6 +243,15 @@ def segment(
     export: o.ExportOpt = None,
     coco_segmentation: o.CocoSegmentationOpt = "rle",
     yolo_copy: o.YoloCopyOpt = False,
+    smooth: o.SmoothOpt = DEFAULT_SMOOTH,
+    video_codec: o.VideoCodecOpt = "prores",
+    every: o.EveryOpt = 1,
+    fps: o.FpsOpt = None,
+    start: o.StartOpt = None,
+    end: o.EndOpt = None,
+    segment_frames: o.SegmentFramesOpt = DEFAULT_SEGMENT_FRAMES,
+    frames: o.FramesOpt = False,
+    sequence: o.SequenceOpt = False,
     model: o.ModelOpt = DEFAULT_MODEL,
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",
@@ -244,7 +271,7 @@ def segment(
     num_gpus: o.NumGpusOpt = None,
     actors: o.ActorsOpt = None,
 ) -> None:
-    """Segment images with text and/or image prompts; write masks and a JSON log."""
+    """Segment images and videos with text and/or image prompts; write masks and a JSON log."""
     with exit_on_error():
         config = segment_config("segment", locals())
     run_images(config, progress)
@@ -289,6 +316,15 @@ def matte(
     threshold: o.ThresholdOpt = None,
     threshold_from: o.ThresholdFromOpt = None,
     matte_bits: o.BitsOpt = 8,
+    smooth: o.SmoothOpt = DEFAULT_SMOOTH,
+    video_codec: o.VideoCodecOpt = "prores",
+    every: o.EveryOpt = 1,
+    fps: o.FpsOpt = None,
+    start: o.StartOpt = None,
+    end: o.EndOpt = None,
+    segment_frames: o.SegmentFramesOpt = DEFAULT_SEGMENT_FRAMES,
+    frames: o.FramesOpt = False,
+    sequence: o.SequenceOpt = False,
     model: o.ModelOpt = DEFAULT_MODEL,
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",

@@ -32,6 +32,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from clipseg_cli.errors import first_line
 from clipseg_cli.io.paths import display_path
+from clipseg_cli.io.video import sniff_video
 from clipseg_cli.specs import DEFAULT_MAX_PIXELS
 
 try:
@@ -251,7 +252,7 @@ class _Collector:
                         continue  # FIFOs, sockets, devices: opening a FIFO would block
                 except OSError:
                     broken = True
-                if broken or looks_like_image(child):
+                if broken or looks_like_image(child) or sniff_video(child):
                     found.append((child_rel, child))
         found.sort(key=lambda t: t[0])
         for _, path in found:

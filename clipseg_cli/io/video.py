@@ -233,9 +233,9 @@ def read_frames(
     sampling: Sampling = Sampling(),
     resume: Position | None = None,
     stop_after: int | None = None,
-) -> Iterator[tuple[Frame, Position | None]]:
-    """Decode the kept frames, one at a time; each with the :class:`Position` of the frame
-    after it (None after the last one), so decoding can resume there.
+) -> Iterator[tuple[Frame, Position]]:
+    """Decode the kept frames, one at a time, each with its own :class:`Position` (decoding
+    resumed there starts with that frame).
 
     ``stop_after``: end after this many kept frames (a segment of a split run).
 
@@ -249,18 +249,10 @@ def read_frames(
             raise VideoError("no video stream in the file")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame threads: decoding keeps up with the model
-        frames = _kept(container, stream, sampling, resume, av)
-        pending = None
-        count = 0
-        for kept in frames:
-            if pending is not None:
-                yield pending[0], kept[1]
-                count += 1
-                if stop_after is not None and count >= stop_after:
-                    return
-            pending = kept
-        if pending is not None:
-            yield pending[0], None
+        for count, kept in enumerate(_kept(container, stream, sampling, resume, av), 1):
+            yield kept
+            if stop_after is not None and count >= stop_after:
+                return
 
 
 def _kept(
@@ -490,6 +482,7 @@ class VideoWriter:
             self._container = None
 
 
+_CONTAINERS = {".mkv": "matroska", ".mp4": "mp4", ".mov": "mov", ".webm": "webm"}
 _FORMATS = {
     "gray": "gray",
     "gray16": "gray16le",
@@ -536,10 +529,13 @@ def _even(size: int, codec: str) -> int:
     return size + (size % 2) if codec in ("libx264", "libvpx-vp9") else size
 
 
-def join_segments(parts: list[Path], target: Path, audio_from: Path | None = None) -> None:
+def join_segments(
+    parts: list[Path], target: Path, audio_from: Path | None = None, named: Path | None = None
+) -> None:
     """Join segment files of one output (same codec and time base) into ``target`` by stream
     copy, adding the audio stream of ``audio_from`` (copied, not re-encoded) when it has one.
-    PNG folders are merged by moving their frames."""
+    The container is the one of ``named``'s extension (default: ``target``'s; a temporary
+    name has none). PNG folders are merged by moving their frames."""
     if parts and parts[0].is_dir():
         target.mkdir(parents=True, exist_ok=True)
         for part in parts:
@@ -548,7 +544,7 @@ def join_segments(parts: list[Path], target: Path, audio_from: Path | None = Non
             shutil.rmtree(part, ignore_errors=True)
         return
     av = _av()
-    fmt = {".mkv": "matroska", ".mp4": "mp4", ".mov": "mov", ".webm": "webm"}[target.suffix]
+    fmt = _CONTAINERS[(named or target).suffix]
     with av.open(str(target), "w", format=fmt) as out:
         first = av.open(str(parts[0]))
         video = out.add_stream_from_template(first.streams.video[0])

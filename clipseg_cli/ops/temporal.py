@@ -20,15 +20,13 @@ Both reset at a scene cut (the thumbnails of two frames differ by more than
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-SMOOTH_MODES = ("none", "ema", "flow")
-#: Chosen by measurement (bench/video_bench.py, docs/video.md).
-DEFAULT_SMOOTH = "flow"
+from clipseg_cli.specs import DEFAULT_SMOOTH, SMOOTH_MODES
+
 #: The weight of the new frame in the average.
 DEFAULT_WEIGHT = 0.4
 #: The most the past may pull a probability away from the new frame's.
@@ -83,20 +81,13 @@ def is_cut(previous: np.ndarray, current: np.ndarray, threshold: float = CUT_THR
     return float(diff.mean()) / 255.0 > threshold
 
 
-_LOCAL = threading.local()
-
-
-def _flow_engine() -> cv2.DISOpticalFlow:
-    # One per thread: the DIS object keeps scratch buffers between calls.
-    if not hasattr(_LOCAL, "dis"):
-        _LOCAL.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
-    return _LOCAL.dis
-
-
 def backward_flow(current: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """float32 ``[h, w, 2]``: for each pixel of ``current`` (a thumbnail), where it was in
     ``previous``."""
-    return _flow_engine().calc(current, previous, None)
+    # A fresh DIS object each time: one reused keeps buffers that change its next answer in the
+    # last bits, and a resumed video must get the flow an uninterrupted run got.
+    engine = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+    return engine.calc(current, previous, None)
 
 
 def warp(prob: np.ndarray, flow: np.ndarray) -> np.ndarray:

@@ -27,11 +27,15 @@ from clipseg_cli.specs import (
     DEFAULT_MIN_SCORE,
     DEFAULT_MODEL,
     DEFAULT_SAM_MODEL,
+    DEFAULT_SEGMENT_FRAMES,
+    DEFAULT_SMOOTH,
     DEFAULT_THRESHOLD,
     DEVICES,
     PRECISIONS,
     REFINE_METHODS,
+    SMOOTH_MODES,
     SPLIT_MODES,
+    VIDEO_CODECS,
     is_device_name,
     resolve_model,
 )
@@ -50,6 +54,36 @@ _DIGEST = MappingProxyType({"fingerprint": "digest"})
 _SAM_ONLY = MappingProxyType({"fingerprint": "sam"})  # only --refine sam uses it
 _COMPOSITE_ONLY = MappingProxyType({"fingerprint": "composite"})  # only composites use it
 _NOT_RECORDED = MappingProxyType({"recorded": False})
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """How videos (and ``--sequence`` frame folders) are read, steadied and written."""
+
+    smooth: str = DEFAULT_SMOOTH  # none, ema, flow (ops.temporal)
+    video_codec: str = "prores"  # videos with alpha: prores, vp9, ffv1, png
+    every: int = 1  # keep every N-th frame
+    fps: float | None = None  # or at most F frames a second; a --sequence's frame rate
+    start: float | None = None  # seconds
+    end: float | None = None
+    segment_frames: int = DEFAULT_SEGMENT_FRAMES  # frames per ledger segment
+    frames: bool = False  # also every frame's outputs as PNGs
+    sequence: bool = False  # a folder of numbered frames is one video
+
+    def __post_init__(self) -> None:
+        if self.smooth not in SMOOTH_MODES:
+            raise ValueError(f"--smooth {self.smooth}: choose from {', '.join(SMOOTH_MODES)}")
+        if self.video_codec not in VIDEO_CODECS:
+            choices = ", ".join(VIDEO_CODECS)
+            raise ValueError(f"--video-codec {self.video_codec}: choose from {choices}")
+        if self.every < 1 or self.segment_frames < 1:
+            raise ValueError("--every and --segment-frames must be at least 1")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"--fps {self.fps}: must be positive")
+        if self.every > 1 and self.fps is not None and not self.sequence:
+            raise ValueError("give --every or --fps, not both")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"--end {self.end} must be after --start {self.start}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +151,7 @@ class SegmentConfig:
     ray_address: str | None = None
     num_gpus: float | None = None  # per actor; None: 1 when the cluster has GPUs, else 0
     actors: int | None = None  # None: one per GPU, or per 8 CPUs (engines/ray.py)
+    video: VideoOptions = field(default=VideoOptions(), metadata=_VALUE)
 
     def __post_init__(self) -> None:
         # The canonical spelling (AUTO -> auto, 03 -> 3): the fingerprint compares it.
@@ -202,8 +237,7 @@ class SegmentConfig:
 
     @property
     def wants_instances(self) -> bool:
-        """Whether each prompt's mask is split into instances (``--save instances``,
-        ``--export``)."""
+        """Whether each prompt's mask is split into instances (--save instances, --export)."""
         return "instances" in self.save or bool(self.exports)
 
     @property
@@ -300,6 +334,8 @@ def _parse_tiles(value: str) -> str:
 
 def _plain(value: Any) -> Any:
     """Tuples as lists and paths as strings, as JSON and the ledger's header hold them."""
+    if isinstance(value, VideoOptions):
+        return {option.name: _plain(getattr(value, option.name)) for option in fields(value)}
     if isinstance(value, tuple):
         return [_plain(item) for item in value]
     if isinstance(value, Path):

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -142,6 +143,24 @@ def prepare_item(work: Work, config: SegmentConfig, size: tuple[int, int]) -> Pr
         # would record them under a size and time they do not belong to. (Bytes in memory, an
         # upload to the server, cannot change while they are read.)
         return Failed(work, "the file changed while it was read; it is read again once it settles")
+    return prepared_from(work, image, config, size, start)
+
+
+def prepare_decoded(
+    work: Work, image: sources.DecodedImage, config: SegmentConfig, size: tuple[int, int]
+) -> Prepared:
+    """The model rows of an image decoded elsewhere (a video's frame)."""
+    return prepared_from(work, image, config, size, time.perf_counter())
+
+
+def prepared_from(
+    work: Work,
+    image: sources.DecodedImage,
+    config: SegmentConfig,
+    size: tuple[int, int],
+    start: float,
+) -> Prepared:
+    """An image's model rows: the whole image, then its tiles."""
     rows = [resize_rgb(image.rgb, size)]
     count = tiles.tiles_along_short_side(config.tiles, image.rgb.shape[:2], min(size))
     grid = tiles.tile_grid(image.rgb.shape[:2], count) if count else None
@@ -338,6 +357,14 @@ def image_refiner(rgb: np.ndarray, config: SegmentConfig) -> Callable[[np.ndarra
     return lambda prob: sam.refine(rgb, prob, config.threshold)
 
 
+class FrameHooks(Protocol):
+    """What a video's frame adds to :func:`write_item` (:mod:`.frames`)."""
+
+    def smooth(self, k: int, prob: np.ndarray) -> np.ndarray: ...
+
+    def observe(self, k: int, prob: np.ndarray, mask: np.ndarray) -> None: ...
+
+
 @dataclass(frozen=True)
 class Written:
     """One image's outputs are written (to the sink): its log row, its part of the exports (its
@@ -355,9 +382,12 @@ def write_item(
     config: SegmentConfig,
     conditionals: list[Conditional],
     sink: OutputSink | None = None,
+    frame: FrameHooks | None = None,
 ) -> Written:
     """Make every requested output of one image and hand it to ``sink`` (default: files under
-    ``--out``, see :mod:`.outputs`).
+    ``--out``, see :mod:`.outputs`). A video's frame comes with its ``frame`` hooks: each
+    prompt's probability is smoothed over time before anything is made from it, and what the
+    outputs were made from is shown to the flicker measures.
 
     Raises:
         InputError: the image cannot be finished (``--grow`` larger than it, SAM failed).
@@ -371,10 +401,15 @@ def write_item(
     stats, found = [], []
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
-        prob, logits = refine(prediction.probabilities(k)), prediction.logits[k]
+        prob = prediction.probabilities(k)
+        if frame is not None:
+            prob = frame.smooth(k, prob)
+        prob, logits = refine(prob), prediction.logits[k]
         out, instances, counts = _prompt_outputs(
             rgb, prob, logits, k, config, 1 + len(found), background
         )
+        if frame is not None:
+            frame.observe(k, out.prob, out.mask)
         stats.append(_prompt_stats(out.prob, out.mask, conditional) | counts)
         found += instances
         if labels is not None:

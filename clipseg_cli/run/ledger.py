@@ -63,6 +63,8 @@ class Ledger:
     # The facts of the latest note (weights_sha256, embeddings_sha256, prompts): what a rerun
     # that embeds nothing still needs to know (the exports' category names).
     noted: dict = field(default_factory=dict)
+    # A video's finished segments (run.frames), in order: what a rerun continues from.
+    segments: dict[str, list[dict]] = field(default_factory=dict)
     _handle: object = None
 
     @classmethod
@@ -83,6 +85,8 @@ class Ledger:
                     ledger.header = row
                 elif isinstance(row.get("note"), dict):
                     ledger.noted.update(row["note"])
+                elif "segment" in row and "key" in row:
+                    ledger.segments.setdefault(row["key"], []).append(row)
                 elif "key" in row:
                     signature = InputSignature(row.get("size"), row.get("mtime_ns"))
                     ledger.entries[row["key"]] = LedgerEntry(row.get("status", ""), signature)
@@ -122,6 +126,7 @@ class Ledger:
             self.path.replace(self.path.with_name(f"{LEDGER_NAME}.{int(time.time())}.old"))
         self.entries.clear()
         self.noted.clear()
+        self.segments.clear()
         self.header = {
             "ledger": LEDGER_VERSION,
             "fingerprint": fingerprint_value,
@@ -164,6 +169,30 @@ class Ledger:
         }
         self._append(row)
         self.entries[key] = LedgerEntry(status, signature)
+
+    def record_segment(self, key: str, signature: InputSignature, segment: dict) -> None:
+        """Append one finished segment of a video. Call only after its files are complete."""
+        row = {"key": key, "size": signature.size, "mtime_ns": signature.mtime_ns}
+        row["segment"] = segment
+        self._append(row)
+        self.segments.setdefault(key, []).append(row)
+
+    def segments_of(self, key: str, signature: InputSignature) -> list[dict]:
+        """The finished segments of ``key`` recorded for this very file (a changed video is
+        redone), in order, numbered from 0 without a gap."""
+        found: list[dict] = []
+        for row in self.segments.get(key, []):
+            if signature.size is None or (row.get("size"), row.get("mtime_ns")) != (
+                signature.size,
+                signature.mtime_ns,
+            ):
+                continue
+            segment = row["segment"]
+            if segment.get("segment") == len(found):
+                found.append(segment)
+            elif segment.get("segment", -1) < len(found):
+                found = [*found[: segment["segment"]], segment]  # redone after a resume
+        return found
 
     def close(self) -> None:
         if self._handle is not None:

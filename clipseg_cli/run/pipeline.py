@@ -324,6 +324,11 @@ class Recorder:
         time, and what the engine reports."""
         self.details.update(finished.details)
         self.infer_seconds += finished.infer_seconds
+        if finished.row["status"] == "frame":  # a video's frame (run.frames): not an input
+            if "segment" in finished.row:
+                work = finished.work
+                self.ledger.record_segment(work.key, work.signature, finished.row["segment"])
+            return
         if finished.part is not None and self.parts is not None:
             try:
                 self.parts.write(finished.part)
@@ -406,6 +411,10 @@ def _process(
     else:
         engine = local.process
         memory.tune_for_streaming()
+    if config.engine == "local":
+        from clipseg_cli.run.frames import expand
+
+        todo = expand(iter(todo), config, recorder.ledger)  # a video: its frames, decoded as due
     results = engine(_until_stopped(todo, stop), steps, opener)
     # The local engine finishes what it holds once the stream ends; Ray's execution is closed.
     _record_results(results, recorder, stop, flusher, drains=config.engine == "local")

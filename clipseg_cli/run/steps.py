@@ -26,7 +26,7 @@ from typing import Final, Literal, Protocol, TypeAlias
 import numpy as np
 
 from clipseg_cli.backends.base import ImageBackend
-from clipseg_cli.run import items
+from clipseg_cli.run import frames, items
 from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.items import Failed, Prediction, Prepared, RowBatcher, Work, Written
@@ -64,7 +64,9 @@ class ItemSteps:
     input_size: tuple[int, int]  # the model's input (h, w): decode resizes to it
 
     def prepare(self, work: Work) -> Prepared | Failed:
-        """Decode one input and resize it for the model."""
+        """Decode one input (or take a video's decoded frame) and resize it for the model."""
+        if frames.is_frame(work):
+            return frames.prepare_frame(work, self.config, self.input_size)
         return items.prepare_item(work, self.config, self.input_size)
 
     def predict(self, model: ImageBackend, rows: list[np.ndarray], pad_to: int) -> np.ndarray:
@@ -77,9 +79,20 @@ class ItemSteps:
         return RowBatcher(batch_size, self.prompts.count)
 
     def write(self, prepared: Prepared, prediction: Prediction) -> Written:
-        """Write one input's outputs: its log row and export part. Raises DiskFullError when
-        the disk is full."""
+        """Write one input's outputs: its log row and export part (a video's frame: into the
+        video, see :mod:`.frames`). Raises DiskFullError when the disk is full."""
+        job = getattr(prepared.work, "job", None)
+        if job is not None:
+            return job.write(prepared, prediction, self.prompts.positives)
         return items.write_or_fail(prepared, prediction, self.config, self.prompts.positives)
+
+    def wait_turn(self, work: Work) -> None:
+        """Block until ``work`` may be written: a video's frames are written in order, each
+        after the one before it (the smoothing state goes from frame to frame). Call it
+        before taking any lock the model also takes."""
+        job = getattr(work, "job", None)
+        if job is not None and work.frame is not None:
+            job.wait_turn(work.frame.index)
 
     def fail(self, failed: Failed) -> dict:
         """The log row of an input that could not be decoded."""

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.engines.cpu_gate import CpuGate, gate_for
-from clipseg_cli.run.items import Failed, Prepared, Work, Written
+from clipseg_cli.run.items import Failed, Prediction, Prepared, Work, Written
 from clipseg_cli.run.steps import IDLE, Finished, Idle, ItemSteps
 
 T = TypeVar("T")
@@ -42,7 +42,13 @@ def process(
     details = {**model.details, "batch_size": batch_size}
     sizes: Counter[int] = Counter()  # images per model call -> calls
     gate = gate_for(model.device_type)
-    write = gate.sharing(steps.write)
+    shared_write = gate.sharing(steps.write)
+
+    def write(prepared: Prepared, prediction: Prediction) -> Written:
+        # A video's frame waits for the frame before it outside the gate, never holding it.
+        steps.wait_turn(prepared.work)
+        return shared_write(prepared, prediction)
+
     # (future of the row, the work, its share of the model's time); rows leave in input order.
     writes: deque[tuple[Future, Work, float]] = deque()
 

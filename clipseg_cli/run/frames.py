@@ -1,0 +1,472 @@
+"""A video is one input that yields many frames.
+
+:func:`expand` turns each video among a run's inputs into a stream of :class:`FrameWork`
+items, one per kept frame, decoded as the engine asks for them (memory does not grow with the
+video). The engines batch them through the model like images, and each frame is written by the
+same :func:`~clipseg_cli.run.items.write_item` as an image, with two hooks: its probabilities
+are smoothed over time first (:mod:`clipseg_cli.ops.temporal`), and its outputs go to a
+:class:`VideoSink` that feeds the video encoders (:mod:`clipseg_cli.io.video`). A video's
+frames are written one after the other, in order (:meth:`VideoJob.wait_turn`): the smoothing
+state is a value handed from each frame to the next.
+
+Segments of ``--segment-frames`` frames are the unit of resuming: when a segment's last frame
+is written, its encoders are closed (its part files are complete under ``.clipseg/video/``),
+its smoothing state is saved next to them, and the pipeline records the segment in the ledger
+(:data:`SEGMENT_ROW`). A rerun after a crash continues decoding at the next segment's first
+frame with the state restored, and the final files are the parts joined by stream copy, renamed
+into place when the video's last frame is written. The temporary folder then goes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from clipseg_cli.errors import InputError, disk_full
+from clipseg_cli.io import sources, video
+from clipseg_cli.io.files import atomic_target
+from clipseg_cli.io.naming import STATE_DIR, output_path
+from clipseg_cli.io.paths import display_path
+from clipseg_cli.ops import temporal
+from clipseg_cli.run import items
+from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.inputs import Work, failure_row
+from clipseg_cli.run.ledger import Ledger
+from clipseg_cli.run.outputs import FileSink, Output
+from clipseg_cli.run.promptset import Conditional
+
+#: The status of a frame's row: not an input's row (the pipeline logs only the video's).
+FRAME_ROW = "frame"
+#: In a frame's row: the segment that frame finished, for the ledger.
+SEGMENT_ROW = "segment"
+#: Under the state folder: the part files of unfinished videos.
+VIDEO_STATE = "video"
+#: Kinds that are not videos: logits are arrays, written per frame with --frames only.
+_NOT_VIDEO = frozenset({"logits"})
+
+
+@dataclass(frozen=True)
+class FrameWork(Work):
+    """One frame of a video (or, without ``frame``, a video that yields none: ``error``)."""
+
+    job: VideoJob | None = field(default=None, compare=False, repr=False)
+    frame: video.Frame | None = field(default=None, compare=False, repr=False)
+    next_position: video.Position | None = None  # where the frame after this one is
+    last: bool = False
+    error: str | None = None
+
+
+def is_frame(work: Work) -> bool:
+    return isinstance(work, FrameWork)
+
+
+def sampling(config: SegmentConfig) -> video.Sampling:
+    options = config.video
+    return video.Sampling(options.start, options.end, options.every, options.fps)
+
+
+# -- the stream of frames ---------------------------------------------------------------------
+
+
+def expand(todo: Iterator, config: SegmentConfig, ledger: Ledger) -> Iterator:
+    """The stream ``todo`` with each video replaced by its frames (images pass as they are)."""
+    for work in todo:
+        if isinstance(work, Work) and _is_video(work):
+            yield from _video_frames(work, config, ledger)
+        else:
+            yield work
+
+
+def _is_video(work: Work) -> bool:
+    return work.item.data is None and video.sniff_video(work.item.path)
+
+
+def _video_frames(work: Work, config: SegmentConfig, ledger: Ledger) -> Iterator[FrameWork]:
+    def single(error: str, job: VideoJob | None = None) -> FrameWork:
+        return FrameWork(*_fields(work), job=job, last=True, error=error)
+
+    try:
+        info = video.probe(work.item.path, config.max_pixels)
+    except video.VideoError as error:
+        yield single(str(error))
+        return
+    job = VideoJob(work, info, config)
+    resume = job.restore(ledger.segments_of(work.key, work.signature))
+    held: tuple[video.Frame, video.Position] | None = None
+    error = None
+    try:
+        for frame, position in video.read_frames(work.item.path, sampling(config), resume):
+            if held is not None:
+                yield FrameWork(*_fields(work), job=job, frame=held[0], next_position=position)
+            held = (frame, position)
+    except video.VideoError as problem:
+        error = str(problem)
+    if held is None:
+        job.discard()
+        yield single(error or "no frames between --start and --end", job)
+        return
+    # The last frame is known as the last: its write finishes the video (or fails it).
+    yield FrameWork(*_fields(work), job=job, frame=held[0], last=True, error=error)
+
+
+def _fields(work: Work) -> tuple:
+    return (work.item, work.key, work.signature, work.out_key)
+
+
+def prepare_frame(work: FrameWork, config: SegmentConfig, size: tuple[int, int]):
+    """A frame's model rows (the video was decoded by :func:`expand`)."""
+    if work.frame is None:
+        return items.Failed(work, work.error or "no frames")
+    image = sources.DecodedImage(work.frame.rgb, None, "video", "RGB")
+    return items.prepare_decoded(work, image, config, size)
+
+
+# -- one video being written ------------------------------------------------------------------
+
+
+@dataclass
+class _PromptTrack:
+    """One prompt over the video: coverage per frame, empty frames, the peak, flicker."""
+
+    coverage: list[float] = field(default_factory=list)
+    empty: int = 0
+    peak: float = 0.0
+    flicker: temporal.Flicker = field(default_factory=temporal.Flicker)
+
+    def totals(self) -> dict:
+        meter = self.flicker
+        return {
+            "coverage": list(self.coverage),  # a copy: later frames go on appending
+            "empty": self.empty,
+            "peak": self.peak,
+            "flicker": [meter.changes, meter.ious, meter.pairs],
+        }
+
+    @classmethod
+    def from_totals(cls, totals: dict, arrays: dict, k: int) -> _PromptTrack:
+        changes, ious, pairs = totals["flicker"]
+        prob, mask = arrays.get(f"flicker_prob{k}"), arrays.get(f"flicker_mask{k}")
+        meter = temporal.Flicker(changes, ious, pairs, prob, None if mask is None else mask)
+        return cls(list(totals["coverage"]), totals["empty"], totals["peak"], meter)
+
+
+class VideoJob:
+    """The state of one video while its frames are written: the smoothing state, the open
+    encoders of the current segment, the finished segments' parts, each prompt's track."""
+
+    def __init__(self, work: Work, info: video.VideoInfo, config: SegmentConfig) -> None:
+        self.work = work
+        self.info = info
+        self.config = config
+        self.smoothing = temporal.Smoothing(config.video.smooth)
+        self.state = temporal.SmoothingState()
+        digest = hashlib.sha1(work.key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        self.folder = config.out_dir / STATE_DIR / VIDEO_STATE / digest
+        self.segment = 0
+        self.parts: dict[str, list[str]] = {}  # "kind/slug" -> part file names, in order
+        self.writers: dict[str, video.VideoWriter] = {}
+        self.tracks: dict[int, _PromptTrack] = {}
+        self.timings = {"decode_s": 0.0, "write_s": 0.0}
+        self._turn = threading.Condition()
+        self._next = 0  # the frame index whose turn it is
+        self._failed = False
+
+    # -- resuming
+
+    def restore(self, segments: list[dict]) -> video.Position | None:
+        """Continue after the last recorded segment whose files are all there; returns where
+        decoding resumes (None: from the start)."""
+        return _restore(self, segments)
+
+    # -- order
+
+    def wait_turn(self, index: int) -> None:
+        """Block until every earlier frame of this video is written."""
+        with self._turn:
+            self._turn.wait_for(lambda: self._next >= index)
+
+    def _done(self, index: int) -> None:
+        with self._turn:
+            self._next = index + 1
+            self._turn.notify_all()
+
+    # -- writing
+
+    def write(
+        self,
+        prepared: items.Prepared,
+        prediction: items.Prediction,
+        conditionals: list[Conditional],
+    ) -> items.Written:
+        """Write one frame (in order); the returned row is the frame's, or the video's for
+        its last frame."""
+        work: FrameWork = prepared.work  # type: ignore[assignment]
+        frame = work.frame
+        try:
+            if self._failed:
+                return items.Written({"status": FRAME_ROW})
+            hooks = _Hooks(self, frame.rgb)
+            sink = VideoSink(self, frame)
+            written = items.write_item(
+                prepared, prediction, self.config, conditionals, sink=sink, frame=hooks
+            )
+            self.state = hooks.step.state()
+            if written.row["status"] != "ok":
+                return self._fail(written.row["error"])
+            self._track(written.row)
+            if work.error is not None:
+                return self._fail(work.error)
+            if work.last:
+                return items.Written(self._finish(conditionals))
+            if (frame.index + 1) % self.config.video.segment_frames == 0:
+                return items.Written({"status": FRAME_ROW, SEGMENT_ROW: self._end_segment(work)})
+            return items.Written({"status": FRAME_ROW})
+        except (video.VideoError, InputError) as error:
+            return self._fail(str(error))
+        except OSError as error:
+            stop = disk_full(error, display_path(error.filename or self.folder))
+            if stop is not None:
+                self._failed = True  # the run stops; a rerun resumes from the last segment
+                raise stop from None
+            return self._fail(f"cannot write the video outputs: {error.strerror or error}")
+        finally:
+            self._done(frame.index)
+
+    def _track(self, row: dict) -> None:
+        self.timings["decode_s"] += row["timings"]["decode_s"]
+        self.timings["write_s"] += row["timings"]["write_s"]
+        for k, stats in enumerate(row["prompts"]):
+            track = self.tracks.setdefault(k, _PromptTrack())
+            track.coverage.append(stats["coverage"])
+            track.empty += bool(stats["empty"])
+            track.peak = max(track.peak, stats["max"])
+
+    def writer(self, name: str, pixels: np.ndarray) -> video.VideoWriter:
+        """The open encoder of output ``name`` in this segment (opened on first use)."""
+        writer = self.writers.get(name)
+        if writer is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            extension = video.video_extension(pixels, self.config.video.video_codec)
+            part = f"{self.segment:05d}.{name.replace('/', '.')}{extension}"
+            if (self.folder / part).is_dir():
+                shutil.rmtree(self.folder / part)
+            fps = self.info.fps if self.config.video.fps is None else self.config.video.fps
+            writer = video.VideoWriter(
+                self.folder / part, pixels, fps, self.info.time_base, self.config.video.video_codec
+            )
+            self.writers[name] = writer
+            self.parts.setdefault(name, []).append(part)
+        return writer
+
+    def _close_segment(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+    def _end_segment(self, work: FrameWork) -> dict:
+        """Close this segment's encoders and save the state the next segment starts from."""
+        self._close_segment()
+        state = f"{self.segment:05d}.state.npz"
+        arrays = dict(self.state.arrays())
+        for k, track in self.tracks.items():
+            if track.flicker.previous_prob is not None:
+                arrays[f"flicker_prob{k}"] = track.flicker.previous_prob
+                arrays[f"flicker_mask{k}"] = track.flicker.previous_mask
+        with (self.folder / state).open("wb") as handle:
+            np.savez(handle, **arrays)
+        row = {
+            "segment": self.segment,
+            "frames": work.frame.index + 1,
+            "next": asdict(work.next_position),
+            "state": state,
+            "parts": {name: list(group) for name, group in self.parts.items()},
+            "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
+        }
+        self.segment += 1
+        return row
+
+    def _finish(self, conditionals: list[Conditional]) -> dict:
+        """Join every output's parts into its file, renamed into place; the video's row."""
+        self._close_segment()
+        outputs = []
+        for name, group in self.parts.items():
+            kind, slug = name.split("/", 1)
+            target = self.final_path(kind, slug or None, group[0])
+            with_audio = kind in ("overlay", "composite") and self.info.has_audio
+            audio = self.work.item.path if with_audio else None
+            parts = [self.folder / part for part in group]
+            if parts[0].is_dir():  # PNG frames: moved into the folder
+                video.join_segments(parts, target)
+            else:
+                with atomic_target(target) as staging:
+                    video.join_segments(parts, staging, audio, named=target)
+            outputs.append(
+                {"prompt": _label(conditionals, slug), "kind": kind, "path": display_path(target)}
+            )
+        if self.config.video.frames:
+            outputs.append(
+                {"prompt": None, "kind": "frames", "path": display_path(self.frames_folder())}
+            )
+        self.discard()
+        return _video_row(self, conditionals, outputs)
+
+    def final_path(self, kind: str, slug: str | None, part: str) -> Path:
+        """Where output ``kind`` of prompt ``slug`` goes: the image's name, the video's
+        extension (a PNG folder has none)."""
+        extension = Path(part).suffix if not (self.folder / part).is_dir() else ""
+        return output_path(self.config.out_dir, self.work.out_key, kind, slug).with_suffix(
+            extension
+        )
+
+    def frames_folder(self) -> Path:
+        key = self.work.out_key
+        return self.config.out_dir / Path(*key.parent.parts) / f"{key.name}.frames"
+
+    def frame_key(self, index: int) -> PurePosixPath:
+        key = self.work.out_key
+        return key.parent / f"{key.name}.frames" / f"{index:06d}.png"
+
+    def _fail(self, error: str) -> items.Written:
+        """The video cannot be finished: nothing of it is kept (a partial mask video looks
+        like a whole one), and the rest of its frames are let through unwritten."""
+        self._failed = True
+        self.discard()
+        return items.Written(failure_row(display_path(self.work.item.path), self.work.key, error))
+
+    def discard(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+        self.writers.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        parent = self.folder.parent
+        if parent.exists() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def _video_row(self: VideoJob, conditionals: list[Conditional], outputs: list[dict]) -> dict:
+    """The log row of a finished video."""
+    info = self.info
+    count = len(next(iter(self.tracks.values())).coverage) if self.tracks else 0
+    prompts = []
+    for k, conditional in enumerate(conditionals):
+        track = self.tracks.get(k, _PromptTrack())
+        coverage = track.coverage
+        prompts.append(
+            {
+                "prompt": conditional.label,
+                "max": round(track.peak, 6),
+                "mean": round(float(np.mean(coverage)), 6) if coverage else 0.0,
+                "coverage": coverage,
+                "empty_frames": track.empty,
+                "empty": track.empty == len(coverage),
+                **track.flicker.result(),
+            }
+        )
+    return {
+        "input": display_path(self.work.item.path),
+        "key": self.work.key,
+        "status": "ok",
+        "error": None,
+        "width": info.width,
+        "height": info.height,
+        "mode": "video",
+        "video": {
+            "frames": count,
+            "fps": round(info.fps, 6),
+            "duration": None if info.duration is None else round(info.duration, 6),
+            "codec": info.codec,
+            "rotation": info.rotation,
+            "audio": info.has_audio,
+            "smooth": self.config.video.smooth,
+        },
+        "prompts": prompts,
+        "outputs": outputs,
+        "timings": {name: round(value, 4) for name, value in self.timings.items()},
+    }
+
+
+def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
+    usable = None
+    for row in segments:
+        names = [name for group in row["parts"].values() for name in group]
+        if (
+            all((self.folder / name).exists() for name in names)
+            and (self.folder / row["state"]).exists()
+        ):
+            usable = row
+        else:
+            break
+    if usable is None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return None
+    with np.load(self.folder / usable["state"]) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    self.state = temporal.SmoothingState.from_arrays(
+        {n: a for n, a in arrays.items() if not n.startswith("flicker_")}
+    )
+    self.tracks = {
+        int(k): _PromptTrack.from_totals(totals, arrays, int(k))
+        for k, totals in usable["tracks"].items()
+    }
+    self.parts = {name: list(group) for name, group in usable["parts"].items()}
+    self.segment = usable["segment"] + 1
+    position = video.Position(**usable["next"])
+    self._next = position.index
+    return position
+
+
+def _label(conditionals: list[Conditional], slug: str) -> str | None:
+    for conditional in conditionals:
+        if conditional.slug == slug:
+            return conditional.label
+    return None
+
+
+class _Hooks:
+    """A frame's :class:`~clipseg_cli.run.items.FrameHooks`: smoothing, then flicker."""
+
+    def __init__(self, job: VideoJob, rgb: np.ndarray) -> None:
+        self.job = job
+        self.step = job.smoothing.frame(job.state, rgb)
+
+    def smooth(self, k: int, prob: np.ndarray) -> np.ndarray:
+        return self.step.apply(k, prob)
+
+    def observe(self, k: int, prob: np.ndarray, mask: np.ndarray) -> None:
+        self.job.tracks.setdefault(k, _PromptTrack()).flicker.add(prob, mask)
+
+
+@dataclass
+class VideoSink:
+    """A frame's outputs, each to its video encoder (and, with ``--frames``, to PNG files)."""
+
+    job: VideoJob
+    frame: video.Frame
+    records: list[dict] = field(default_factory=list)
+
+    def put(self, output: Output) -> None:
+        job = self.job
+        if job.config.video.frames:
+            files = FileSink(job.config.out_dir, job.frame_key(self.frame.index))
+            files.put(output)
+        if output.kind in _NOT_VIDEO:
+            return
+        pixels = self._video_pixels(output)
+        name = f"{output.kind}/{output.slug or ''}"
+        job.writer(name, pixels).write(pixels, self.frame.pts, self.frame.index)
+        self.records.append({"prompt": output.prompt, "kind": output.kind})
+
+    def _video_pixels(self, output: Output) -> np.ndarray:
+        if output.kind != "matte":
+            return output.pixels
+        # A matte video is the frame with the matte as its alpha, at 16 bits.
+        matte = output.pixels
+        alpha = matte.astype(np.uint16) * 257 if matte.dtype == np.uint8 else matte
+        rgb = self.frame.rgb.astype(np.uint16) * 257
+        return np.dstack([rgb, alpha])
