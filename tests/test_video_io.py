@@ -157,6 +157,7 @@ def test_container_signatures() -> None:
     assert video.looks_like_video(b"\x1a\x45\xdf\xa3\x01\x00\x00\x00")
     assert not video.looks_like_video(b"\x00\x00\x00\x1cftypavif\x00\x00")
     assert not video.looks_like_video(b"\x89PNG\r\n\x1a\n\x00\x00")
+    assert not video.looks_like_video(b"GIF89a\x10\x00\x10\x00\x80\x00")
 
 
 def test_bad_videos_are_one_line_reasons(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ ALPHA_CODECS: dict[str, str] = {"prores": ".mov", "vp9": ".webm", "ffv1": ".mkv"
 
 _SNIFF = 16
 # Container signatures: ISO media (mp4, mov, 3gp; but not AVIF/HEIF images), Matroska/WebM,
-# AVI, MPEG-TS, MPEG-PS, FLV, Ogg, ASF/WMV.
+# AVI, MPEG-PS, FLV, Ogg, ASF/WMV. (MPEG-TS's one sync byte, 'G', would take GIFs for videos.)
 _ISO_IMAGE_BRANDS = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
 
 
@@ -82,7 +82,6 @@ def looks_like_video(head: bytes) -> bool:
         or (head.startswith(b"RIFF") and head[8:12] == b"AVI ")
         or head.startswith((b"FLV", b"OggS", b"\x00\x00\x01\xba"))
         or head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11")  # ASF
-        or (len(head) >= 1 and head[0] == 0x47 and len(head) < 189)  # MPEG-TS sync byte
         or head[4:8] in (b"moov", b"mdat", b"wide", b"free")  # QuickTime without ftyp
     )
 

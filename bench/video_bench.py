@@ -1,0 +1,305 @@
+"""Videos: what --smooth buys (J&F, flicker, fast movers), resuming after SIGKILL, memory over
+a long video, and speed against the same frames as PNG files.
+
+    python bench/video_bench.py [--parts smooth,resume,memory,speed] [--work DIR]
+
+Every video is synthetic (moving coloured shapes, which the demo model knows) with its ground
+truth. Each measurement runs ``clipseg segment`` as a subprocess, as a user would.
+
+* smooth: 3 scenes (a slow red circle and a fast blue square; 60 frames, 180x320): J, F, J&F
+  (DAVIS definitions) of every prompt, flicker (mean |p_t - p_(t-1)| from the log row), and J
+  of the fast mover over the last 10 frames, for --smooth flow, ema and none.
+* resume: a 600-frame video killed (SIGKILL) after its 1st and again after its 4th segment of
+  100 frames, then finished: the lossless outputs against an uninterrupted run's, frame by
+  frame, and leftover temporary files.
+* memory: peak RSS of segmenting a 3000-frame 640x360 video against a 300-frame one.
+* speed: frames/s of ``segment video.mp4`` against ``segment`` over the same frames as PNGs,
+  1 prompt, with the demo model and a full-size random rd64 model (bench/make_model.py); and
+  --smooth flow against none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from video_helpers import write_video  # noqa: E402
+
+from clipseg_cli.ops import temporal  # noqa: E402
+from clipseg_cli.ops.shapes import Mover, moving_frames  # noqa: E402
+
+SLOW = Mover("red circle", 0.16, (0.3, 0.5), (1.0, 0.4))
+# Sensor noise of the smoothing scenes: a camera's grain is what makes per-frame masks flicker.
+GRAIN = 12.0
+FAST = Mover("blue square", 0.13, (0.75, 0.35), (-11.0, 4.0))
+
+
+def cpu_summary() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return f"CPU: {platform.processor() or 'unknown'} (no lscpu)"
+    fields = {
+        key.strip(): value.strip()
+        for key, _, value in (line.partition(":") for line in text.splitlines())
+    }
+    flags = set(fields.get("Flags", "").split())
+    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    shown = " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in wanted)
+    return f"CPU: {fields.get('Model name', '?')} ({fields.get('CPU(s)', '?')} CPUs) {shown}"
+
+
+def segment(source: Path, out: Path, *extra: str, model: str = "demo") -> float:
+    """Run ``clipseg segment``; its wall time in seconds."""
+    command = [sys.executable, "-m", "clipseg_cli", "segment", str(source), "-o", str(out)]
+    command += ["--model", model, "--progress", "none", *extra]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, env=_env())
+    return time.perf_counter() - start
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def gray_frames(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="gray") for f in container.decode(video=0)]
+
+
+def scene_video(
+    path: Path, count: int, size: tuple[int, int], seed: int, movers, grain: float = 4.0
+) -> list[dict]:
+    frames, truths = [], []
+    for rgb, masks in moving_frames(count, size, movers, seed=seed, grain=grain):
+        frames.append(rgb)
+        truths.append(masks)
+    write_video(path, frames)
+    return truths
+
+
+# -- smooth ----------------------------------------------------------------------------------
+
+
+def bench_smooth(work: Path) -> None:
+    print("\n## --smooth on moving shapes (3 scenes x 60 frames, 180x320, demo model)")
+    modes = ("flow", "ema", "none")
+    totals = {mode: {"jf": [], "j": [], "f": [], "dp": [], "iou": [], "fast": []} for mode in modes}
+    for seed in range(3):
+        source = work / f"scene{seed}.mp4"
+        truths = scene_video(source, 60, (180, 320), seed, (SLOW, FAST), grain=GRAIN)
+        for mode in modes:
+            out = work / f"smooth-{mode}-{seed}"
+            segment(source, out, "-p", SLOW.label, "-p", FAST.label, "--smooth", mode)
+            row = json.loads((out / "clipseg-log.jsonl").read_text().splitlines()[-1])
+            for prompt_row, mover in zip(row["prompts"], (SLOW, FAST), strict=True):
+                slug = mover.label.replace(" ", "-")
+                masks = gray_frames(out / f"scene{seed}.mp4.{slug}.mask.mkv")
+                scores = temporal.SequenceScores()
+                for mask, truth in zip(masks, truths, strict=True):
+                    scores.add(mask > 0, truth[mover.label])
+                result = scores.result()
+                totals[mode]["j"].append(result["J"])
+                totals[mode]["f"].append(result["F"])
+                totals[mode]["jf"].append(result["J&F"])
+                totals[mode]["dp"].append(prompt_row["mean_abs_dp"])
+                totals[mode]["iou"].append(prompt_row["mean_iou"])
+                if mover is FAST:
+                    totals[mode]["fast"].append(float(np.mean(scores.j[-10:])))
+    print(
+        "| --smooth | J | F | J&F | flicker mean abs dp | consecutive-mask IoU "
+        "| fast mover J, last 10 |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for mode in modes:
+        t = {name: float(np.mean(values)) for name, values in totals[mode].items()}
+        print(
+            f"| {mode} | {t['j']:.4f} | {t['f']:.4f} | {t['jf']:.4f} | {t['dp']:.5f} | "
+            f"{t['iou']:.4f} | {t['fast']:.4f} |"
+        )
+    base = {name: float(np.mean(v)) for name, v in totals["none"].items()}
+    for mode in ("flow", "ema"):
+        t = {name: float(np.mean(v)) for name, v in totals[mode].items()}
+        print(
+            f"{mode} vs none: J&F {t['jf'] - base['jf']:+.4f}, "
+            f"flicker x{t['dp'] / base['dp']:.2f}, "
+            f"fast-mover J (last 10) {t['fast'] - base['fast']:+.4f}"
+        )
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+
+def _segment_rows(out: Path) -> int:
+    try:
+        lines = (out / ".clipseg" / "ledger.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum('"segment"' in line for line in lines)
+
+
+def bench_resume(work: Path) -> None:
+    print("\n## Resume: a 600-frame video (180x320, segments of 100) killed twice, then finished")
+    source = work / "long.mp4"
+    scene_video(source, 600, (180, 320), 7, (SLOW, FAST))
+    extra = ("-p", SLOW.label, "--save", "mask,soft,overlay", "--segment-frames", "100")
+    whole, resumed = work / "resume-whole", work / "resume-killed"
+    seconds = segment(source, whole, *extra)
+    command = [sys.executable, "-m", "clipseg_cli", "segment", str(source), "-o", str(resumed)]
+    command += ["--model", "demo", "--progress", "none", *extra]
+    for after in (1, 4):
+        process = subprocess.Popen(command, env=_env(), stderr=subprocess.DEVNULL)
+        while _segment_rows(resumed) < after and process.poll() is None:
+            time.sleep(0.01)
+        process.kill()
+        code = process.wait()
+        print(f"killed after segment {after}: return code {code} (-9: killed mid-run)")
+    subprocess.run(command, check=True, capture_output=True, env=_env())
+    for kind in ("mask", "soft"):
+        name = f"long.mp4.red-circle.{kind}.mkv"
+        a, b = gray_frames(whole / name), gray_frames(resumed / name)
+        same = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        print(f"{kind}: {len(b)} frames, equal to the uninterrupted run's frame for frame: {same}")
+    with av.open(str(resumed / "long.mp4.red-circle.overlay.mp4")) as container:
+        print(f"overlay: {container.streams.video[0].frames} frames")
+    leftovers = [p for p in resumed.rglob("*") if ".tmp-" in p.name]
+    leftovers += list((resumed / ".clipseg").glob("video/*"))
+    print(f"temporary files left: {len(leftovers)}; uninterrupted run {seconds:.1f} s")
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+_RSS_CHILD = """
+import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, capture_output=True)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_rss_mb(command: list[str]) -> float:
+    """Peak RSS of ``command``, measured from a fresh wrapper (a child's ru_maxrss starts at
+    its parent's RSS when forked)."""
+    wrapper = [sys.executable, "-c", _RSS_CHILD, *command]
+    result = subprocess.run(wrapper, check=True, capture_output=True, text=True, env=_env())
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def _long_video(path: Path, count: int) -> None:
+    """A 640x360 video of ``count`` frames, written as it is made (never held in memory)."""
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=25)
+    stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+    for rgb, _masks in moving_frames(count, (360, 640), (SLOW, FAST), seed=11):
+        for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+
+
+def bench_memory(work: Path) -> None:
+    print("\n## Memory: peak RSS, 640x360, demo model, --save mask,overlay")
+    results = {}
+    for count in (300, 3000):
+        source = work / f"rss{count}.mp4"
+        _long_video(source, count)
+        out = work / f"rss-out{count}"
+        command = [sys.executable, "-m", "clipseg_cli", "segment", str(source), "-o", str(out)]
+        command += ["--model", "demo", "--progress", "none", "-p", SLOW.label]
+        command += ["--save", "mask,overlay"]
+        start = time.perf_counter()
+        results[count] = peak_rss_mb(command)
+        print(
+            f"{count} frames: peak RSS {results[count]:.0f} MB "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+    print(f"3000 / 300: {results[3000] / results[300]:.3f}")
+
+
+# -- speed -----------------------------------------------------------------------------------
+
+
+def bench_speed(work: Path, frames: int) -> None:
+    print(f"\n## Speed: {frames} frames of 640x360, 1 prompt, --save mask (same session)")
+    source = work / "speed.mp4"
+    _long_video(source, frames)
+    pngs = work / "speed-png"
+    pngs.mkdir(exist_ok=True)
+    with av.open(str(source)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            Image.fromarray(frame.to_ndarray(format="rgb24")).save(
+                pngs / f"{index:05d}.png", compress_level=1
+            )
+    model_dir = work / "rd64"
+    if not model_dir.exists():
+        subprocess.run(
+            [sys.executable, str(REPO / "bench" / "make_model.py"), str(model_dir)],
+            check=True,
+            capture_output=True,
+        )
+    for model in ("demo", str(model_dir)):
+        name = "demo" if model == "demo" else "random rd64 (full size)"
+        times = {}
+        for label, inputs, extra in (
+            ("pngs", pngs, ()),
+            ("video flow", source, ("--smooth", "flow")),
+            ("video none", source, ("--smooth", "none")),
+        ):
+            out = work / f"speed-{label.replace(' ', '-')}-{Path(model).name}"
+            shutil.rmtree(out, ignore_errors=True)
+            # Start-up (model load) is paid once either way: timed over the whole command,
+            # minus a one-frame run of the same kind.
+            times[label] = segment(inputs, out, "-p", SLOW.label, *extra, model=model)
+        tiny = work / "one.png"
+        shutil.copy(pngs / "00000.png", tiny)
+        shutil.rmtree(work / "speed-one", ignore_errors=True)
+        startup = segment(tiny, work / "speed-one", "-p", SLOW.label, model=model)
+        rates = {label: frames / max(seconds - startup, 1e-6) for label, seconds in times.items()}
+        print(
+            f"{name}: PNGs {rates['pngs']:.2f} frames/s; video (--smooth flow) "
+            f"{rates['video flow']:.2f} ({rates['video flow'] / rates['pngs']:.2f}x); video "
+            f"--smooth none {rates['video none']:.2f} ({rates['video none'] / rates['pngs']:.2f}x)"
+            f"; start-up {startup:.1f} s subtracted"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="smooth,resume,memory,speed")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--speed-frames", type=int, default=300)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="video-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(cpu_summary())
+    print(f"load average at start: {os.getloadavg()}")
+    parts = args.parts.split(",")
+    if "smooth" in parts:
+        bench_smooth(work)
+    if "resume" in parts:
+        bench_resume(work)
+    if "memory" in parts:
+        bench_memory(work)
+    if "speed" in parts:
+        bench_speed(work, args.speed_frames)
+    print(f"\nload average at end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
