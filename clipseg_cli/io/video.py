@@ -247,7 +247,8 @@ def read_frames(
         if not container.streams.video:
             raise VideoError("no video stream in the file")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame threads: decoding keeps up with the model
+        # No frame threads: closing a container while its threads decode ahead (a run that
+        # stops at --end, a segment's last frame) can hang FFmpeg; one thread keeps up.
         for count, kept in enumerate(_kept(container, stream, sampling, resume, av), 1):
             yield kept
             if stop_after is not None and count >= stop_after:

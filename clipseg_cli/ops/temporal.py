@@ -28,7 +28,7 @@ import numpy as np
 from clipseg_cli.specs import DEFAULT_SMOOTH, SMOOTH_MODES
 
 #: The weight of the new frame in the average.
-DEFAULT_WEIGHT = 0.4
+DEFAULT_WEIGHT = 0.3
 #: The most the past may pull a probability away from the new frame's.
 DEFAULT_CLAMP = 0.3
 #: Mean absolute difference of two frames' grey thumbnails (0..1) that counts as a scene cut.
