@@ -28,16 +28,29 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 
-def cpu_summary() -> list[str]:
-    """lscpu's model name and the flags that matter for fp32/bf16/int8 GEMMs."""
+def lscpu_fields() -> dict[str, str]:
+    """lscpu's "key: value" lines ({} where lscpu is missing)."""
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return [f"CPU: {platform.processor() or 'unknown'} (no lscpu)"]
-    fields = dict(
+        return {}
+    return dict(
         (key.strip(), value.strip())
         for key, _, value in (line.partition(":") for line in text.splitlines())
     )
+
+
+def native_bf16(flags: set[str]) -> bool:
+    """Whether the CPU computes bf16 natively (the issue's rule, as the backend's
+    machine.native_bf16): AVX512_BF16 or AMX-BF16 among the flags."""
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_summary() -> list[str]:
+    """lscpu's model name, the flags that matter for fp32/bf16/int8 GEMMs, and all flags."""
+    fields = lscpu_fields()
+    if not fields:
+        return [f"CPU: {platform.processor() or 'unknown'} (no lscpu)"]
     flags = set(fields.get("Flags", "").split())
     wanted = [
         "avx2",
@@ -55,7 +68,8 @@ def cpu_summary() -> list[str]:
         f"CPU: {fields.get('Model name', '?')} ({fields.get('CPU(s)', '?')} CPUs, "
         f"{os.cpu_count()} visible to Python)",
         "flags: "
-        + ", ".join(f"{flag} {'yes' if there else 'no'}" for flag, there in present.items()),
+        + ", ".join(f"{flag} {'yes' if there else 'no'}" for flag, there in present.items())
+        + f"; native bf16: {'yes' if native_bf16(flags) else 'no'}",
         f"flags (full): {fields.get('Flags', '?')}",
     ]
 
@@ -101,64 +115,226 @@ def model_flops(arch) -> tuple[float, float]:
     return float(vision_flops), float(decoder_flops)
 
 
-def gemm_rates(repeats: int) -> list[tuple[str, float]]:
-    """GFLOP/s of fp32 GEMMs: 2048^3 and the ViT's MLP shape (485 x 768 x 3072)."""
-    import onnx
+# The precisions a GEMM rate is measured in, and the unit each is counted in (multiply-add = 2).
+GEMM_PRECISIONS = ("fp32", "bf16", "int8")
+GEMM_SHAPES = {"2048x2048x2048": (2048, 2048, 2048), "485x768x3072 (ViT fc1)": (485, 768, 3072)}
+
+
+# The ViT's MLP (485 tokens of ViT-B/16 at 352 px, width 768, 3072) and a large square GEMM.
+GEMM_SHAPES = {"485x768x3072 (ViT fc1)": (485, 768, 3072), "2048x2048x2048": (2048, 2048, 2048)}
+
+
+def _onnx_session(nodes, inputs, outputs, initializers):
+    """An ONNX Runtime CPU session (the project's session options) on a one-node graph."""
     import onnxruntime as ort
-    import torch
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     from clipseg_cli.backends.onnx import session_options
 
+    graph = helper.make_graph(nodes, "gemm", inputs, outputs, initializer=initializers)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    return ort.InferenceSession(
+        proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+    )
+
+
+def _openvino_matmul(an: np.ndarray, bn: np.ndarray, precision: str | None, quantize: bool = False):
+    """An OpenVINO infer request for ``a @ B`` (B constant), compiled for the CPU with
+    ``INFERENCE_PRECISION_HINT`` = ``precision`` (None: the CPU plugin's default); with
+    ``quantize``, both operands go through FakeQuantize (256 levels, symmetric, per tensor),
+    which OpenVINO's low-precision transformations turn into an int8 MatMul (VNNI or AMX where
+    the CPU has them)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    a = ops.parameter(list(an.shape), ov.Type.f32, name="a")
+    left, right = a.output(0), ops.constant(bn).output(0)
+    if quantize:
+
+        def fake_quantize(node, bound: float):
+            low, high = ops.constant(np.float32(-bound)), ops.constant(np.float32(bound))
+            return ops.fake_quantize(node, low, high, low, high, 256).output(0)
+
+        left = fake_quantize(left, float(np.abs(an).max()))
+        right = fake_quantize(right, float(np.abs(bn).max()))
+    model = ov.Model([ops.matmul(left, right, False, False)], [a])
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    return lambda: request.infer({0: an}, share_inputs=True)
+
+
+def _onnx_matmul_fp32(an: np.ndarray, bn: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k = an.shape
+    session = _onnx_session(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, bn.shape[1]])],
+        [numpy_helper.from_array(bn, "b")],
+    )
+    return lambda: session.run(None, {"a": an})
+
+
+def _onnx_integer(au: np.ndarray, bs: np.ndarray, qlinear: bool):
+    """ONNX Runtime's MatMulInteger (u8 x s8 -> s32) or QLinearMatMul (u8 x s8 -> u8)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m, k = au.shape
+    n = bs.shape[1]
+    inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])]
+    weights = [numpy_helper.from_array(bs, "b")]
+    if not qlinear:
+        out = helper.make_tensor_value_info("c", TensorProto.INT32, [m, n])
+        session = _onnx_session(
+            [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], inputs, [out], weights
+        )
+        return lambda: session.run(None, {"a": au})
+    constants = {
+        "a_scale": np.float32(0.02),
+        "a_zero": np.uint8(128),
+        "b_scale": np.float32(0.01),
+        "b_zero": np.int8(0),
+        "y_scale": np.float32(50.0),
+        "y_zero": np.uint8(128),
+    }
+    names = ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero", "y_scale", "y_zero"]
+    session = _onnx_session(
+        [helper.make_node("QLinearMatMul", names, ["c"])],
+        inputs,
+        [helper.make_tensor_value_info("c", TensorProto.UINT8, [m, n])],
+        weights + [numpy_helper.from_array(np.asarray(v), name) for name, v in constants.items()],
+    )
+    return lambda: session.run(None, {"a": au})
+
+
+def _dynamic_int8_bytes(bn: np.ndarray, m: int) -> bytes:
+    """A one-MatMul fp32 graph quantised by ONNX Runtime's ``quantize_dynamic`` (s8 weights,
+    activations quantised per call: what the --precision int8 graph does)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    k, n = bn.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
+        initializer=[numpy_helper.from_array(bn, "b")],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        fp32_path, int8_path = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), fp32_path)
+        quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
+        return int8_path.read_bytes()
+
+
+def _ort_dynamic_int8(an: np.ndarray, bn: np.ndarray):
+    import onnxruntime as ort
+
+    from clipseg_cli.backends.onnx import session_options
+
+    graph = _dynamic_int8_bytes(bn, an.shape[0])
+    session = ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"a": an})
+
+
+def _openvino_dynamic_int8(an: np.ndarray, bn: np.ndarray):
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(_dynamic_int8_bytes(bn, an.shape[0]), b"")
+    request = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    request = request.create_infer_request()
+    return lambda: request.infer({0: an}, share_inputs=True)
+
+
+def _gemm_candidates(m: int, k: int, n: int):
+    """(label, precision, build) for every GEMM measured: ``build()`` sets it up and returns the
+    call to time. fp32 and bf16 take f32 operands as the model's graph does (the bf16 ones
+    convert inside); the integer ones take integer operands except where said."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    an, bn = a.numpy(), b.numpy()
+    rng = np.random.default_rng(0)
+    au = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    bs = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b8 = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    return [
+        ("torch.matmul", "fp32", lambda: lambda: a @ b),
+        ("numpy matmul", "fp32", lambda: lambda: an @ bn),
+        ("ORT MatMul", "fp32", lambda: _onnx_matmul_fp32(an, bn)),
+        ("OpenVINO MatMul (f32)", "fp32", lambda: _openvino_matmul(an, bn, "f32")),
+        # oneDNN through OpenVINO: AMX or AVX512_BF16 where the CPU has them.
+        (
+            "OpenVINO MatMul (bf16 hint, f32 in/out)",
+            "bf16",
+            lambda: _openvino_matmul(an, bn, "bf16"),
+        ),
+        ("torch.matmul bf16", "bf16", lambda: lambda: a16 @ b16),
+        ("ORT MatMulInteger (u8 x s8)", "int8", lambda: _onnx_integer(au, bs, qlinear=False)),
+        ("ORT QLinearMatMul (u8 x s8)", "int8", lambda: _onnx_integer(au, bs, qlinear=True)),
+        ("ORT dynamic int8 MatMul (f32 in)", "int8", lambda: _ort_dynamic_int8(an, bn)),
+        (
+            "OpenVINO on ORT's dynamic int8 MatMul (f32 in)",
+            "int8",
+            lambda: _openvino_dynamic_int8(an, bn),
+        ),
+        (
+            "OpenVINO FakeQuantize'd MatMul (f32 in)",
+            "int8",
+            lambda: _openvino_matmul(an, bn, None, quantize=True),
+        ),
+        ("torch._int_mm (s8 x s8)", "int8", lambda: lambda: torch._int_mm(a8, b8)),
+    ]
+
+
+def gemm_rates(repeats: int) -> list[tuple[str, str, float]]:
+    """(label, precision, rate) of the GEMMs each library offers, at the ViT's MLP shape
+    (485 x 768 x 3072) and 2048^3: GFLOP/s for fp32 and bf16, GOP/s for int8 (multiply-add =
+    2), best of ``repeats`` calls after a warm-up. A GEMM a library cannot run here (not
+    installed, no kernel on this CPU) is skipped with one line on stderr."""
     rates = []
-    shapes = {"2048x2048x2048": (2048, 2048, 2048), "485x768x3072 (ViT fc1)": (485, 768, 3072)}
-    for label, (m, k, n) in shapes.items():
-        flops = 2.0 * m * k * n
-        a = torch.randn(m, k)
-        b = torch.randn(k, n)
-        rates.append(
-            (f"torch.matmul {label}", flops / best_seconds(lambda a=a, b=b: a @ b, repeats) / 1e9)
-        )
-        an, bn = a.numpy(), b.numpy()
-        rates.append(
-            (
-                f"numpy matmul {label}",
-                flops / best_seconds(lambda an=an, bn=bn: an @ bn, repeats) / 1e9,
-            )
-        )
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["a", "b"], ["c"])],
-            "gemm",
-            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
-            initializer=[onnx.numpy_helper.from_array(bn, "b")],
-        )
-        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-        session = ort.InferenceSession(
-            proto.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
-        )
-        feed = {"a": an}
-        rates.append(
-            (
-                f"ORT MatMul {label}",
-                flops / best_seconds(lambda s=session, f=feed: s.run(None, f), repeats) / 1e9,
-            )
-        )
+    for shape, (m, k, n) in GEMM_SHAPES.items():
+        for name, precision, build in _gemm_candidates(m, k, n):
+            try:
+                seconds = best_seconds(build(), repeats)
+            except Exception as error:  # one library's failure must not hide the others
+                first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                print(f"  ({name} {shape}: skipped, {first})", file=sys.stderr, flush=True)
+                continue
+            rates.append((f"{name} {shape}", precision, 2.0 * m * k * n / seconds / 1e9))
     return rates
+
+
+def best_gemms(rates: list[tuple[str, str, float]]) -> dict[str, tuple[str, float]]:
+    """The fastest (label, rate) of each precision in ``gemm_rates``' list."""
+    best: dict[str, tuple[str, float]] = {}
+    for label, precision, rate in rates:
+        if precision not in best or rate > best[precision][1]:
+            best[precision] = (label, rate)
+    return best
 
 
 class Rows:
     """The table's rows: (label, seconds per image, note)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, float, str]] = []
+        self.rows: list[tuple[str, float, str, str]] = []
 
-    def add(self, label: str, seconds: float, note: str = "") -> None:
-        self.rows.append((label, seconds, note))
+    def add(self, label: str, seconds: float, note: str = "", precision: str = "fp32") -> None:
+        """A row; ``precision`` is the GEMMs' (fp32, bf16, int8), for the share of the best."""
+        self.rows.append((label, seconds, note, precision))
         print(f"  {label}: {seconds:.3f} s/img {note}", flush=True)
 
     def seconds(self, prefix: str) -> float:
-        return next(s for label, s, _ in self.rows if label.startswith(prefix))
+        return next(s for label, s, _, _ in self.rows if label.startswith(prefix))
 
 
 def _rel(out: np.ndarray, reference: np.ndarray) -> float:
@@ -187,7 +363,10 @@ def torch_rows(rows: Rows, model, folder: Path, pixels, conditionals, args) -> n
         seconds = best_seconds(lambda: backend.logits(pixels, conditionals), repeats)
         err = _rel(backend.logits(pixels, conditionals), reference)
         rows.add(
-            "torch eager, mkldnn.matmul.fp32_precision=bf16", seconds, f"(rel. diff {err:.1e})"
+            "torch eager, mkldnn.matmul.fp32_precision=bf16",
+            seconds,
+            f"(rel. diff {err:.1e})",
+            "bf16",
         )
     except Exception as error:  # report and go on
         print(f"  mkldnn fp32_precision=bf16: failed ({str(error).splitlines()[0][:120]})")
@@ -214,7 +393,7 @@ def torch_rows(rows: Rows, model, folder: Path, pixels, conditionals, args) -> n
         )[0]
         seconds = best_seconds(lambda m=bf16: image_logits(m, pixels_t, cond_t), repeats)
         err = _rel(image_logits(bf16, pixels_t, cond_t).numpy(), reference)
-        rows.add("torch eager bf16 (--precision bf16)", seconds, f"(rel. diff {err:.1e})")
+        rows.add("torch eager bf16 (--precision bf16)", seconds, f"(rel. diff {err:.1e})", "bf16")
 
     if not args.skip_compile:
         try:
@@ -274,7 +453,7 @@ def onnx_rows(rows: Rows, model, info, pixels, conditionals, reference, repeats:
         seconds = best_seconds(lambda b=backend: b.logits(pixels, conditionals), repeats)
         mask = backend.logits(pixels, conditionals) > 0.0
         iou = (mask & fp32_mask).sum() / max((mask | fp32_mask).sum(), 1)
-        rows.add(label, seconds, f"(mask IoU vs fp32 at p > 0.5: {iou:.4f})")
+        rows.add(label, seconds, f"(mask IoU vs fp32 at p > 0.5: {iou:.4f})", "int8")
 
 
 def demo_agreement(scenes: int = 40) -> None:
@@ -353,24 +532,28 @@ def main() -> None:
     reference = torch_rows(rows, model, folder, pixels, conditionals, args)
     onnx_rows(rows, model, info, pixels, conditionals, reference, args.repeats)
 
-    print("\nGEMM rates:")
+    print("\nGEMM rates (GFLOP/s; GOP/s for int8):")
     gemms = gemm_rates(repeats=10)
-    for label, rate in gemms:
-        print(f"  {label}: {rate:.0f} GFLOP/s")
-    peak_label, peak = max(gemms, key=lambda item: item[1])
+    for label, precision, rate in gemms:
+        print(f"  [{precision}] {label}: {rate:.0f}")
+    best = best_gemms(gemms)
+    for precision, (label, rate) in best.items():
+        print(f"best {precision} GEMM here: {rate:.0f} ({label})")
 
     torch_s = rows.seconds("torch eager fp32")
-    print(f"\nbest fp32 GEMM here: {peak:.0f} GFLOP/s ({peak_label})\n")
+    print()
     print(
         "| backend (batch 1, 352x352, 1 prompt) | s / image | img/s | vs torch eager | "
-        "effective GFLOP/s | share of best fp32 GEMM | note |"
+        "effective GFLOP/s | share of the best GEMM in its precision | note |"
     )
     print("|---|---|---|---|---|---|---|")
-    for label, seconds, note in rows.rows:
+    for label, seconds, note, precision in rows.rows:
         rate = total_flops / seconds / 1e9
+        peak = best.get(precision, (None, None))[1]
+        share = f"{rate / peak:.0%} of {precision} {peak:.0f}" if peak else "n/a"
         print(
             f"| {label} | {seconds:.3f} | {1 / seconds:.2f} | {torch_s / seconds:.2f}x | "
-            f"{rate:.0f} | {rate / peak:.0%} | {note.strip('()')} |"
+            f"{rate:.0f} | {share} | {note.strip('()')} |"
         )
     fp32_off = rows.seconds("ORT fp32, spinning off")
     int8_s = rows.seconds("ORT int8 (dynamic, per-channel")
