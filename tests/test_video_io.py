@@ -202,3 +202,30 @@ def test_frame_folder_gaps_and_patterns(tmp_path: Path) -> None:
     (tmp_path / "f_0005.png").write_bytes(b"")
     with pytest.raises(video.VideoError, match="gap in the frame numbers: 3 is followed by 5"):
         video.sequence_frames(tmp_path, 12.0, names)
+
+
+def test_frame_folder_reads_like_a_video(tmp_path: Path) -> None:
+    from PIL import Image
+
+    names = frozenset({".png"})
+    for number, rgb in enumerate(_frames(10), 1):
+        Image.fromarray(rgb).save(tmp_path / f"f_{number:03d}.png")
+    sequence, info = video.probe_sequence(tmp_path, 5.0, names)
+    assert (info.width, info.height, info.frames, info.fps) == (64, 48, 10, 5.0)
+    assert info.time_base == Fraction(1, 5) and not info.has_audio
+
+    def decode(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    keep = video.Sampling(every=2, start=0.2)
+    whole = list(video.read_sequence(sequence, decode, keep))
+    assert [f.source_index for f, _ in whole] == [1, 3, 5, 7, 9]
+    assert [f.time for f, _ in whole] == pytest.approx([0.2, 0.6, 1.0, 1.4, 1.8])
+    # Resumed at a kept frame's position: the same frames from there, numbered on.
+    resumed = list(video.read_sequence(sequence, decode, keep, whole[2][1]))
+    assert [(f.index, f.source_index) for f, _ in resumed] == [(2, 5), (3, 7), (4, 9)]
+    assert np.array_equal(resumed[0][0].rgb, whole[2][0].rgb)
+    Image.fromarray(_frames(1, (40, 64))[0]).save(tmp_path / "f_007.png")
+    mixed = r"mixed sizes: f_007\.png is 64x40, f_001\.png 64x48"
+    with pytest.raises(video.VideoError, match=mixed):
+        video.probe_sequence(tmp_path, 5.0, names)

@@ -22,7 +22,7 @@ from video_helpers import shapes_video
 from clipseg_cli.commands.app import app
 from clipseg_cli.io import video
 from clipseg_cli.io.naming import LEDGER_NAME, STATE_DIR
-from clipseg_cli.ops.shapes import make_scene
+from clipseg_cli.ops.shapes import Mover, make_scene, moving_frames
 
 runner = CliRunner()
 PROMPT = "red circle"
@@ -208,3 +208,61 @@ def test_sigkill_mid_video_resumes_to_the_uninterrupted_result(tmp_path: Path) -
     assert rows[-1]["prompts"] == _rows(whole)[-1]["prompts"]
     assert not (resumed / STATE_DIR / "video").exists()
     assert not [p for p in resumed.rglob("*") if ".tmp-" in p.name]
+
+
+def _frame_folder(folder: Path, count: int, size: tuple[int, int] = (96, 160)) -> list[Path]:
+    """``folder/f_0001.png``... of the moving shapes of :func:`shapes_video`."""
+    folder.mkdir(parents=True)
+    paths = []
+    for index, (rgb, _masks) in enumerate(
+        moving_frames(count, size, (Mover(PROMPT, 0.25, (0.3, 0.5), (4.0, 1.0)),), seed=3), 1
+    ):
+        paths.append(folder / f"f_{index:04d}.png")
+        Image.fromarray(rgb).save(paths[-1])
+    return paths
+
+
+def test_sequence_folder_is_one_video(tmp_path: Path) -> None:
+    frames = _frame_folder(tmp_path / "in" / "shot", 8)
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "in" / "shot"), "-o", str(out), "--sequence"]
+    result = _run(*args, "--fps", "10", "--smooth", "none", "--segment-frames", "3")
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "ok" and row["mode"] == "video" and row["key"] == "shot"
+    assert row["video"]["frames"] == 8 and row["video"]["fps"] == 10.0
+    masks = out / "shot.red-circle.mask.mkv"
+    assert _times(masks) == pytest.approx([i / 10 for i in range(8)])
+    # Frame i of the video is the mask `segment` makes of the i-th file on its own.
+    images = tmp_path / "images"
+    assert _run("segment", *map(str, frames), "-o", str(images)).exit_code == 0
+    for frame, mask in zip(frames, _gray_frames(masks), strict=True):
+        png = images / f"{frame.name}.red-circle.mask.png"
+        assert np.array_equal(np.asarray(Image.open(png)), mask), frame.name
+    # Unchanged: skipped; a frame rewritten: the folder is redone.
+    assert _run(*args, "--fps", "10", "--smooth", "none", "--segment-frames", "3").exit_code == 0
+    assert _rows(out)[-1]["status"] == "skipped"
+    Image.open(frames[2]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(frames[2])
+    os.utime(frames[2], ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert _run(*args, "--fps", "10", "--smooth", "none", "--segment-frames", "3").exit_code == 0
+    assert _rows(out)[-1]["status"] == "ok"
+
+
+def test_bad_sequences_fail_one_line_each_and_the_run_goes_on(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    _frame_folder(good, 4)
+    gap = tmp_path / "gap"
+    _frame_folder(gap, 5)[2].unlink()
+    mixed = tmp_path / "mixed"
+    paths = _frame_folder(mixed, 4)
+    Image.open(paths[3]).resize((80, 48)).save(paths[3])
+    out = tmp_path / "out"
+    result = _run("segment", str(good), str(gap), str(mixed), "-o", str(out), "--sequence")
+    assert result.exit_code == 1, result.output
+    rows = {row["key"]: row for row in _rows(out)}
+    assert rows["good"]["status"] == "ok" and rows["good"]["video"]["frames"] == 4
+    assert rows["gap"]["status"] == "failed" and "gap in the frame numbers" in rows["gap"]["error"]
+    assert rows["mixed"]["status"] == "failed"
+    assert "mixed sizes" in rows["mixed"]["error"] and "f_0004.png" in rows["mixed"]["error"]
+    assert all("\n" not in row["error"] for key, row in rows.items() if key != "good")
+    assert not list(out.glob("gap.*")) and not list(out.glob("mixed.*"))

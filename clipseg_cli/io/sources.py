@@ -171,7 +171,8 @@ def _has_image_signature(head: bytes) -> bool:
 class _Collector:
     """Accumulates items across specs, deduplicating and applying exclusions."""
 
-    def __init__(self, exclude: Sequence[Path]) -> None:
+    def __init__(self, exclude: Sequence[Path], folders_as_items: bool = False) -> None:
+        self.folders_as_items = folders_as_items
         self.files: list[Path] = []
         self.missing: list[str] = []
         self.unreadable: list[tuple[Path, str]] = []
@@ -204,7 +205,11 @@ class _Collector:
 
     def add_named(self, path: Path, spec_for_missing: str, root: Path | None = None) -> None:
         """A path named explicitly (argument, list entry, glob match under ``root``)."""
-        if path.is_dir():
+        if path.is_dir() and self.folders_as_items:
+            # A frame folder (--sequence) is one input, keyed like a file in its parent.
+            self.roots.append(os.path.abspath(root if root is not None else path.parent))  # noqa: PTH100
+            self.add_file(path)
+        elif path.is_dir():
             self.roots.append(os.path.abspath(root if root is not None else path))  # noqa: PTH100
             self.walk(path)
         elif path.exists() or path.is_symlink():
@@ -284,6 +289,7 @@ def collect_inputs(
     *,
     stdin: TextIO | None = None,
     exclude: Sequence[Path] = (),
+    folders_as_items: bool = False,
 ) -> InputListing:
     """Expand input specs into a deduplicated list of candidate files with unique keys.
 
@@ -305,6 +311,9 @@ def collect_inputs(
     Files whose real path lies inside a folder of ``exclude`` are never returned. The same file
     named twice (also via symlinks or hardlinks) appears once, at its first mention.
 
+    ``folders_as_items`` (``--sequence``): a folder named by a spec is one item (a video of
+    numbered frames), not walked.
+
     Keys are paths relative to the deepest folder containing every folder the specs name (a
     folder spec itself, a file's folder, a glob's fixed prefix), computed on
     ``os.path.abspath`` without resolving symlinks. Distinct items have distinct keys, and a
@@ -312,7 +321,7 @@ def collect_inputs(
     ``["photos"]`` gives ``sub/dog.jpg`` even if ``sub`` is the only folder; a single file
     gives its name.
     """
-    col = _Collector(exclude)
+    col = _Collector(exclude, folders_as_items)
     for spec in specs:
         if not spec:
             # Path("") means "." and would silently walk the current directory.

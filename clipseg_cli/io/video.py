@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "ALPHA_CODECS",
+    "DEFAULT_SEQUENCE_FPS",
     "Frame",
     "FrameSequence",
     "Position",
@@ -46,7 +47,9 @@ __all__ = [
     "join_segments",
     "looks_like_video",
     "probe",
+    "probe_sequence",
     "read_frames",
+    "read_sequence",
     "sequence_frames",
     "video_extension",
 ]
@@ -255,16 +258,44 @@ def read_frames(
                 return
 
 
+class _Sampler:
+    """The sampling rules (``--every``, ``--fps``) over the frames met in order, counting from
+    a resume position: :meth:`take` gives a kept frame's :class:`Position`, None for a frame
+    left out. Shared by videos and frame folders, so both keep the same frames."""
+
+    def __init__(self, sampling: Sampling, resume: Position | None) -> None:
+        self.sampling = sampling
+        self.source_index, self.index, self.next_time = 0, 0, sampling.start
+        if resume is not None:
+            self.source_index, self.index = resume.source_index, resume.index
+            self.next_time = resume.next_time
+
+    def take(self, pts: int | None, seconds: float) -> Position | None:
+        position = Position(pts, self.source_index, self.index, self.next_time)
+        self.source_index += 1
+        rate = self.sampling.fps
+        if rate is not None:
+            if self.next_time is not None and seconds < self.next_time - 1e-6:
+                return None
+            base = self.next_time if self.next_time is not None else seconds
+            self.next_time = base + 1.0 / rate
+            while self.next_time <= seconds:
+                self.next_time += 1.0 / rate
+        elif position.source_index % self.sampling.every:
+            return None
+        self.index += 1
+        return position
+
+
 def _kept(
     container: Any, stream: Any, sampling: Sampling, resume: Position | None, av: Any
 ) -> Iterator[tuple[Frame, Position]]:
     """(frame, the position of that frame) for every kept frame, in order."""
     time_base = stream.time_base or Fraction(1, 90000)
     start_pts = stream.start_time or 0
-    source_index, index, next_time = 0, 0, sampling.start
+    sampler = _Sampler(sampling, resume)
     target_pts = None
     if resume is not None:
-        source_index, index, next_time = resume.source_index, resume.index, resume.next_time
         target_pts = resume.pts
         if target_pts is not None and target_pts > start_pts:
             container.seek(target_pts, stream=stream, backward=True, any_frame=False)
@@ -284,23 +315,14 @@ def _kept(
             if sampling.end is not None and seconds >= sampling.end - 1e-9:
                 return
             last_time = seconds
-            position = Position(pts, source_index, index, next_time)
-            source_index += 1
-            if sampling.fps is not None:
-                if next_time is not None and seconds < next_time - 1e-6:
-                    continue
-                base = next_time if next_time is not None else seconds
-                next_time = base + 1.0 / sampling.fps
-                while next_time <= seconds:
-                    next_time += 1.0 / sampling.fps
-            elif position.source_index % sampling.every:
+            position = sampler.take(pts, seconds)
+            if position is None:
                 continue
             rgb = _upright(frame.to_ndarray(format="rgb24"), _clockwise(frame))
-            yield Frame(index, position.source_index, pts, seconds, rgb), position
-            index += 1
+            yield Frame(position.index, position.source_index, pts, seconds, rgb), position
     except av.FFmpegError as error:
         raise VideoError(f"truncated or damaged video: {_reason(error)}") from None
-    _check_complete(container, stream, source_index, last_time, sampling, resume)
+    _check_complete(container, stream, sampler.source_index, last_time, sampling, resume)
 
 
 def _check_complete(
@@ -383,6 +405,100 @@ def sequence_frames(folder: Path, fps: float, image_names: frozenset[str]) -> Fr
                 f"gap in the frame numbers: {number} is followed by {following} ({path.name})"
             )
     return FrameSequence(Path(folder), tuple(path for _number, path in frames), fps)
+
+
+#: A frame folder's frame rate without ``--fps``.
+DEFAULT_SEQUENCE_FPS = 25.0
+
+
+def probe_sequence(
+    folder: Path, fps: float, image_names: frozenset[str], max_pixels: int | None = None
+) -> tuple[FrameSequence, VideoInfo]:
+    """A frame folder's frames (:func:`sequence_frames`) and its facts as a video, every
+    frame's size read from its header (nothing decoded) so that a folder of mixed sizes fails
+    before any output is made. Timestamps are frame numbers in a time base of ``1 / fps``.
+
+    Raises:
+        VideoError: no numbered frames, mixed patterns, a gap, mixed sizes, a frame that is no
+            image, a frame over ``max_pixels``.
+    """
+    from PIL import Image
+
+    sequence = sequence_frames(folder, fps, image_names)
+    first: tuple[int, int] | None = None
+    for path in sequence.files:
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except (OSError, ValueError, SyntaxError):
+            raise VideoError(f"{path.name} is not a readable image") from None
+        if first is None:
+            first = size
+            if max_pixels is not None and size[0] * size[1] > max_pixels:
+                raise VideoError(
+                    f"frame size {size[0]}x{size[1]} is over --max-pixels {max_pixels}"
+                )
+        elif size != first:
+            raise VideoError(
+                f"frames of mixed sizes: {path.name} is {size[0]}x{size[1]}, "
+                f"{sequence.files[0].name} {first[0]}x{first[1]}"
+            )
+    assert first is not None  # sequence_frames found at least one frame
+    rate = Fraction(fps).limit_denominator(1001)
+    info = VideoInfo(
+        width=first[0],
+        height=first[1],
+        fps=float(fps),
+        frames=len(sequence.files),
+        duration=len(sequence.files) / fps,
+        rotation=0,
+        codec=sequence.files[0].suffix.lower().lstrip("."),
+        has_audio=False,
+        time_base=1 / rate,
+    )
+    return sequence, info
+
+
+def read_sequence(
+    sequence: FrameSequence,
+    decode: Callable[[Path], np.ndarray],
+    sampling: Sampling = Sampling(),
+    resume: Position | None = None,
+    stop_after: int | None = None,
+) -> Iterator[tuple[Frame, Position]]:
+    """:func:`read_frames` for a frame folder: the kept frames, each decoded by ``decode``
+    (a file -> uint8 RGB ``[H, W, 3]``) when its turn comes. A position's ``pts`` is the
+    frame's place in the folder, where a resumed read starts.
+
+    Raises:
+        VideoError: a frame cannot be decoded, or its size is not the first frame's.
+    """
+    sampler = _Sampler(sampling, resume)
+    first = resume.pts if resume is not None and resume.pts is not None else 0
+    shape = None
+    count = 0
+    for number in range(first, len(sequence.files)):
+        seconds = number / sequence.fps
+        if sampling.start is not None and seconds < sampling.start - 1e-6:
+            continue
+        if sampling.end is not None and seconds >= sampling.end - 1e-9:
+            return
+        position = sampler.take(number, seconds)
+        if position is None:
+            continue
+        path = sequence.files[number]
+        try:
+            rgb = decode(path)
+        except Exception as error:  # the decoder's one-line reason, on this frame
+            raise VideoError(f"{path.name}: {error}") from None
+        if shape is None:
+            shape = rgb.shape
+        elif rgb.shape != shape:
+            raise VideoError(f"frames of mixed sizes: {path.name} differs from the frames before")
+        yield Frame(position.index, number, number, seconds, rgb), position
+        count += 1
+        if stop_after is not None and count >= stop_after:
+            return
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ into place when the video's last frame is written. The temporary folder then goe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import threading
@@ -66,9 +67,11 @@ def is_frame(work: Work) -> bool:
     return isinstance(work, FrameWork)
 
 
-def sampling(config: SegmentConfig) -> video.Sampling:
+def sampling(config: SegmentConfig, sequence: bool = False) -> video.Sampling:
+    """The frames kept; a frame folder's ``--fps`` is its frame rate, not a sampling."""
     options = config.video
-    return video.Sampling(options.start, options.end, options.every, options.fps)
+    fps = None if sequence else options.fps
+    return video.Sampling(options.start, options.end, options.every, fps)
 
 
 # -- the stream of frames ---------------------------------------------------------------------
@@ -77,14 +80,53 @@ def sampling(config: SegmentConfig) -> video.Sampling:
 def expand(todo: Iterator, config: SegmentConfig, ledger: Ledger) -> Iterator:
     """The stream ``todo`` with each video replaced by its frames (images pass as they are)."""
     for work in todo:
-        if isinstance(work, Work) and _is_video(work):
+        if isinstance(work, Work) and is_video(work):
             yield from _video_frames(work, config, ledger)
         else:
             yield work
 
 
-def _is_video(work: Work) -> bool:
-    return work.item.data is None and video.sniff_video(work.item.path)
+def is_video(work: Work) -> bool:
+    """Whether an input is a video: a video file (by its content) or, with ``--sequence``, a
+    folder of numbered frames (the only folders a run's inputs hold)."""
+    path = work.item.path
+    return work.item.data is None and (path.is_dir() or video.sniff_video(path))
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """A video file or a frame folder, probed: its facts and a way to read its frames."""
+
+    path: Path
+    info: video.VideoInfo
+    sequence: video.FrameSequence | None = None
+
+    @classmethod
+    def open(cls, path: Path, config: SegmentConfig) -> VideoSource:
+        """Probe ``path``. Raises VideoError (the input's one-line reason)."""
+        if path.is_dir():
+            fps = config.video.fps or video.DEFAULT_SEQUENCE_FPS
+            names = frozenset(sources.IMAGE_EXTENSIONS)
+            frames, info = video.probe_sequence(path, fps, names, config.max_pixels)
+            return cls(path, info, frames)
+        return cls(path, video.probe(path, config.max_pixels))
+
+    def read(
+        self,
+        config: SegmentConfig,
+        resume: video.Position | None = None,
+        stop_after: int | None = None,
+    ) -> Iterator[tuple[video.Frame, video.Position]]:
+        """The kept frames from ``resume`` on (at most ``stop_after``)."""
+        if self.sequence is None:
+            return video.read_frames(self.path, sampling(config), resume, stop_after)
+        decode = functools.partial(_decode_frame, max_pixels=config.max_pixels)
+        keep = sampling(config, sequence=True)
+        return video.read_sequence(self.sequence, decode, keep, resume, stop_after)
+
+
+def _decode_frame(path: Path, max_pixels: int | None) -> np.ndarray:
+    return sources.decode_image(path, max_pixels=max_pixels).rgb
 
 
 def _video_frames(work: Work, config: SegmentConfig, ledger: Ledger) -> Iterator[FrameWork]:
@@ -92,16 +134,16 @@ def _video_frames(work: Work, config: SegmentConfig, ledger: Ledger) -> Iterator
         return FrameWork(*_fields(work), job=job, last=True, error=error)
 
     try:
-        info = video.probe(work.item.path, config.max_pixels)
+        source = VideoSource.open(work.item.path, config)
     except video.VideoError as error:
         yield single(str(error))
         return
-    job = VideoJob(work, info, config)
+    job = VideoJob(work, source.info, config)
     resume = job.restore(ledger.segments_of(work.key, work.signature))
     held: tuple[video.Frame, video.Position] | None = None
     error = None
     try:
-        for frame, position in video.read_frames(work.item.path, sampling(config), resume):
+        for frame, position in source.read(config, resume):
             if held is not None:
                 yield FrameWork(*_fields(work), job=job, frame=held[0], next_position=position)
             held = (frame, position)

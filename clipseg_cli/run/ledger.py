@@ -17,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR
 
 from clipseg_cli.errors import ConfigMismatchError, LockedError
 from clipseg_cli.io.files import drop_partial_last_line
@@ -42,9 +43,24 @@ class InputSignature:
     def of(cls, path: Path) -> InputSignature:
         try:
             stat = path.stat()
+            if S_ISDIR(stat.st_mode):
+                return cls._of_folder(path, stat.st_mtime_ns)
         except OSError:
             return cls(None, None)  # broken link, unreadable: always retried, fails at decode
         return cls(stat.st_size, stat.st_mtime_ns)
+
+    @classmethod
+    def _of_folder(cls, folder: Path, mtime_ns: int) -> InputSignature:
+        """A frame folder (``--sequence``): its files' sizes summed, the latest time of the
+        folder and of its files (a frame added, removed, renamed or rewritten changes it)."""
+        size, latest = 0, mtime_ns
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    stat = entry.stat()
+                    size += stat.st_size
+                    latest = max(latest, stat.st_mtime_ns)
+        return cls(size, latest)
 
 
 @dataclass

@@ -224,7 +224,12 @@ def _write_exports(config: SegmentConfig, ledger: Ledger, parts: JsonlLog | None
 def _listing(
     config: SegmentConfig, stdin: TextIO | None, allow_empty: bool = False
 ) -> sources.InputListing:
-    listing = sources.collect_inputs(config.inputs, stdin=stdin, exclude=[config.out_dir])
+    listing = sources.collect_inputs(
+        config.inputs,
+        stdin=stdin,
+        exclude=[config.out_dir],
+        folders_as_items=config.video.sequence,
+    )
     if not listing.items and not allow_empty:
         problems = listing.missing + [display_path(p) for p, _ in listing.unreadable]
         where = ", ".join(problems) if problems else ", ".join(config.inputs)
