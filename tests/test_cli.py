@@ -133,6 +133,7 @@ def test_folder_walk_mirrors_the_tree_and_writes_every_kind(tiny_model_dir, phot
         tiny_model_dir,
     )
     assert result.exit_code == 0, result.output
+    assert "clipseg: stages: decode " in result.output and "bottleneck: " in result.output
     assert "note:" not in result.output  # only named models with a caveat add one
     rows = _rows(out / "clipseg-log.jsonl")
     # content-sniffed, sorted, recursive; notes.txt is not an image
@@ -178,6 +179,11 @@ def test_folder_walk_mirrors_the_tree_and_writes_every_kind(tiny_model_dir, phot
     )
     assert summary["model"]["sha256"] and summary["versions"]["torch"] == metadata.version("torch")
     assert summary["labels_legend"] == {"0": "background", "1": "a dog", "2": "a cat"}
+    stages = summary["stages"]
+    assert min(stages["decode"], stages["model"], stages["write"]) > 0
+    assert set(stages["waited_for"]) == {"input", "decode", "write", "record"}
+    assert stages["wait"] == pytest.approx(sum(stages["waited_for"].values()), abs=0.01)
+    assert stages["bottleneck"] in ("model", "input", "decode", "write", "record")
 
 
 def test_mask_matches_threshold_of_soft_output(tiny_model_dir, tmp_path):

@@ -115,6 +115,10 @@ def test_ray_engine_matches_the_local_engine_byte_for_byte(
     summary = json.loads((out / "clipseg-summary.json").read_text())
     assert summary["engine"] == "ray" and summary["ray"]["actors"] == 1
     assert summary["device"] == "cpu" and summary["batch_size"] == 2
+    # Busy times from the rows and the actors; Ray's scheduler leaves the model's waits unknown.
+    stages = summary["stages"]
+    assert min(stages["decode"], stages["model"], stages["write"]) > 0
+    assert stages["wait"] is stages["bottleneck"] is None
 
 
 def test_interrupted_ray_run_resumes_from_the_ledger(

@@ -193,6 +193,9 @@ def run_images(
             on_notice=lambda message: typer.echo(f"clipseg: {message}", err=True),
             follow=follow,
         )
+    stages = summary.stages.line()
+    if stages is not None:  # before the counts, which stay the last line
+        typer.echo(f"clipseg: {stages}", err=True)
     typer.echo(
         f"clipseg: {summary.ok} ok, {summary.failed} failed, {summary.skipped} skipped "
         f"(unchanged) of {summary.total} in {summary.seconds:.1f}s "

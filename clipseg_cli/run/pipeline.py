@@ -34,6 +34,7 @@ from clipseg_cli.run import memory
 from clipseg_cli.run.config import SegmentConfig, instance_floors
 from clipseg_cli.run.inputs import Work, failure_row, plan
 from clipseg_cli.run.ledger import Ledger, RunLock, fingerprint
+from clipseg_cli.run.stages import StageTimes
 from clipseg_cli.specs import PRECISION_DTYPES
 from clipseg_cli.version import __version__
 
@@ -75,6 +76,8 @@ class RunSummary:
     summary_path: Path | None = None
     report_path: Path | None = None
     details: dict = field(default_factory=dict)
+    #: Where the time went (the summary's ``stages``; :mod:`clipseg_cli.run.stages`).
+    stages: StageTimes = field(default_factory=StageTimes)
 
     @property
     def images_per_second(self) -> float:
@@ -329,6 +332,7 @@ class Recorder:
         time, and what the engine reports."""
         self.details.update(finished.details)
         self.infer_seconds += finished.infer_seconds
+        self.summary.stages.add(finished)
         if finished.row["status"] == "frame":  # a video's frame (run.frames): not an input
             if "segment" in finished.row:
                 work = finished.work
@@ -592,6 +596,7 @@ def _write_summary(config: SegmentConfig, recorder: Recorder) -> None:
         "interrupted": summary.interrupted,
         "seconds": round(summary.seconds, 3),
         "inference_seconds": round(recorder.infer_seconds, 3),
+        "stages": summary.stages.report(),
         "images_per_second": round(summary.images_per_second, 3),
         "config": config.describe(),
         "instances": recorder.instances,

@@ -52,6 +52,10 @@ class Finished:
     infer_seconds: float = 0.0
     details: dict = field(default_factory=dict)
     part: dict | None = None  # the image's part of the exports (io.exports), if any
+    #: Seconds the model stood idle since the engine's previous result, by what it waited
+    #: for (:data:`~clipseg_cli.run.stages.WAIT_REASONS`); empty where the engine does not
+    #: measure it (Ray).
+    waited: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ alone takes 0.107 s per image, but 0.21 s with decoding and writing overlapping 
 exclusively, decode and write tasks hold it shared (they still overlap each other, and run
 whenever the model does not). On a GPU the model does not need the cores, so the pipeline
 uses :data:`NO_GATE`.
+
+The gate also says what the model waited for: shared holders carry a label (``decode``,
+``write``), and :meth:`CpuGate.exclusive` yields the label of the holder whose release let the
+model in (None when it did not wait), so a run's summary can charge that wait to its stage.
 """
 
 from __future__ import annotations
@@ -33,25 +37,32 @@ class CpuGate:
         self._shared = 0
         self._exclusive = False
         self._exclusive_waiting = 0
+        self._last_released: str | None = None  # the label of the last shared holder to leave
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self) -> Iterator[str | None]:
+        """Hold the cores alone; yields the label of the shared holder the caller waited for
+        (the last one to leave), or None when the cores were free."""
         with self._condition:
             self._exclusive_waiting += 1
+            waited_for = None
             try:
-                self._condition.wait_for(lambda: not self._exclusive and self._shared == 0)
+                if self._exclusive or self._shared:
+                    self._condition.wait_for(lambda: not self._exclusive and self._shared == 0)
+                    waited_for = self._last_released
             finally:
                 self._exclusive_waiting -= 1
             self._exclusive = True
         try:
-            yield
+            yield waited_for
         finally:
             with self._condition:
                 self._exclusive = False
                 self._condition.notify_all()
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self, label: str | None = None) -> Iterator[None]:
+        """Use the cores alongside other shared holders; ``label`` names what for."""
         with self._condition:
             self._condition.wait_for(lambda: not self._exclusive and self._exclusive_waiting == 0)
             self._shared += 1
@@ -61,14 +72,15 @@ class CpuGate:
             with self._condition:
                 self._shared -= 1
                 if self._shared == 0:
+                    self._last_released = label
                     self._condition.notify_all()
 
-    def sharing(self, function: Callable[P, R]) -> Callable[P, R]:
-        """``function`` run while holding the gate shared."""
+    def sharing(self, function: Callable[P, R], label: str | None = None) -> Callable[P, R]:
+        """``function`` run while holding the gate shared (as ``label``)."""
 
         @wraps(function)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
-            with self.shared():
+            with self.shared(label):
                 return function(*args, **kwargs)
 
         return gated
@@ -78,11 +90,11 @@ class _NoGate(CpuGate):
     """A gate that never waits (GPU runs)."""
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        yield
+    def exclusive(self) -> Iterator[str | None]:
+        yield None
 
     @contextmanager
-    def shared(self) -> Iterator[None]:
+    def shared(self, label: str | None = None) -> Iterator[None]:
         yield
 
 

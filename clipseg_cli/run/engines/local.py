@@ -9,6 +9,14 @@ sizes are reported with every result (``model_batches``). On a CPU the model run
 cores (:mod:`.cpu_gate`): decode and write tasks wait for it, and the next batch is decoded
 before the model starts on this one, so it overlaps the previous batch's writes.
 
+Each result says how long the model stood idle since the previous one, and for what
+(:attr:`~clipseg_cli.run.steps.Finished.waited`): the loop that feeds the model is either in a
+model call or blocked on exactly one thing, timed where it blocks: a decode still running
+(``decode``; also when decode tasks hold the cores the model waits for), a write slot
+(``write``: the bounded backlog is full, or writes hold the cores), the input stream
+(``input``: a watch waiting for files, a video's frames being demuxed) or the pipeline
+recording a result (``record``).
+
 An engine of :mod:`clipseg_cli.run.steps`: it never sees the run's state."""
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 from clipseg_cli.run.backend import ModelOpener
@@ -42,7 +51,8 @@ def process(
     details = {**model.details, "batch_size": batch_size}
     sizes: Counter[int] = Counter()  # images per model call -> calls
     gate = gate_for(model.device_type)
-    shared_write = gate.sharing(steps.write)
+    shared_write = gate.sharing(steps.write, "write")
+    waits = _Waits()
 
     def write(prepared: Prepared, prediction: Prediction) -> Written:
         # A video's frame waits for the frame before it outside the gate, never holding it.
@@ -56,15 +66,18 @@ def process(
         # Unfinished writes (and the images they hold) are bounded by `limit`.
         while len(writes) > limit:
             future, work, seconds = writes.popleft()
-            written = future.result()
+            with waits.on("write"):
+                written = future.result()
             reported = {**details, "model_batches": _batch_report(sizes)}
-            yield Finished(work, written.row, seconds, reported, written.part)
+            result = Finished(work, written.row, seconds, reported, written.part, waits.take())
+            with waits.on("record"):  # the pipeline records it before asking for more
+                yield result
 
     with (
         ThreadPoolExecutor(config.workers, thread_name_prefix="decode") as decoders,
         ThreadPoolExecutor(config.writer_threads, thread_name_prefix="write") as writers,
     ):
-        stream = _prepared(todo, steps, decoders, batch_size + config.workers, gate)
+        stream = _prepared(todo, steps, decoders, batch_size + config.workers, gate, waits)
         rows = steps.rows(batch_size)
 
         model_seconds: dict[int, float] = {}  # per image, summed over its rows
@@ -75,8 +88,11 @@ def process(
             while len(rows) >= batch_size or (final and len(rows)):
                 taken = rows.next_rows()
                 pixels = [prepared.model_inputs[index] for prepared, index in taken]
-                with gate.exclusive():
+                asked = time.perf_counter()
+                with gate.exclusive() as holder:
                     start = time.perf_counter()
+                    if holder is not None:  # decode or write tasks held the cores
+                        waits.add(holder, start - asked)
                     logits = steps.predict(model.backend, pixels, pad_to=batch_size)
                     share = (time.perf_counter() - start) / len(taken)
                 sizes[len({id(prepared) for prepared, _index in taken})] += 1
@@ -91,7 +107,8 @@ def process(
                 if entry is IDLE:
                     predict(final=True)
                     yield from finished(0)
-                    yield IDLE
+                    with waits.on("record"):
+                        yield IDLE
                     continue
                 batch, failures = entry
                 for failed in failures:
@@ -118,29 +135,63 @@ def _batch_report(sizes: Counter[int]) -> dict:
     }
 
 
+class _Waits:
+    """Seconds the model's loop was blocked, by reason, since they were last taken."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+
+    def add(self, reason: str, seconds: float) -> None:
+        self._seconds[reason] = self._seconds.get(reason, 0.0) + seconds
+
+    @contextmanager
+    def on(self, reason: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(reason, time.perf_counter() - start)
+
+    def take(self) -> dict[str, float]:
+        taken, self._seconds = self._seconds, {}
+        return taken
+
+
 def _prepared(
     todo: Iterator[Work | Idle],
     steps: ItemSteps,
     pool: ThreadPoolExecutor,
     ahead: int,
     gate: CpuGate,
+    waits: _Waits,
 ) -> Iterator[Prepared | Failed | Idle]:
     """Decode in the pool, yield in input order, at most ``ahead`` decodes in flight; at
-    :data:`IDLE`, everything decoded so far, then :data:`IDLE`."""
-    prepare = gate.sharing(steps.prepare)
+    :data:`IDLE`, everything decoded so far, then :data:`IDLE`. Time spent waiting for the
+    stream or for a decode is added to ``waits`` (``input``, ``decode``)."""
+    prepare = gate.sharing(steps.prepare, "decode")
     pending: deque[Future] = deque()
+
+    def oldest() -> Prepared | Failed:
+        with waits.on("decode"):
+            return pending.popleft().result()
+
+    stream = iter(todo)
     try:
-        for work in todo:
+        while True:
+            with waits.on("input"):
+                work = next(stream, None)
+            if work is None:
+                break
             if work is IDLE:
                 while pending:
-                    yield pending.popleft().result()
+                    yield oldest()
                 yield IDLE
                 continue
             pending.append(pool.submit(prepare, work))
             if len(pending) >= ahead:
-                yield pending.popleft().result()
+                yield oldest()
         while pending:
-            yield pending.popleft().result()
+            yield oldest()
     finally:
         for future in pending:
             future.cancel()
