@@ -236,3 +236,49 @@ def test_ray_actors_run_the_backend_the_run_asks_for(ray_cluster, tiny_model_dir
         assert _output_files(out) == _output_files(local)
         summary = json.loads((out / "clipseg-summary.json").read_text())
         assert summary["backend"] == backend and summary["ray"]["actors"] == 1
+
+
+def test_ray_engine_splits_a_video_into_parts_and_joins_them(ray_cluster, tmp_path):
+    """A 50-frame video in parts of 20 (each part smoothed from up to 30 frames before it):
+    the joined videos have the local engine's frames and timestamps; the first part is the
+    local engine's exactly, the later ones within the warm-up's tolerance. A bad video is its
+    own one-line failure."""
+    from video_helpers import shapes_video
+
+    from clipseg_cli.io import video
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    source, _ = shapes_video(inputs / "clip.mp4", count=50, audio=True)
+    (inputs / "broken.mp4").write_bytes(source.read_bytes()[:2000])
+    options = ("--save", "mask,soft,overlay", "--segment-frames", "20")
+    demo, prompts = Path("demo"), ("red circle",)
+    local = tmp_path / "local"
+    result = _segment(inputs, local, demo, *options, prompts=prompts)
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
+    out = tmp_path / "ray"
+    result = _segment(inputs, out, demo, *options, *_ray(), prompts=prompts)
+    assert result.exit_code == ExitCode.SOME_FAILED, result.output
+    rows = _log(out)
+    assert rows["broken.mp4"]["status"] == "failed" and "\n" not in rows["broken.mp4"]["error"]
+    row, expected = rows["clip.mp4"], _log(local)["clip.mp4"]
+    assert row["status"] == "ok" and row["video"] == expected["video"]
+    assert row["video"]["frames"] == 50
+    for prompt, want in zip(row["prompts"], expected["prompts"], strict=True):
+        assert prompt["coverage"] == pytest.approx(want["coverage"], abs=1e-3)
+        assert prompt["mean_abs_dp"] == pytest.approx(want["mean_abs_dp"], abs=1e-4)
+    for kind in ("mask", "soft"):
+        name = f"clip.mp4.red-circle.{kind}.mkv"
+        mine = [f for f in video.grey_frames(out / name)]
+        theirs = [f for f in video.grey_frames(local / name)]
+        assert len(mine) == len(theirs) == 50
+        assert all(np.array_equal(a, b) for a, b in zip(mine[:20], theirs[:20], strict=True))
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(mine, theirs, strict=True))
+        assert worst <= 1 / 255, kind  # at most one level of an 8-bit soft map
+        if kind == "mask":
+            flipped = sum(int((a != b).sum()) for a, b in zip(mine, theirs, strict=True))
+            assert flipped <= 0.0005 * mine[0].size * 50
+    overlay = out / "clip.mp4.red-circle.overlay.mp4"
+    info = video.probe(overlay)
+    assert info.has_audio and info.frames == 50
+    assert not (out / STATE_DIR / "video").exists()

@@ -51,6 +51,15 @@ PredSlugOpt = Annotated[
     typer.Option(help="Use only predictions of this prompt slug (several prompts in --pred)."),
 ]
 EvalBatchOpt = Annotated[int, typer.Option(help="Images per model batch (--images).")]
+VideoEvalOpt = Annotated[
+    bool,
+    typer.Option(
+        "--video",
+        help="Score mask sequences (videos, or folders of numbered frames): DAVIS J, F and J&F "
+        "per sequence and their means, and flicker (also without --gt). On when --pred, --gt "
+        "or --images is a video file.",
+    ),
+]
 KeepPredsOpt = Annotated[
     Path | None,
     typer.Option(help="With --images: also write the predictions here as 16-bit soft PNGs."),
@@ -182,6 +191,7 @@ def eval_command(
         typer.Option(help="Precision/recall curve PNG.", show_default="--json path with .pr.png"),
     ] = None,
     keep_preds: KeepPredsOpt = None,
+    video: VideoEvalOpt = False,
     model: o.ModelOpt = DEFAULT_MODEL,
     clip_weights: o.ClipWeightsOpt = None,
     device: o.DeviceOpt = "auto",
@@ -214,6 +224,13 @@ def eval_command(
 
     if shapes:
         _shapes_proxy(scenes, first_seed, work, json_path)
+        return
+    if video or _any_video(gt, pred, images):
+        _video_eval(
+            gt, pred, images, o.prompts_from(prompt, prompts_file), threshold, pred_slug,
+            json_path, keep_preds, model=model, clip_weights=clip_weights, device=device,
+            precision=precision,
+        )  # fmt: skip
         return
     if gt is not None and gt.is_file():
         _coco_eval(
@@ -248,6 +265,96 @@ def eval_command(
         raise fail("no pair could be evaluated", ExitCode.SOME_FAILED)
     if report.failed:
         raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def _any_video(*paths: Path | None) -> bool:
+    from clipseg_cli.io.video import sniff_video
+
+    return any(path is not None and path.is_file() and sniff_video(path) for path in paths)
+
+
+def _video_eval(
+    gt: Path | None,
+    pred: Path | None,
+    images: Path | None,
+    prompts: tuple[str, ...],
+    threshold: float,
+    pred_slug: str | None,
+    json_path: Path | None,
+    keep_preds: Path | None,
+    **model_options: object,
+) -> None:
+    """``eval --video``: mask sequences against ground-truth sequences (or flicker alone),
+    predicted first by ``segment`` (its defaults, ``--save soft``) for ``--images``."""
+    import tempfile
+
+    from clipseg_cli.evaluate.video import run_video_eval
+
+    with exit_on_error(), tempfile.TemporaryDirectory(prefix="clipseg-eval-") as scratch:
+        if (pred is None) == (images is None):
+            raise ValueError("give either --pred (videos or frame folders) or --images VIDEO")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"--threshold {threshold}: must be between 0 and 1")
+        for name, path in (("--gt", gt), ("--pred", pred), ("--images", images)):
+            if path is not None and not path.exists():
+                raise ValueError(f"{name} {path}: no such file or folder")
+        if images is not None:
+            if len(prompts) != 1:
+                raise ValueError("with videos, --images takes one --prompt TEXT")
+            pred = _segment_videos(images, prompts, keep_preds or Path(scratch), model_options)
+        assert pred is not None
+        report = run_video_eval(gt, pred, threshold, pred_slug)
+    for entry in report.errors[:_MAX_ERRORS_SHOWN]:
+        typer.echo(f"clipseg: {entry['file']}: {entry['error']}", err=True)
+    keys = ("frames", "J", "F", "J&F", "mean_abs_dp", "mean_iou")
+    typer.echo(f"# video: {report.ok} sequences evaluated, {report.failed} errors")
+    typer.echo("\t".join(("sequence", *keys)))
+    for row in report.rows:
+        if row["status"] == "ok":
+            cells = [str(row["frames"])] + [_fmt(row[key]) for key in keys[1:]]
+            typer.echo("\t".join((row["sequence"], *cells)))
+    means = report.means()
+    typer.echo("\t".join(("mean", str(report.ok), *(_fmt(means[key]) for key in keys[1:]))))
+    if json_path is not None:
+        from clipseg_cli.io.files import write_json_atomic
+
+        with exit_on_error():
+            write_json_atomic(json_path, report.to_json())
+        typer.echo(f"clipseg: wrote {json_path}", err=True)
+    if report.ok == 0:
+        raise fail("no sequence could be evaluated", ExitCode.SOME_FAILED)
+    if report.failed:
+        raise typer.Exit(int(ExitCode.SOME_FAILED))
+
+
+def _segment_videos(images: Path, prompts: tuple[str, ...], out: Path, model_options: dict) -> Path:
+    """Run ``segment --save soft`` on the videos (a video file, a frame folder, or a folder of
+    videos and frame folders) into ``out``; returns ``out``."""
+    from clipseg_cli.evaluate.video import is_sequence
+    from clipseg_cli.io.video import sniff_video
+    from clipseg_cli.run.config import SegmentConfig, VideoOptions
+    from clipseg_cli.run.pipeline import run_segment
+
+    if images.is_file() or is_sequence(images):
+        inputs = [images]
+    else:
+        inputs = [
+            path
+            for path in sorted(images.iterdir())
+            if not path.name.startswith(".")
+            and ((path.is_file() and sniff_video(path)) or is_sequence(path))
+        ]
+    config = SegmentConfig(
+        inputs=tuple(str(path) for path in inputs),
+        out_dir=out,
+        prompts=prompts,
+        save=("soft",),
+        soft_bits=16,
+        video=VideoOptions(sequence=any(path.is_dir() for path in inputs)),
+        **model_options,
+    )
+    run_segment(config)
+    return out
 
 
 def _coco_eval(

@@ -44,6 +44,8 @@ __all__ = [
     "VideoError",
     "VideoInfo",
     "VideoWriter",
+    "frame_positions",
+    "grey_frames",
     "join_segments",
     "looks_like_video",
     "probe",
@@ -51,6 +53,7 @@ __all__ = [
     "read_frames",
     "read_sequence",
     "sequence_frames",
+    "sequence_positions",
     "video_extension",
 ]
 
@@ -325,6 +328,44 @@ def _kept(
     _check_complete(container, stream, sampler.source_index, last_time, sampling, resume)
 
 
+def frame_positions(path: Path, sampling: Sampling = Sampling()) -> list[Position]:
+    """The :class:`Position` of every frame :func:`read_frames` keeps, from the packets'
+    timestamps alone (nothing is decoded: a split run plans its parts with it).
+
+    Raises:
+        VideoError: the file cannot be read, or is truncated (as :func:`read_frames` says).
+    """
+    av = _av()
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream in the file")
+        stream = container.streams.video[0]
+        time_base = stream.time_base or Fraction(1, 90000)
+        start_pts = stream.start_time or 0
+        try:
+            stamps = sorted(
+                packet.pts
+                for packet in container.demux(stream)
+                if packet.pts is not None and not packet.is_discard
+            )
+        except av.FFmpegError as error:
+            raise VideoError(f"truncated or damaged video: {_reason(error)}") from None
+        sampler = _Sampler(sampling, None)
+        positions, last_time = [], None
+        for pts in stamps:
+            seconds = float((pts - start_pts) * time_base)
+            if sampling.start is not None and seconds < sampling.start - 1e-6:
+                continue
+            if sampling.end is not None and seconds >= sampling.end - 1e-9:
+                break
+            last_time = seconds
+            position = sampler.take(pts, seconds)
+            if position is not None:
+                positions.append(position)
+        _check_complete(container, stream, sampler.source_index, last_time, sampling, None)
+    return positions
+
+
 def _check_complete(
     container: Any,
     stream: Any,
@@ -499,6 +540,22 @@ def read_sequence(
         count += 1
         if stop_after is not None and count >= stop_after:
             return
+
+
+def sequence_positions(sequence: FrameSequence, sampling: Sampling = Sampling()) -> list[Position]:
+    """:func:`frame_positions` of a frame folder (nothing is read)."""
+    sampler = _Sampler(sampling, None)
+    positions = []
+    for number in range(len(sequence.files)):
+        seconds = number / sequence.fps
+        if sampling.start is not None and seconds < sampling.start - 1e-6:
+            continue
+        if sampling.end is not None and seconds >= sampling.end - 1e-9:
+            break
+        position = sampler.take(number, seconds)
+        if position is not None:
+            positions.append(position)
+    return positions
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -689,6 +746,28 @@ def join_segments(
                     out.mux(packet)
             finally:
                 audio_in.close()
+
+
+def grey_frames(path: Path) -> Iterator[np.ndarray]:
+    """Each frame of a mask or soft video as float32 ``[H, W]`` in [0, 1], read at its own
+    depth (16-bit grey FFV1 as ``v / 65535``, 8-bit as ``v / 255``; colour videos by their
+    luma), as ``segment`` wrote them.
+
+    Raises:
+        VideoError: the file cannot be read as a video.
+    """
+    av = _av()
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError("no video stream in the file")
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                if frame.format.name.startswith("gray16"):
+                    yield frame.to_ndarray(format="gray16le").astype(np.float32) / 65535.0
+                else:
+                    yield frame.to_ndarray(format="gray").astype(np.float32) / 255.0
+        except av.FFmpegError as error:
+            raise VideoError(f"truncated or damaged video: {_reason(error)}") from None
 
 
 def alpha_frames(path: Path) -> Iterator[np.ndarray]:

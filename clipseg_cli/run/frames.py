@@ -48,6 +48,9 @@ FRAME_ROW = "frame"
 SEGMENT_ROW = "segment"
 #: Under the state folder: the part files of unfinished videos.
 VIDEO_STATE = "video"
+#: Frames a part of a split video (``--engine ray``) smooths before its first one, so that it
+#: starts from nearly the state an unsplit run has there (docs/video.md: the tolerance).
+WARMUP_FRAMES = 30
 #: Kinds that are not videos: logits are arrays, written per frame with --frames only.
 _NOT_VIDEO = frozenset({"logits"})
 
@@ -61,6 +64,7 @@ class FrameWork(Work):
     next_position: video.Position | None = None  # where the frame after this one is
     last: bool = False
     error: str | None = None
+    warmup: bool = False  # a split run's frame before its part: it only primes the smoothing
 
 
 def is_frame(work: Work) -> bool:
@@ -124,6 +128,12 @@ class VideoSource:
         keep = sampling(config, sequence=True)
         return video.read_sequence(self.sequence, decode, keep, resume, stop_after)
 
+    def positions(self, config: SegmentConfig) -> list[video.Position]:
+        """Where each kept frame is (nothing decoded). Raises VideoError."""
+        if self.sequence is None:
+            return video.frame_positions(self.path, sampling(config))
+        return video.sequence_positions(self.sequence, sampling(config, sequence=True))
+
 
 def _decode_frame(path: Path, max_pixels: int | None) -> np.ndarray:
     return sources.decode_image(path, max_pixels=max_pixels).rgb
@@ -155,6 +165,65 @@ def _video_frames(work: Work, config: SegmentConfig, ledger: Ledger) -> Iterator
         return
     # The last frame is known as the last: its write finishes the video (or fails it).
     yield FrameWork(*_fields(work), job=job, frame=held[0], last=True, error=error)
+
+
+# -- a video split into parts (--engine ray) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a split video: its number, where decoding starts (its first warm-up frame;
+    None: the video's start), its warm-up frames, then its own."""
+
+    number: int
+    resume: video.Position | None
+    warmup: int
+    count: int
+
+
+def split(
+    work: Work, config: SegmentConfig, warmup: int = WARMUP_FRAMES
+) -> tuple[VideoSource, list[Part]]:
+    """A video's parts of ``--segment-frames`` frames, each with up to ``warmup`` frames
+    before it, so that parts can be segmented apart (in parallel) and joined.
+
+    Raises:
+        VideoError: the video cannot be read (the input's one-line reason).
+    """
+    source = VideoSource.open(work.item.path, config)
+    positions = source.positions(config)
+    if not positions:
+        raise video.VideoError("no frames between --start and --end")
+    size = config.video.segment_frames
+    parts = []
+    for number, first in enumerate(range(0, len(positions), size)):
+        begin = max(0, first - warmup)
+        resume = positions[begin] if begin else None
+        parts.append(Part(number, resume, first - begin, min(size, len(positions) - first)))
+    return source, parts
+
+
+def part_job(work: Work, source: VideoSource, config: SegmentConfig, part: Part) -> VideoJob:
+    """The job that writes one part's outputs (as part files numbered like the part)."""
+    job = VideoJob(work, source.info, config)
+    job.split = True
+    job.segment = part.number
+    return job
+
+
+def part_frames(work: Work, source: VideoSource, job: VideoJob, part: Part) -> Iterator[FrameWork]:
+    """A part's frames, its warm-up first.
+
+    Raises:
+        VideoError: the frames cannot be decoded, or fewer come than planned.
+    """
+    count = 0
+    total = part.warmup + part.count
+    for frame, _position in source.read(job.config, part.resume, total):
+        yield FrameWork(*_fields(work), job=job, frame=frame, warmup=count < part.warmup)
+        count += 1
+    if count < total:
+        raise video.VideoError(f"part {part.number}: {count} of its {total} frames decoded")
 
 
 def _fields(work: Work) -> tuple:
@@ -218,6 +287,8 @@ class VideoJob:
         self._turn = threading.Condition()
         self._next = 0  # the frame index whose turn it is
         self._failed = False
+        # A part of a split video (``--engine ray``): no ledger segments, no joining here.
+        self.split = False
 
     # -- resuming
 
@@ -253,6 +324,8 @@ class VideoJob:
         try:
             if self._failed:
                 return items.Written({"status": FRAME_ROW})
+            if work.warmup:
+                return self._warm_up(prepared, prediction, conditionals)
             hooks = _Hooks(self, frame.rgb)
             sink = VideoSink(self, frame)
             written = items.write_item(
@@ -266,7 +339,7 @@ class VideoJob:
                 return self._fail(work.error)
             if work.last:
                 return items.Written(self._finish(conditionals))
-            if (frame.index + 1) % self.config.video.segment_frames == 0:
+            if not self.split and (frame.index + 1) % self.config.video.segment_frames == 0:
                 return items.Written({"status": FRAME_ROW, SEGMENT_ROW: self._end_segment(work)})
             return items.Written({"status": FRAME_ROW})
         except (video.VideoError, InputError) as error:
@@ -279,6 +352,52 @@ class VideoJob:
             return self._fail(f"cannot write the video outputs: {error.strerror or error}")
         finally:
             self._done(frame.index)
+
+    def _warm_up(
+        self,
+        prepared: items.Prepared,
+        prediction: items.Prediction,
+        conditionals: list[Conditional],
+    ) -> items.Written:
+        """A frame before a split part: smoothed like any frame (its outputs are made and
+        thrown away), so the part's first frame starts from its state; the flicker measures
+        keep it only as the frame before the part's first."""
+        hooks = _Hooks(self, prepared.work.frame.rgb)
+        items.write_item(prepared, prediction, self.config, conditionals, _Discard(), hooks)
+        self.state = hooks.step.state()
+        for track in self.tracks.values():
+            track.flicker.changes, track.flicker.ious, track.flicker.pairs = 0.0, 0.0, 0
+        return items.Written({"status": FRAME_ROW})
+
+    def close_part(self) -> dict:
+        """The end of a split part: its encoders closed; what the join needs of it (its part
+        files, each prompt's track over its frames, its timings)."""
+        self._close_segment()
+        return {
+            "parts": {name: list(group) for name, group in self.parts.items()},
+            "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
+            "timings": dict(self.timings),
+        }
+
+    def join_parts(self, results: list[dict], conditionals: list[Conditional]) -> dict:
+        """Finish a split video from its parts' :meth:`close_part` results, in order: each
+        output's part files joined, the tracks put end to end; the video's row."""
+        self.parts, self.tracks = {}, {}
+        for result in results:
+            for name, group in result["parts"].items():
+                self.parts.setdefault(name, []).extend(group)
+            for k, totals in result["tracks"].items():
+                part = _PromptTrack.from_totals(totals, {}, int(k))
+                track = self.tracks.setdefault(int(k), _PromptTrack())
+                track.coverage += part.coverage
+                track.empty += part.empty
+                track.peak = max(track.peak, part.peak)
+                track.flicker.changes += part.flicker.changes
+                track.flicker.ious += part.flicker.ious
+                track.flicker.pairs += part.flicker.pairs
+            for name, seconds in result["timings"].items():
+                self.timings[name] = self.timings.get(name, 0.0) + seconds
+        return self._finish(conditionals)
 
     def _track(self, row: dict) -> None:
         self.timings["decode_s"] += row["timings"]["decode_s"]
@@ -482,6 +601,16 @@ class _Hooks:
 
     def observe(self, k: int, prob: np.ndarray, mask: np.ndarray) -> None:
         self.job.tracks.setdefault(k, _PromptTrack()).flicker.add(prob, mask)
+
+
+@dataclass
+class _Discard:
+    """A warm-up frame's outputs: made, never written."""
+
+    records: list[dict] = field(default_factory=list)
+
+    def put(self, output: Output) -> None:
+        pass
 
 
 @dataclass

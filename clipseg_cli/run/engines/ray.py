@@ -28,10 +28,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from clipseg_cli.errors import DiskFullError
-from clipseg_cli.io import sources
+from clipseg_cli.errors import DiskFullError, InputError
+from clipseg_cli.io import sources, video
+from clipseg_cli.io.paths import display_path
+from clipseg_cli.run import frames
 from clipseg_cli.run.backend import ModelOpener
 from clipseg_cli.run.config import SegmentConfig
+from clipseg_cli.run.inputs import failure_row
 from clipseg_cli.run.items import Failed, Prediction, Prepared, Work
 from clipseg_cli.run.steps import IDLE, Finished, Idle, ItemSteps
 
@@ -202,6 +205,154 @@ def _write(row: dict[str, Any], steps: ItemSteps, cwd: str) -> dict:
     }
 
 
+# -- videos: parts segmented apart by actors, joined by the driver -----------------------------
+
+
+class _PartError(Exception):
+    """A part of a video that cannot be finished: the video's one-line reason."""
+
+
+class _VideoParts:
+    """Actor: opens the model's image side once, then segments parts of videos, each from its
+    warm-up frames on (:func:`clipseg_cli.run.frames.split`), through the same steps as the
+    local engine's frames: prepare, model batches padded to ``--batch-size``, write in order."""
+
+    def __init__(self, steps: ItemSteps, open_model: ModelOpener, sizing: _Sizing) -> None:
+        threads = max(1, int(sizing.num_cpus)) if sizing.num_gpus == 0 else None
+        self.steps = steps
+        self.model = open_model(threads=threads)
+        self.batch_size = sizing.batch_size
+        self.description = json.dumps(self.model.details)
+
+    def run(self, payload: bytes, cwd: str) -> bytes:
+        """One part -> its pickled result: ``close_part``'s, or ``error`` / ``fatal``."""
+        _enter(cwd)
+        sources.configure_pillow_limits(self.steps.config.max_pixels)
+        video_index, work, source, part = pickle.loads(payload)
+        result: dict[str, Any] = {"video": video_index, "part": part.number, "infer_s": 0.0}
+        result["actor"] = self.description
+        job = frames.part_job(work, source, self.steps.config, part)
+        try:
+            result |= self._segment(job, work, source, part, result)
+        except (_PartError, video.VideoError, InputError) as error:
+            result["error"] = str(error)
+        except DiskFullError as error:
+            result["fatal"], result["fatal_errno"] = error.strerror or str(error), error.errno or 0
+        finally:
+            for writer in job.writers.values():
+                writer.abort()  # left open only by a failure: the driver discards the video
+        return pickle.dumps(result, protocol=5)
+
+    def _segment(
+        self, job: frames.VideoJob, work: Work, source: frames.VideoSource, part, result: dict
+    ) -> dict:
+        steps, size = self.steps, self.batch_size
+        rows = steps.rows(size)
+
+        def predict(final: bool) -> None:
+            while len(rows) >= size or (final and len(rows)):
+                taken = rows.next_rows()
+                began = time.perf_counter()
+                logits = steps.predict(
+                    self.model.backend, [p.model_inputs[i] for p, i in taken], size
+                )
+                result["infer_s"] += time.perf_counter() - began
+                for prepared, prediction in rows.accept(taken, logits):
+                    written = steps.write(prepared, prediction)
+                    if written.row["status"] == "failed":
+                        raise _PartError(written.row["error"])
+
+        for frame_work in frames.part_frames(work, source, job, part):
+            prepared = steps.prepare(frame_work)
+            if isinstance(prepared, Failed):
+                raise _PartError(prepared.error)
+            rows.add(prepared)
+            predict(final=False)
+        predict(final=True)
+        return job.close_part()
+
+
+def _videos(
+    ray: ModuleType,
+    videos: list[Work],
+    steps: ItemSteps,
+    open_model: ModelOpener,
+    sizing: _Sizing,
+    details: dict,
+    cwd: str,
+) -> Iterator[Finished]:
+    """Each video split into parts of ``--segment-frames`` frames, the parts segmented by a
+    pool of actors in any order, each video joined on the driver once its parts are done."""
+    from ray.util import ActorPool
+
+    config = steps.config
+    plans: dict[int, tuple[Work, frames.VideoSource, list[frames.Part]]] = {}
+    for index, work in enumerate(videos):
+        try:
+            source, parts = frames.split(work, config)
+        except video.VideoError as error:
+            yield Finished(work, _failed(work, str(error)), 0.0, details)
+            continue
+        plans[index] = (work, source, parts)
+    tasks = [
+        pickle.dumps((index, work, source, part), protocol=5)
+        for index, (work, source, parts) in plans.items()
+        for part in parts
+    ]
+    if not tasks:
+        return
+    actor = ray.remote(_VideoParts).options(
+        num_cpus=sizing.num_cpus, num_gpus=sizing.num_gpus, memory=sizing.memory
+    )
+    workers = [
+        actor.remote(steps, open_model, sizing) for _ in range(min(sizing.actors, len(tasks)))
+    ]
+    done: dict[int, dict[int, dict]] = {index: {} for index in plans}
+    try:
+        pool = ActorPool(workers)
+        for payload in pool.map_unordered(lambda worker, task: worker.run.remote(task, cwd), tasks):
+            result = pickle.loads(payload)
+            if "fatal" in result:
+                raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
+            index = result["video"]
+            done[index][result["part"]] = result
+            work, source, parts = plans[index]
+            if len(done[index]) == len(parts):
+                finished = done.pop(index)
+                results = [finished[part.number] for part in parts]
+                yield _joined(
+                    work, source, results, steps, {**details, **json.loads(result["actor"])}
+                )
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+
+
+def _joined(
+    work: Work, source: frames.VideoSource, results: list[dict], steps: ItemSteps, details: dict
+) -> Finished:
+    """A video whose parts are done: joined into its outputs, or failed whole."""
+    job = frames.VideoJob(work, source.info, steps.config)
+    seconds = sum(result["infer_s"] for result in results)
+    errors = [result["error"] for result in results if "error" in result]
+    if errors:
+        job.discard()
+        return Finished(work, _failed(work, errors[0]), seconds, details)
+    try:
+        row = job.join_parts(results, steps.prompts.positives)
+    except (video.VideoError, OSError) as error:
+        job.discard()
+        reason = getattr(error, "strerror", None) or str(error)
+        return Finished(
+            work, _failed(work, f"cannot join the video's parts: {reason}"), seconds, details
+        )
+    return Finished(work, row, seconds, details)
+
+
+def _failed(work: Work, error: str) -> dict:
+    return failure_row(display_path(work.item.path), work.key, error)
+
+
 # -- the driver ---------------------------------------------------------------------------------
 
 
@@ -278,7 +429,9 @@ def process(
     """
     ray = require_ray()
     config = steps.config
-    works = [work for work in todo if work is not IDLE]
+    everything = [work for work in todo if work is not IDLE]
+    videos = [work for work in everything if frames.is_video(work)]
+    works = [work for work in everything if not frames.is_video(work)]
     rows = [{"i": i, "work": pickle.dumps(work, protocol=5)} for i, work in enumerate(works)]
     cwd = str(Path.cwd())
     with _cluster(ray, config.ray_address), _data_context():
@@ -296,40 +449,57 @@ def process(
                 "memory_per_actor": sizing.memory,
             },
         }
-        blocks = max(1, math.ceil(len(rows) / ROWS_PER_DECODE_TASK))
-        dataset = (
-            ray.data.from_items(rows, override_num_blocks=blocks)
-            .map(_decode, fn_kwargs={"steps": steps, "cwd": cwd})
-            .map_batches(
-                _Predictor,
-                fn_constructor_kwargs={
-                    "steps": steps,
-                    "open_model": open_model,
-                    "sizing": sizing,
-                },
-                batch_size=sizing.batch_size,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=sizing.actors),
-                num_gpus=sizing.num_gpus,
-                num_cpus=sizing.num_cpus,
-                # Reserving the actor's memory also keeps Ray Data from fusing the decode
-                # tasks into the actors (it fuses stages whose options are equal), which would
-                # decode one image at a time per actor instead of across the cluster.
-                memory=sizing.memory,
-            )
-            .map(_write, fn_kwargs={"steps": steps, "cwd": cwd})
+        if rows:
+            yield from _images(ray, rows, works, steps, open_model, sizing, details, cwd)
+        if videos:
+            yield from _videos(ray, videos, steps, open_model, sizing, details, cwd)
+
+
+def _images(
+    ray: ModuleType,
+    rows: list[dict],
+    works: list[Work],
+    steps: ItemSteps,
+    open_model: ModelOpener,
+    sizing: _Sizing,
+    details: dict,
+    cwd: str,
+) -> Iterator[Finished]:
+    """The images: decode tasks -> the actor pool -> write tasks, on Ray Data."""
+    blocks = max(1, math.ceil(len(rows) / ROWS_PER_DECODE_TASK))
+    dataset = (
+        ray.data.from_items(rows, override_num_blocks=blocks)
+        .map(_decode, fn_kwargs={"steps": steps, "cwd": cwd})
+        .map_batches(
+            _Predictor,
+            fn_constructor_kwargs={
+                "steps": steps,
+                "open_model": open_model,
+                "sizing": sizing,
+            },
+            batch_size=sizing.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=sizing.actors),
+            num_gpus=sizing.num_gpus,
+            num_cpus=sizing.num_cpus,
+            # Reserving the actor's memory also keeps Ray Data from fusing the decode
+            # tasks into the actors (it fuses stages whose options are equal), which would
+            # decode one image at a time per actor instead of across the cluster.
+            memory=sizing.memory,
         )
-        stream = dataset.iter_rows()
-        try:
-            for result in stream:
-                if result["fatal"]:
-                    raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
-                # The summary names the actors' device, not the driver's (prompts only).
-                row_details = {**details, **json.loads(result["actor"])}
-                row, part = json.loads(result["row"]), json.loads(result["part"])
-                work = works[int(result["i"])]
-                yield Finished(work, row, float(result["infer_s"]), row_details, part)
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+        .map(_write, fn_kwargs={"steps": steps, "cwd": cwd})
+    )
+    stream = dataset.iter_rows()
+    try:
+        for result in stream:
+            if result["fatal"]:
+                raise DiskFullError(int(result["fatal_errno"]), result["fatal"])
+            # The summary names the actors' device, not the driver's (prompts only).
+            row_details = {**details, **json.loads(result["actor"])}
+            row, part = json.loads(result["row"]), json.loads(result["part"])
+            work = works[int(result["i"])]
+            yield Finished(work, row, float(result["infer_s"]), row_details, part)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
