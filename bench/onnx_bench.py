@@ -412,8 +412,9 @@ def torch_rows(rows: Rows, model, folder: Path, pixels, conditionals, args) -> n
     return reference
 
 
-def onnx_rows(rows: Rows, model, info, pixels, conditionals, reference, repeats: int) -> None:
-    """ONNX Runtime fp32 with spinning on and off, int8 per channel and per tensor."""
+def onnx_rows(rows: Rows, model, info, pixels, conditionals, reference, repeats: int) -> Path:
+    """ONNX Runtime fp32 with spinning on and off, int8 per channel and per tensor; returns
+    the cached fp32 graph's path."""
     from clipseg_cli.backends.onnx import OnnxImageBackend, open_onnx_backend
     from clipseg_cli.backends.quantize import quantize_int8
 
@@ -454,6 +455,51 @@ def onnx_rows(rows: Rows, model, info, pixels, conditionals, reference, repeats:
         mask = backend.logits(pixels, conditionals) > 0.0
         iou = (mask & fp32_mask).sum() / max((mask | fp32_mask).sum(), 1)
         rows.add(label, seconds, f"(mask IoU vs fp32 at p > 0.5: {iou:.4f})", "int8")
+    return load.path
+
+
+def openvino_logits(graph: bytes | str | Path, precision: str):
+    """The image graph compiled by OpenVINO for the CPU at ``precision`` (f32, bf16), as a
+    function with the project's backends' interface (uint8 pixels, conditionals -> logits)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(graph, b"") if isinstance(graph, bytes) else core.read_model(graph)
+    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    output = compiled.output("logits")
+
+    def logits(pixels: np.ndarray, conditionals: np.ndarray) -> np.ndarray:
+        result = request.infer({"pixels": pixels, "conditionals": conditionals})
+        return np.asarray(result[output], dtype=np.float32)
+
+    return logits
+
+
+def openvino_rows(rows: Rows, fp32_graph: Path, pixels, conditionals, reference, repeats: int):
+    """OpenVINO compiling the same cached graph: f32, bf16 (native on AVX512_BF16/AMX CPUs) and
+    ONNX Runtime's dynamic int8 graph."""
+    from clipseg_cli.backends.quantize import quantize_int8
+
+    fp32_mask = reference > 0.0
+    graphs = {
+        "OpenVINO fp32": (fp32_graph, "f32", "fp32"),
+        "OpenVINO bf16 (INFERENCE_PRECISION_HINT bf16)": (fp32_graph, "bf16", "bf16"),
+        "OpenVINO on ORT's dynamic int8 graph": (quantize_int8(fp32_graph), "f32", "int8"),
+    }
+    for label, (graph, hint, precision) in graphs.items():
+        try:
+            run = openvino_logits(graph, hint)
+        except Exception as error:
+            print(f"  {label}: failed ({str(error).strip().splitlines()[0][:120]})")
+            continue
+        seconds = best_seconds(lambda r=run: r(pixels, conditionals), repeats)
+        out = run(pixels, conditionals)
+        mask = out > 0.0
+        iou = (mask & fp32_mask).sum() / max((mask | fp32_mask).sum(), 1)
+        note = f"(rel. diff {_rel(out, reference):.1e}, mask IoU vs fp32 at p > 0.5: {iou:.4f})"
+        rows.add(label, seconds, note, precision)
 
 
 def demo_agreement(scenes: int = 40) -> None:
@@ -530,7 +576,8 @@ def main() -> None:
 
     rows = Rows()
     reference = torch_rows(rows, model, folder, pixels, conditionals, args)
-    onnx_rows(rows, model, info, pixels, conditionals, reference, args.repeats)
+    graph = onnx_rows(rows, model, info, pixels, conditionals, reference, args.repeats)
+    openvino_rows(rows, graph, pixels, conditionals, reference, args.repeats)
 
     print("\nGEMM rates (GFLOP/s; GOP/s for int8):")
     gemms = gemm_rates(repeats=10)

@@ -44,30 +44,12 @@ REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO / "tests"))
 
-from onnx_bench import cpu_summary, lscpu_fields, native_bf16  # noqa: E402
+from onnx_bench import cpu_summary, lscpu_fields, native_bf16, openvino_logits  # noqa: E402
 
 HELD_OUT_SEED = 10_000_000
 DEMO_THRESHOLD = 0.3
 RANDOM_THRESHOLD = 0.5
 Logits = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
-def openvino_logits(graph: bytes, precision: str) -> Logits:
-    """The ONNX graph compiled by OpenVINO for the CPU at ``precision`` (f32, bf16), with the
-    same uint8 pixels / conditionals interface as the project's backends."""
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(graph, b"")
-    config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-
-    def logits(pixels: np.ndarray, conditionals: np.ndarray) -> np.ndarray:
-        result = request.infer({"pixels": pixels, "conditionals": conditionals})
-        return np.asarray(result[compiled.output("logits")], dtype=np.float32)
-
-    return logits
 
 
 def candidates(model, graph: bytes) -> dict[str, Logits]:

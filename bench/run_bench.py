@@ -1181,7 +1181,7 @@ def breakdown_section(report: Report, m: Measurements) -> None:
             "model s",
             "decode s",
             "write s (refine + PNG)",
-            "wait s",
+            "model's wait s",
             "source",
         ],
         rows,
@@ -1206,7 +1206,10 @@ def _breakdown_row(label: str, run: RunResult, summary: dict) -> list[str]:
     stages = summary.get("stages")
     if isinstance(stages, dict) and stages:
         values = [_stage(stages, name) for name in ("model", "decode", "write", "wait")]
-        source = "summary stages"
+        busy = stages.get("model_busy")
+        source = f"stages: bottleneck {stages.get('bottleneck', '?')}" + (
+            f", model busy {busy:.0%}" if isinstance(busy, (int, float)) else ""
+        )
     else:
         out = Path(run.cmd[run.cmd.index("--out") + 1])
         logged = log_seconds(out)
