@@ -127,6 +127,7 @@ class Tally:
             f"{self.inter / max(self.union, 1):.4f}",
             f"{np.mean(self.per_mask):.4f}",
             f"{np.min(self.per_mask):.3f}",
+            f"{sum(iou < 0.9 for iou in self.per_mask)} of {len(self.per_mask)}",
             f"{self.max_error:.3g}",
             f"{p999:.3g}",
             f"{iou_fg:.4f}",
@@ -149,9 +150,9 @@ def measure(title: str, model, graph: bytes, inputs, threshold: float) -> list[s
     lines = [
         f"### {title}",
         "",
-        "| candidate | IoU vs fp32 (pooled) | mean per mask | worst mask | max logit error | "
-        "99.9% logit error | IoU_FG vs ground truth |",
-        "|---|---|---|---|---|---|---|",
+        "| candidate | IoU vs fp32 (pooled) | mean per mask | worst mask | masks under 0.9 | "
+        "max logit error | 99.9% logit error | IoU_FG vs ground truth |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(t.row(name)) + " |" for name, t in tallies.items()]
     return [*lines, ""]
