@@ -115,8 +115,9 @@ def find_objects(
         box = (slice(y, y + h), slice(x, x + w))
         min_peak = rules.min_peak(mask.shape)
         labels[box], count = split_regions(labels[box], count, distance_map(mask[box]), min_peak)
-    scores = object_scores(SCORE_KIND, labels, count, prob, threshold)
-    table = _LabelTable.of(labels)
+    foreground = _Foreground.of(labels)
+    scores = object_scores(SCORE_KIND, labels, count, prob, threshold, foreground)
+    table = _LabelTable.of(labels, foreground)
     order = table.labels[np.argsort(table.first, kind="stable")]
     kept = order[scores[order] >= rules.min_score]
     dropped = len(order) - len(kept)
@@ -149,6 +150,20 @@ def shaped_objects(
 
 
 @dataclass(frozen=True)
+class _Foreground:
+    """The labelled pixels of a label map, in raster order: their flat indices and labels
+    (found once, shared by the scores and the table)."""
+
+    where: np.ndarray
+    which: np.ndarray
+
+    @classmethod
+    def of(cls, labels: np.ndarray) -> _Foreground:
+        where = np.flatnonzero(labels)
+        return cls(where, labels.ravel()[where])
+
+
+@dataclass(frozen=True)
 class _LabelTable:
     """The labels present in a label map, each with its first pixel (flat index, raster
     order) and box ``(x, y, w, h)``: one sort of the foreground pixels."""
@@ -158,16 +173,24 @@ class _LabelTable:
     boxes: list[tuple[int, int, int, int]]
 
     @classmethod
-    def of(cls, labels: np.ndarray) -> _LabelTable:
-        where = np.flatnonzero(labels)
+    def of(cls, labels: np.ndarray, foreground: _Foreground | None = None) -> _LabelTable:
+        if foreground is None:
+            foreground = _Foreground.of(labels)
+        where, which = foreground.where, foreground.which
         if not len(where):
             return cls(where, where, [])
-        which = labels.ravel()[where]
         order = np.argsort(which, kind="stable")  # raster order within each label
         where, which = where[order], which[order]
-        starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]])
-        rows, cols = np.divmod(where, labels.shape[1])
-        top, bottom = rows[starts], np.maximum.reduceat(rows, starts)
+        starts = np.flatnonzero(which[1:] != which[:-1]) + 1
+        ends = np.r_[starts - 1, len(where) - 1]
+        starts = np.r_[0, starts]
+        width = labels.shape[1]
+        # Rows from the first and last pixel of each label (raster order); columns from each
+        # pixel's column, looked up rather than divided out (an int64 divmod of every pixel
+        # cost a third of the table).
+        columns = np.broadcast_to(np.arange(width, dtype=np.int32), labels.shape).ravel()
+        cols = columns[where]
+        top, bottom = where[starts] // width, where[ends] // width
         left, right = np.minimum.reduceat(cols, starts), np.maximum.reduceat(cols, starts)
         boxes = [
             (int(x), int(y), int(x2 - x + 1), int(y2 - y + 1))
@@ -177,7 +200,12 @@ class _LabelTable:
 
 
 def object_scores(
-    kind: str, labels: np.ndarray, count: int, prob: np.ndarray, threshold: float
+    kind: str,
+    labels: np.ndarray,
+    count: int,
+    prob: np.ndarray,
+    threshold: float,
+    foreground: _Foreground | None = None,
 ) -> np.ndarray:
     """float64 ``[count]``: each label's score of ``kind`` (:data:`SCORE_KINDS`), from float
     ``[H, W]`` ``prob`` cut at ``threshold``.
@@ -186,19 +214,25 @@ def object_scores(
     what the model found, not what ``--grow`` or ``--fill-holes`` added around it (0 for an
     object without such pixels).
     """
-    core = (labels > 0) & (prob > threshold)
-    where = np.flatnonzero(core)
-    which = labels.ravel()[where]
-    inside = prob.ravel()[where].astype(np.float64)
+    if foreground is None:
+        foreground = _Foreground.of(labels)
+    inside = prob.ravel()[foreground.where]
+    core = inside > threshold  # compared as prob's dtype, as ``prob > threshold`` would
+    if core.all():  # a mask cut from prob alone: every labelled pixel passes
+        which = foreground.which
+    else:
+        which, inside = foreground.which[core], inside[core]
+    # float64 sums in raster order within each label (bincount casts the weights itself).
     if kind == "mean":
         area = np.maximum(np.bincount(which, minlength=count), 1)
         return np.bincount(which, weights=inside, minlength=count) / area
     if kind == "peak":
         peak = np.zeros(count)
-        np.maximum.at(peak, which, inside)
+        np.maximum.at(peak, which, inside.astype(np.float64))
         return peak
     if kind == "stability":
-        high = np.bincount(which, weights=inside > threshold + STABILITY_OFFSET, minlength=count)
+        above = inside.astype(np.float64) > threshold + STABILITY_OFFSET
+        high = np.bincount(which, weights=above, minlength=count)
         return high / np.maximum(_loose_areas(labels, count, prob, threshold), 1)
     raise ValueError(f"unknown score kind {kind}")
 
