@@ -151,15 +151,24 @@ def flood(distance: np.ndarray, region: np.ndarray, min_peak: float) -> np.ndarr
     highest = np.argsort(-distance[peak_ys, peak_xs], kind="stable")
     peak_ys, peak_xs = peak_ys[highest], peak_xs[highest]
     alive: list[int] = []  # the basins not merged into another
+    # Each level's work is confined to the box around the region's pixels at or above it:
+    # those only grow as the level falls, the labels are 0 outside them, and the connected
+    # components of the box are those of the whole window. (Where objects are, this box is
+    # a fraction of the window at most levels; the answer is the same, pixel for pixel.)
+    height = np.where(region, distance, np.float32(-1))
+    row_top, column_top = height.max(axis=1), height.max(axis=0)
     for level in np.linspace(top, last, LEVELS):
-        above = (region & (distance >= level)).astype(np.uint8)
-        count, parts = cv2.connectedComponents(above, connectivity=8)
+        rows, columns = np.flatnonzero(row_top >= level), np.flatnonzero(column_top >= level)
+        y0, x0 = int(rows[0]), int(columns[0])
+        box = (slice(y0, int(rows[-1]) + 1), slice(x0, int(columns[-1]) + 1))
+        above = height[box] >= level
+        count, parts = cv2.connectedComponents(above.view(np.uint8), connectivity=8)
         by_part: dict[int, list[int]] = {}
         for basin in alive:
-            by_part.setdefault(int(parts[basins.pixel[basin]]), []).append(basin)
+            by_part.setdefault(_part_at(parts, y0, x0, basins.pixel[basin]), []).append(basin)
         lut = np.zeros(count, np.int32)
         for y, x in zip(peak_ys, peak_xs, strict=True):
-            part = int(parts[y, x])
+            part = _part_at(parts, y0, x0, (int(y), int(x)))
             if part and part not in by_part:
                 by_part[part] = []
                 lut[part] = basins.add(float(distance[y, x]), (int(y), int(x)))
@@ -181,12 +190,15 @@ def flood(distance: np.ndarray, region: np.ndarray, min_peak: float) -> np.ndarr
                 lut[part] = kept[0]
             else:
                 shared.append(part)
+        window = labels[box]  # a view: writing it writes labels
         if merged:
-            labels = basins.roots()[labels]
-        fresh = (above > 0) & (labels == 0)
-        labels[fresh] = lut[parts[fresh]]
+            window[...] = basins.roots()[window]
+        fresh = above & (window == 0)
+        window[fresh] = lut[parts[fresh]]
         for part in shared:
-            _give_to_nearest(labels, parts == part)
+            where = np.zeros(region.shape, bool)
+            where[box] = parts == part
+            _give_to_nearest(labels, where)
     labels = basins.roots()[labels]
     if labels.any():
         _give_to_nearest(labels, region)
@@ -195,6 +207,14 @@ def flood(distance: np.ndarray, region: np.ndarray, min_peak: float) -> np.ndarr
     renumber = np.zeros(len(basins.parent), np.int32)
     renumber[used] = np.arange(1, len(used) + 1, dtype=np.int32)
     return renumber[labels]
+
+
+def _part_at(parts: np.ndarray, y0: int, x0: int, pixel: tuple[int, int]) -> int:
+    """The part at ``pixel`` (window coordinates) of a level's ``parts``, a box whose top-left
+    corner is ``(y0, x0)``; 0 outside the box (below the level)."""
+    y, x = pixel[0] - y0, pixel[1] - x0
+    inside = 0 <= y < parts.shape[0] and 0 <= x < parts.shape[1]
+    return int(parts[y, x]) if inside else 0
 
 
 def _give_to_nearest(labels: np.ndarray, where: np.ndarray) -> None:
