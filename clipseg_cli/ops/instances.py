@@ -179,8 +179,9 @@ class _LabelTable:
         where, which = foreground.where, foreground.which
         if not len(where):
             return cls(where, where, [])
-        order = np.argsort(which, kind="stable")  # raster order within each label
-        where, which = where[order], which[order]
+        if len(which) > 1 and (which[1:] < which[:-1]).any():  # one region: sorted already
+            order = np.argsort(which, kind="stable")  # raster order within each label
+            where, which = where[order], which[order]
         starts = np.flatnonzero(which[1:] != which[:-1]) + 1
         ends = np.r_[starts - 1, len(where) - 1]
         starts = np.r_[0, starts]
