@@ -827,7 +827,11 @@ def model_stage_section(report: Report, m: Measurements) -> list[tuple[str, str,
     vision, decoder = model_flops(arch)
     best = best_gemms(m.gemms)
     report.table(
-        ["GEMM (best of 10, after a warm-up)", "precision", "GFLOP/s (GOP/s for int8)"],
+        [
+            "GEMM (best of 10 after a warm-up; the better of two runs, start and end)",
+            "precision",
+            "GFLOP/s (GOP/s for int8)",
+        ],
         [[label, precision, f"{rate:.0f}"] for label, precision, rate in m.gemms]
         or [["(GEMM run failed)", "n/a", "n/a"]],
     )
@@ -1398,6 +1402,14 @@ def main() -> None:
             print(f"RSS run: preparing {count} images ...", flush=True)
             folder = image_subset(pool, work / "sets", count)
             m.rss_runs[count] = measure(f"rss-default-n{count}", DEFAULT, 1, folder, count, 1)
+    if m.gemms:
+        # Again at the end, keeping each GEMM's better rate: a neighbour's load only ever
+        # lowers a rate, and the target is the best this machine reaches.
+        again = {(label, precision): rate for label, precision, rate in gemm_peaks(logs)}
+        m.gemms = [
+            (label, precision, max(rate, again.get((label, precision), 0.0)))
+            for label, precision, rate in m.gemms
+        ]
     if not any(s.get("backend_choice") for s in m.summaries.values()):
         m.tune_output = tune_output(cli_base(args.cli), model, logs)
 
