@@ -41,10 +41,13 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The issue's CPU targets against a plain transformers script (wall time of whole processes on
-# 48 images, warm caches; GEMM share; first mask; RSS; int8): about 10 minutes on 2 cores. Run on
-# an idle machine; the report lands in bench/_work/results.md. BENCH_EXTRA=1 adds the matte,
-# no-op-rerun, refinement/tiles and engine benchmarks (bench/extra_bench.py, engines_bench.py).
+# Issue 22's CPU targets against a plain transformers script (wall time of whole processes on
+# 48 images, warm caches; the default against every CPU candidate; model stage against the best
+# GEMM in its precision; RSS with new and cached prompts; first mask; the first-ever run), with
+# the CPU's model name and flags first: about 25 minutes on 2 cores. Run on an idle machine; the
+# report lands in bench/_work/results.md. bf16/int8 mask agreement with fp32 and the ground
+# truth: python bench/precision_agreement.py. BENCH_EXTRA=1 adds the matte, no-op-rerun,
+# refinement/tiles and engine benchmarks (bench/extra_bench.py, engines_bench.py).
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py --images 48
 	if [ -n "$(BENCH_EXTRA)" ]; then \
