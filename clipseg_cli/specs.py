@@ -22,14 +22,15 @@ DEFAULT_SAM_MODEL = "facebook/sam-vit-base"
 
 #: ``--device`` values (besides ``cuda:N``); ``auto`` picks CUDA, then Apple MPS, then the CPU.
 DEVICES = ("auto", "cpu", "cuda", "mps")
-#: ``--precision`` values; ``auto`` is half precision on GPUs, fp32 on the CPU; ``int8`` is the
-#: ONNX Runtime backend's quantised graph (CPUs only).
+#: ``--precision`` values; ``auto`` is half precision on GPUs and, on the CPU, fp32 or native
+#: bf16 as measured (clipseg_cli.backends.tuning); ``int8`` is the quantised graph (CPUs only).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 #: What run summaries call each precision's number type (torch's dtype names; ``int8`` is the
 #: ONNX graph's quantised weights).
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
-#: ``--backend`` values: ``auto`` is ONNX Runtime on the CPU, torch on GPUs.
-BACKENDS = ("auto", "torch", "onnx")
+#: ``--backend`` values: ``auto`` is torch on GPUs and, on the CPU, ONNX Runtime or OpenVINO as
+#: measured on the machine (clipseg_cli.backends.tuning).
+BACKENDS = ("auto", "torch", "onnx", "openvino")
 #: Edge refinement of probabilities against the full-resolution image: guided filter
 #: (ops.matting) or Segment Anything (clipseg_cli.sam, the [sam] extra).
 REFINE_METHODS = ("none", "guided", "sam")

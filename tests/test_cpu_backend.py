@@ -1,4 +1,4 @@
-"""``--backend auto|torch|onnx`` and ``--precision int8`` through the CLI: the same masks from
+"""``--backend auto|torch|onnx|openvino`` and ``--precision int8`` through the CLI: the same masks from
 both backends, warm runs that never import torch, resume across backends, and the one-line
 errors and warnings. (The backends themselves, their cache and parity to 1e-4 for every
 variant: ``test_backends.py``.)"""
@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
+from clipseg_cli.backends import machine
 from clipseg_cli.run import backend
 from clipseg_cli.run.config import SegmentConfig
 
@@ -70,32 +71,44 @@ def test_onnx_and_torch_backends_give_the_same_masks_and_logits(photos, tiny_mod
         assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), path.name
 
 
-def test_auto_is_onnx_on_the_cpu_and_torch_for_bf16():
-    config = SegmentConfig(inputs=("x",), out_dir=Path("out"), prompts=("a",), device="cpu")
-    assert backend.choose_backend(config) == backend.BackendChoice("onnx", "cpu", "fp32")
-    bf16 = SegmentConfig(
-        inputs=("x",), out_dir=Path("out"), prompts=("a",), device="cpu", precision="bf16"
+def _config(**options) -> SegmentConfig:
+    return SegmentConfig(inputs=("x",), out_dir=Path("out"), prompts=("a",), **options)
+
+
+def test_auto_on_the_cpu_is_left_to_measurement_and_bf16_needs_native_bf16(monkeypatch):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert backend.choose_backend(_config(device="cpu")) == backend.BackendChoice(
+        "auto", "cpu", "auto"
     )
-    assert backend.choose_backend(bf16).name == "torch"
-    int8 = SegmentConfig(inputs=("x",), out_dir=Path("out"), prompts=("a",), precision="int8")
-    assert backend.choose_backend(int8) == backend.BackendChoice("onnx", "cpu", "int8")
+    assert not backend.choose_backend(_config(device="cpu")).settled
+    assert backend.choose_backend(_config(device="cpu", precision="bf16")) == (
+        backend.BackendChoice("auto", "cpu", "bf16")
+    )
+    assert backend.choose_backend(_config(precision="int8")) == backend.BackendChoice(
+        "auto", "cpu", "int8"
+    )
+    # Named runtimes with nothing to measure are settled at once.
+    assert backend.choose_backend(_config(device="cpu", backend="onnx")).settled
+    assert backend.choose_backend(_config(device="cpu", precision="fp32", backend="openvino"))
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert backend.choose_backend(_config(device="cpu", precision="bf16")).name == "torch"
+    with pytest.raises(ValueError, match="needs a CPU with native bf16"):
+        backend.choose_backend(_config(device="cpu", precision="bf16", backend="openvino"))
 
 
 def test_bf16_on_a_cpu_without_native_bf16_says_it_is_emulated(monkeypatch):
-    config = SegmentConfig(
-        inputs=("x",), out_dir=Path("out"), prompts=("a",), device="cpu", precision="bf16"
-    )
-    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    config = _config(device="cpu", precision="bf16", backend="torch")
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     (note,) = backend.choose_backend(config).notes
     assert "emulates" in note and "slower than fp32" in note
-    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     assert backend.choose_backend(config).notes == ()
-    monkeypatch.setattr(backend, "cpu_flags", lambda: None)  # flags unknown: no guess
+    monkeypatch.setattr(machine, "cpu_flags", lambda: None)  # flags unknown: no guess
     assert backend.choose_backend(config).notes == ()
 
 
 def test_the_bf16_warning_reaches_the_user(photos, tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(backend, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
     result = _segment(photos, tmp_path / "out", tiny_model_dir, "--precision", "bf16")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if "no native bf16" in line]
@@ -105,10 +118,12 @@ def test_the_bf16_warning_reaches_the_user(photos, tiny_model_dir, tmp_path, mon
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (("--backend", "banana"), "--backend banana: choose from auto, torch, onnx"),
+        (("--backend", "banana"), "--backend banana: choose from auto, torch, onnx, openvino"),
         (("--backend", "onnx", "--device", "cuda"), "--backend onnx runs on the CPU"),
+        (("--backend", "openvino", "--device", "cuda"), "--backend openvino runs on the CPU"),
         (("--backend", "onnx", "--precision", "bf16"), "--backend onnx runs fp32 or int8"),
-        (("--backend", "torch", "--precision", "int8"), "--precision int8 is ONNX Runtime's"),
+        (("--backend", "openvino", "--precision", "fp16"), "--backend openvino runs fp32, bf16"),
+        (("--backend", "torch", "--precision", "int8"), "--precision int8 is the quantised graph"),
     ],
 )
 def test_impossible_backend_options_are_one_line_usage_errors(

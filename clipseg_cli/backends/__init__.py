@@ -6,6 +6,11 @@ plus the decoder, as one call ``logits(pixels, conditionals)``, numpy in, numpy 
   exporter traces);
 * :mod:`.onnx`: :class:`~.onnx.OnnxImageBackend` on an ONNX Runtime session, and
   :func:`~.onnx.open_onnx_backend`, which finds the graph in the cache or builds it;
+* :mod:`.openvino`: :class:`~.openvino.OpenVinoImageBackend`, the same cached graphs compiled
+  by OpenVINO (fp32, bf16 on CPUs with native bf16 such as AMX, int8);
+* :mod:`.tuning`: which CPU runtime and precision a model runs, chosen by measuring them on
+  this machine, and the cache of that choice;
+* :mod:`.machine`: the CPU's model, flags and cores;
 * :mod:`.text`: :class:`~.text.OnnxTextEncoder`, the text tower's graph on ONNX Runtime (text
   prompts -> conditionals), and :func:`~.text.open_text_encoder`, which finds or builds it;
 * :mod:`.export` (torch): the fp32 image and text graphs from a
@@ -23,5 +28,7 @@ from __future__ import annotations
 #: Graph variants: the exported float32 image graph, its dynamically quantised int8 copy, and
 #: the float32 text tower (:mod:`.text`: new text prompts embedded without torch).
 GRAPH_VARIANTS = ("fp32", "int8", "text")
+#: The image graphs among them (what an image backend runs).
+IMAGE_VARIANTS = ("fp32", "int8")
 
-__all__ = ["GRAPH_VARIANTS"]
+__all__ = ["GRAPH_VARIANTS", "IMAGE_VARIANTS"]

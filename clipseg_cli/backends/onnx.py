@@ -16,16 +16,15 @@ Importing this module imports numpy and onnxruntime, never torch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
-from clipseg_cli.backends import GRAPH_VARIANTS
+from clipseg_cli.backends import IMAGE_VARIANTS
 from clipseg_cli.backends.base import BackendError, check_inputs, empty_logits
 from clipseg_cli.backends.cache import (
     discard_graph,
@@ -37,6 +36,7 @@ from clipseg_cli.backends.cache import (
     store_graph,
     verify_graph,
 )
+from clipseg_cli.backends.machine import available_cores
 from clipseg_cli.errors import first_line
 from clipseg_cli.specs import ArchitectureSpec
 
@@ -44,14 +44,6 @@ if TYPE_CHECKING:
     from clipseg_cli.model.clipseg import ClipSegModel
 
 Progress = Callable[[str], None]
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
@@ -129,9 +121,10 @@ class OnnxImageBackend:
 
 @dataclass(frozen=True)
 class OnnxLoad:
-    """What :func:`open_onnx_backend` found or built."""
+    """What :func:`open_graph` (and :func:`open_onnx_backend`) found or built."""
 
-    backend: OnnxImageBackend
+    #: The runtime's backend on the graph (:class:`OnnxImageBackend`, or OpenVINO's).
+    backend: Any
     variant: str
     #: The cached graph file, or None when the graph lives in memory only.
     path: Path | None
@@ -227,6 +220,50 @@ class _Builder:
             return data
 
 
+def open_graph(
+    weights_sha256: str,
+    arch: ArchitectureSpec,
+    build_model: Callable[[], ClipSegModel],
+    runtime: Callable[[Path | bytes], Any],
+    *,
+    variant: str = "fp32",
+    label: str = "the model",
+    on_progress: Progress | None = None,
+) -> OnnxLoad:
+    """Open the cached image graph of ``variant`` with ``runtime`` (ONNX Runtime's or
+    OpenVINO's backend class, given the graph's path or bytes): the graph comes from the cache,
+    or is exported/quantised once and stored. Graph bytes that are intact but refused by the
+    runtime (:class:`BackendError`) are rebuilt once from the weights.
+
+    Raises:
+        ValueError: unknown variant, or a weights sha256 that is not a hex digest.
+        BackendError: export, quantisation or loading failed (one line).
+    """
+    if variant not in IMAGE_VARIANTS:
+        raise ValueError(f"graph variant {variant!r}: expected one of {', '.join(IMAGE_VARIANTS)}")
+    builder = _Builder(weights_sha256, arch, build_model, label, on_progress or (lambda _: None))
+    graph = builder.graph(variant)
+    try:
+        backend = runtime(graph)
+    except BackendError as error:
+        if not isinstance(graph, Path) or builder.built:
+            raise
+        builder.say(f"{error}; rebuilding the {variant} graph of {label}")
+        discard_graph(graph_key(weights_sha256, arch, variant))
+        if variant == "int8":
+            discard_graph(graph_key(weights_sha256, arch, "fp32"))
+        graph = builder.graph(variant, force=True)
+        backend = runtime(graph)
+    return OnnxLoad(
+        backend=backend,
+        variant=variant,
+        path=graph if isinstance(graph, Path) else None,
+        built=tuple(builder.built),
+        seconds=builder.seconds,
+        warnings=tuple(builder.warnings),
+    )
+
+
 def open_onnx_backend(
     weights_sha256: str,
     arch: ArchitectureSpec,
@@ -255,27 +292,16 @@ def open_onnx_backend(
         ValueError: unknown variant, or a weights sha256 that is not a hex digest.
         BackendError: export, quantisation or loading failed (one line).
     """
-    if variant not in GRAPH_VARIANTS:
-        raise ValueError(f"graph variant {variant!r}: expected one of {', '.join(GRAPH_VARIANTS)}")
-    builder = _Builder(weights_sha256, arch, build_model, label, on_progress or (lambda _: None))
-    graph = builder.graph(variant)
-    try:
-        backend = OnnxImageBackend(graph, threads=threads, spinning=spinning, variant=variant)
-    except BackendError as error:
-        if not isinstance(graph, Path) or builder.built:
-            raise
-        # Intact bytes that the runtime refuses: rebuild once from the weights.
-        builder.say(f"{error}; rebuilding the {variant} graph of {label}")
-        discard_graph(graph_key(weights_sha256, arch, variant))
-        if variant == "int8":
-            discard_graph(graph_key(weights_sha256, arch, "fp32"))
-        graph = builder.graph(variant, force=True)
-        backend = OnnxImageBackend(graph, threads=threads, spinning=spinning, variant=variant)
-    return OnnxLoad(
-        backend=backend,
+
+    def runtime(graph: Path | bytes) -> OnnxImageBackend:
+        return OnnxImageBackend(graph, threads=threads, spinning=spinning, variant=variant)
+
+    return open_graph(
+        weights_sha256,
+        arch,
+        build_model,
+        runtime,
         variant=variant,
-        path=graph if isinstance(graph, Path) else None,
-        built=tuple(builder.built),
-        seconds=builder.seconds,
-        warnings=tuple(builder.warnings),
+        label=label,
+        on_progress=on_progress,
     )

@@ -1,13 +1,19 @@
 """Which backend runs a run's image side (vision blocks + decoder), and opening it.
 
-``--backend auto`` is ONNX Runtime on the CPU and torch on GPUs: on the CPUs this project is
-measured on, ONNX Runtime's fp32 kernels are about twice torch's (README, Benchmarks), and its
-int8 graph another two. Both backends take the same uint8 pixels and float32 conditionals and
-give the same logits to 1e-4 of their magnitude, so the backend is recorded in the summary but
-is not part of a run's fingerprint (a run may resume on the other one).
+On GPUs it is torch. On the CPU, ``--backend auto`` is whichever CPU runtime of the cached
+graphs (ONNX Runtime or OpenVINO) and precision is fastest *on this machine*, measured once per
+model and machine and remembered (:mod:`clipseg_cli.backends.tuning`): the machines differ too
+much to assume (ONNX Runtime fp32 is the best on an AVX2-only Zen 3; OpenVINO bf16 is several
+times faster on CPUs with AMX or AVX512_BF16). ``--precision auto`` on the CPU chooses between
+fp32 and bf16 (where native) among candidates whose masks agree with fp32's; ``--precision
+fp32`` stays exact; int8 is opt-in.
+
+The fp32 CPU backends give the same logits as torch to 1e-4 of their magnitude, so the runtime
+is recorded in the summary but is not part of a run's fingerprint. The precision *class* is
+(exact fp32 vs reduced): a run folder notes it, and a resume keeps it (:func:`kept_choice`).
 
 Deciding is torch-free unless a GPU may be present (``--device auto`` on a machine with an
-NVIDIA driver, or a Mac): a warm CPU run with a cached graph never imports torch.
+NVIDIA driver, or a Mac): a warm CPU run with a cached graph and choice never imports torch.
 """
 
 from __future__ import annotations
@@ -18,33 +24,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from clipseg_cli.backends import machine
 from clipseg_cli.backends.base import ImageBackend
+from clipseg_cli.errors import ConfigMismatchError
 from clipseg_cli.run.config import SegmentConfig
-from clipseg_cli.specs import ArchitectureSpec, device_type
+from clipseg_cli.specs import PRECISION_DTYPES, ArchitectureSpec, device_type
 
 #: What segmenting needs: the vision blocks the decoder reads, and the decoder.
 SEGMENTATION_PARTS = frozenset({"vision", "decoder"})
-
-
-def cpu_flags() -> frozenset[str] | None:
-    """The CPU's feature flags as the kernel reports them (Linux), or None where unknown."""
-    try:
-        with Path("/proc/cpuinfo").open() as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
+#: The runtimes of the cached graphs (the CPU backends besides torch).
+CPU_RUNTIMES = ("onnx", "openvino")
 
 
 def native_bf16() -> bool | None:
-    """Whether the CPU computes bf16 natively (AVX512_BF16 or AMX on x86, BF16 on Arm), from
-    its flags; None where they cannot be read."""
-    flags = cpu_flags()
-    if flags is None:
-        return None
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    """Whether the CPU computes bf16 natively (:func:`clipseg_cli.backends.machine.native_bf16`)."""
+    return machine.native_bf16()
 
 
 def _gpu_possible() -> bool:
@@ -57,22 +51,30 @@ def _gpu_possible() -> bool:
 
 @dataclass(frozen=True)
 class BackendChoice:
-    """The resolved ``--backend``, ``--device`` and ``--precision`` of a run."""
+    """The resolved ``--backend``, ``--device`` and ``--precision`` of a run. On the CPU,
+    ``name`` and ``precision`` may still be ``auto`` until measured (:attr:`settled`)."""
 
-    name: str  # "torch" or "onnx"
+    name: str  # "torch", "onnx", "openvino", or "auto" (a CPU runtime, to be measured)
     device: str  # "cpu", "cuda", "cuda:1", "mps"
-    precision: str  # "fp32", "bf16", "fp16" or "int8"
+    precision: str  # "fp32", "bf16", "fp16", "int8", or "auto" (to be measured)
     notes: tuple[str, ...] = ()  # one-line warnings for the user
+    #: How a measured choice was made (the tuning record's summary), for the run summary.
+    tuning: dict | None = field(default=None, compare=False)
 
     @property
     def device_type(self) -> str:
         return device_type(self.device)
 
     @property
+    def settled(self) -> bool:
+        """Whether the runtime and precision are known (nothing left to measure)."""
+        return self.name != "auto" and self.precision != "auto"
+
+    @property
     def cpu_runtime(self) -> bool:
         """Whether the image side runs on a CPU runtime of the cached graphs (not torch): then
         text prompts are embedded through the text graph too, without torch."""
-        return self.name in ("onnx", "openvino")
+        return self.device == "cpu" and self.name in ("auto", *CPU_RUNTIMES)
 
     @property
     def graph_variant(self) -> str:
@@ -81,42 +83,104 @@ class BackendChoice:
 
 
 def choose_backend(config: SegmentConfig) -> BackendChoice:
-    """Resolve ``auto`` for the backend, the device and the precision.
+    """Resolve ``auto`` for the device, and for the backend and precision where that needs no
+    measurement; a CPU choice left ``auto`` is measured by :meth:`ModelOpener.settle`.
 
     Raises:
-        ValueError: the device is not available (one line).
+        ValueError: the device is not available, or a combination this CPU cannot run (one
+            line).
     """
-    cpu_only = config.backend == "onnx" or config.precision == "int8" or not _gpu_possible()
+    cpu_only = (
+        config.backend in CPU_RUNTIMES or config.precision == "int8" or not _gpu_possible()
+    )
     if config.device == "cpu" or (config.device == "auto" and cpu_only):
         device = "cpu"
     else:
         from clipseg_cli.segmenter import resolve_device  # torch: a GPU may be there
 
         device = str(resolve_device(config.device))
+    if device != "cpu":
+        return _gpu_choice(config, device)
+    return _cpu_choice(config.backend, config.precision)
+
+
+def _gpu_choice(config: SegmentConfig, device: str) -> BackendChoice:
+    if config.backend in CPU_RUNTIMES:
+        raise ValueError(f"--backend {config.backend} runs on the CPU, not on {device}")
+    if config.precision == "int8":
+        raise ValueError(f"--precision int8 runs on the CPU, not on {device}")
     precision = config.precision
     if precision == "auto":
-        if device == "cpu":
-            precision = "fp32"
-        else:
-            from clipseg_cli.model.precision import precision_name
-            from clipseg_cli.segmenter import resolve_device, resolve_precision
+        from clipseg_cli.model.precision import precision_name
+        from clipseg_cli.segmenter import resolve_device, resolve_precision
 
-            precision = precision_name(resolve_precision("auto", resolve_device(device)))
-    if device != "cpu" and config.backend == "onnx":
-        raise ValueError(f"--backend onnx runs on the CPU, not on {device}")
-    if device != "cpu" and precision == "int8":
-        raise ValueError(f"--precision int8 runs on the CPU, not on {device}")
-    if config.backend == "auto":
-        name = "onnx" if device == "cpu" and precision in ("fp32", "int8") else "torch"
-    else:
-        name = config.backend
-    notes = ()
-    if device == "cpu" and precision == "bf16" and native_bf16() is False:
-        notes = (
-            "--precision bf16: this CPU has no native bf16 (no AVX512_BF16 or AMX in its "
-            "flags); torch emulates it, several times slower than fp32",
+        precision = precision_name(resolve_precision("auto", resolve_device(device)))
+    return BackendChoice("torch", device, precision)
+
+
+def _cpu_choice(backend: str, precision: str) -> BackendChoice:
+    native = native_bf16()
+    emulated = (
+        "--precision bf16: this CPU has no native bf16 (no AVX512_BF16 or AMX in its flags); "
+        "torch emulates it, several times slower than fp32"
+    )
+    if backend == "torch":
+        precision = "fp32" if precision == "auto" else precision
+        notes = (emulated,) if precision == "bf16" and native is False else ()
+        return BackendChoice("torch", "cpu", precision, notes)
+    if backend == "onnx":
+        # ONNX Runtime runs fp32 (exact) or the int8 graph; nothing to measure.
+        return BackendChoice("onnx", "cpu", "fp32" if precision == "auto" else precision)
+    if precision == "fp16":
+        return BackendChoice("torch", "cpu", "fp16")
+    if precision == "bf16" and not native:
+        if backend == "openvino":
+            raise ValueError(
+                "--backend openvino --precision bf16 needs a CPU with native bf16 (AVX512_BF16 "
+                "or AMX); this one has neither: use --precision fp32, or --backend torch to "
+                "emulate bf16"
+            )
+        return BackendChoice("torch", "cpu", "bf16", (emulated,) if native is False else ())
+    if backend == "auto" and not _openvino_installed():
+        backend = "onnx"  # the one runtime there is: nothing to measure between runtimes
+        if precision == "auto":
+            precision = "fp32"
+    return BackendChoice(backend, "cpu", precision)
+
+
+def _openvino_installed() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None
+
+
+def kept_choice(choice: BackendChoice, kept_precision: str | None) -> BackendChoice:
+    """The choice for a run that continues a folder whose masks were made in
+    ``kept_precision`` (the ledger's note; None for a new folder).
+
+    ``--precision auto`` keeps the folder's precision class: a folder finished in fp32 is
+    continued in fp32 (exact) even where bf16 is now faster, and a reduced-precision folder in
+    the same precision when this CPU has it. A folder made in bf16 on a CPU with native bf16
+    that is resumed on one without it cannot be continued identically: that is an explained
+    :class:`ConfigMismatchError`, not a silent switch to fp32.
+
+    Raises:
+        ConfigMismatchError: the folder's precision cannot be had on this machine.
+    """
+    if kept_precision is None or choice.device != "cpu" or choice.precision != "auto":
+        return choice
+    if kept_precision not in ("fp32", "bf16"):  # fp16 of a GPU: the CPU measures its own
+        return choice
+    if kept_precision == "fp32":
+        return replace(choice, precision="fp32")
+    if kept_precision == "bf16" and not native_bf16():
+        raise ConfigMismatchError(
+            "this --out folder's masks were made in bf16 (on a CPU with native bf16); this "
+            "CPU has none, so they cannot be continued alike: rerun with --precision fp32 "
+            "into a new --out, or with --backend torch --precision bf16 (emulated, slow) to "
+            "continue here"
         )
-    return BackendChoice(name, device, precision, notes)
+    return _cpu_choice(choice.name, kept_precision)
 
 
 def given_model_choice(segmenter) -> BackendChoice:
@@ -161,32 +225,97 @@ class ModelOpener:
         if self.segmenter is not None:
             return torch_side(self.segmenter)
         choice = self.choice or choose_backend(self.config)
-        if choice.name == "onnx":
-            return self._open_onnx(choice, threads)
+        if not choice.settled:
+            choice = self.settle(choice)
+        if choice.name in CPU_RUNTIMES:
+            return self._open_cpu_runtime(choice, threads)
         return self._open_torch(choice, threads)
 
     def on(self, device_type: str) -> ModelOpener:
-        """This opener for actors on ``device_type`` (``cpu``, or a GPU type: resolved there)."""
+        """This opener for actors on ``device_type`` (``cpu``, or a GPU type: resolved there).
+        CPU actors run the driver's CPU choice when it made one (measured on the driver's
+        machine, which a cluster's CPU nodes usually match), else their own."""
         if device_type != "cpu":
             return replace(self, choice=None, on_progress=None)
-        return replace(self, choice=choose_backend(replace(self.config, device="cpu")))
+        if self.choice is not None and self.choice.device == "cpu":
+            return replace(self, on_progress=None)
+        return replace(
+            self,
+            choice=choose_backend(replace(self.config, device="cpu")),
+            on_progress=None,
+        )
 
     def prepare(self) -> None:
-        """Make sure the ONNX graph is cached (exported here, once) before actors open it."""
-        if self.choice is not None and self.choice.name == "onnx":
-            self._open_onnx(self.choice, threads=1)
+        """Make sure the graph is cached (exported here, once) before actors open it."""
+        if self.choice is not None and self.choice.name in CPU_RUNTIMES:
+            self._open_cpu_runtime(self.choice, threads=1)
 
-    def _open_onnx(self, choice: BackendChoice, threads: int | None) -> OpenedModel:
-        from clipseg_cli.backends.onnx import open_onnx_backend
+    def settle(self, choice: BackendChoice, *, force: bool = False) -> BackendChoice:
+        """``choice`` with its runtime and precision decided: a CPU choice left ``auto`` is
+        looked up in the tuning cache, or measured now (:func:`~clipseg_cli.backends.tuning.
+        tuned`); ``force`` measures again (``clipseg tune``). Settled choices come back as
+        they are unless forced.
 
-        loaded = open_onnx_backend(
+        Raises:
+            BackendError: no candidate could run, or none agrees with fp32.
+        """
+        if choice.device != "cpu" or (choice.settled and not force):
+            return choice
+        from clipseg_cli.backends.base import BackendError
+        from clipseg_cli.backends.tuning import tuned
+
+        runtime = choice.name if choice.name in CPU_RUNTIMES else "auto"
+        precision = choice.precision
+        found = tuned(
+            self.weights_sha256,
+            self.arch,
+            self.open_candidate,
+            precision=precision,
+            runtime=runtime,
+            label=self.label,
+            force=force,
+            on_progress=self.on_progress,
+        )
+        record = found.record
+        if record.chosen is None:
+            tried = "; ".join(
+                f"{m.runtime} {m.precision}: "
+                + (m.error or (f"masks IoU {m.iou} against fp32" if m.iou is not None else "?"))
+                for m in record.measurements
+            )
+            raise BackendError(
+                f"no CPU backend could run {self.label} in {precision} precision here ({tried})"
+            )
+        return replace(
+            choice,
+            name=record.chosen.runtime,
+            precision=record.chosen.precision,
+            tuning=record.summary(found.source),
+        )
+
+    def open_candidate(self, candidate: Any, threads: int | None = None) -> ImageBackend:
+        """The image backend of a tuning candidate (a runtime and a precision)."""
+        choice = BackendChoice(candidate.runtime, "cpu", candidate.precision)
+        return self._open_cpu_runtime(choice, threads).backend
+
+    def _open_cpu_runtime(self, choice: BackendChoice, threads: int | None) -> OpenedModel:
+        from clipseg_cli.backends.onnx import OnnxImageBackend, open_graph
+
+        def runtime(graph: Path | bytes) -> Any:
+            if choice.name == "openvino":
+                from clipseg_cli.backends.openvino import OpenVinoImageBackend
+
+                return OpenVinoImageBackend(graph, precision=choice.precision, threads=threads)
+            return OnnxImageBackend(graph, threads=threads, variant=choice.graph_variant)
+
+        loaded = open_graph(
             self.weights_sha256,
             self.arch,
             self._fp32_model,
+            runtime,
             variant=choice.graph_variant,
             label=self.label,
             on_progress=self.on_progress,
-            threads=threads,
         )
         if self.on_progress is not None:
             for warning in loaded.warnings:
@@ -198,9 +327,9 @@ class ModelOpener:
             "build_seconds": round(loaded.seconds, 2),
         }
         details = {
-            "backend": "onnx",
+            "backend": choice.name,
             "device": "cpu",
-            "dtype": "int8" if loaded.variant == "int8" else "float32",
+            "dtype": PRECISION_DTYPES[choice.precision],
             "onnx_graph": graph,
         }
         return OpenedModel(loaded.backend, "cpu", details)

@@ -133,7 +133,8 @@ class SegmentConfig:
     clip_weights: Path | None = None
     device: str = "auto"
     precision: str = field(default="auto", metadata=_VALUE)
-    # torch or ONNX Runtime (run.backend): the same results, so recorded but no fingerprint.
+    # torch, ONNX Runtime or OpenVINO (run.backend): the same results in a precision, so
+    # recorded but no fingerprint (the precision is; a resume keeps its class: run.backend).
     backend: str = "auto"
     batch_size: int | None = None  # None: by device (see batch_size_for)
     workers: int = 2
@@ -304,19 +305,23 @@ def instance_floors(config: SegmentConfig) -> dict:
 def _check_backend(config: SegmentConfig) -> None:
     """Backend, device and precision that cannot go together (ValueError)."""
     on_gpu = config.device not in ("auto", "cpu")
-    if config.backend == "onnx" and on_gpu:
+    cpu_runtime = config.backend in ("onnx", "openvino")
+    if cpu_runtime and on_gpu:
         raise ValueError(
-            f"--backend onnx runs on the CPU; --device {config.device} needs --backend torch"
+            f"--backend {config.backend} runs on the CPU; --device {config.device} needs "
+            "--backend torch"
         )
     if config.backend == "onnx" and config.precision in ("bf16", "fp16"):
         raise ValueError(
             f"--backend onnx runs fp32 or int8; --precision {config.precision} needs "
-            "--backend torch"
+            "--backend openvino (bf16) or torch"
         )
+    if config.backend == "openvino" and config.precision == "fp16":
+        raise ValueError("--backend openvino runs fp32, bf16 or int8; fp16 needs --backend torch")
     if config.precision == "int8" and (config.backend == "torch" or on_gpu):
         raise ValueError(
-            "--precision int8 is ONNX Runtime's quantised graph, on the CPU: use it with "
-            "--backend onnx (or auto) and --device cpu (or auto)"
+            "--precision int8 is the quantised graph, on the CPU: use it with --backend onnx, "
+            "openvino (or auto) and --device cpu (or auto)"
         )
 
 

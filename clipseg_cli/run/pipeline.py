@@ -324,6 +324,7 @@ class Recorder:
             weights_sha256=details["model"]["sha256"],
             embeddings_sha256=details.pop("embeddings_sha256"),
             prompts=[prompt["label"] for prompt in details["prompts"]],
+            precision=details["precision"],
         )
         self.details.update(details)
 
@@ -387,13 +388,25 @@ def _process(
     results."""
     # Imported here: numpy, the backends (and torch, when needed) are only paid for when there
     # is work.
-    from clipseg_cli.run.backend import ModelOpener, choose_backend, given_model_choice
+    from clipseg_cli.run.backend import (
+        ModelOpener,
+        choose_backend,
+        given_model_choice,
+        kept_choice,
+    )
     from clipseg_cli.run.engines import local
     from clipseg_cli.run.promptset import PromptModel
     from clipseg_cli.run.steps import ItemSteps
 
     memory.tune_for_loading()
-    choice = given_model_choice(segmenter) if segmenter is not None else choose_backend(config)
+    if segmenter is not None:
+        choice = given_model_choice(segmenter)
+    else:
+        choice = choose_backend(config)
+        kept = recorder.ledger.noted.get("precision")
+        choice = kept_choice(choice, kept)
+        if kept is not None and config.precision == "auto" and choice.device == "cpu":
+            notice(f"continuing this --out folder in {kept}, the precision its masks were made in")
     for note in choice.notes:
         notice(note)
     if config.refine == "sam":
@@ -401,10 +414,14 @@ def _process(
 
         refiner_for(config.sam_model, config.device)  # loaded once, before any image
     prompt_model = PromptModel(config, choice, segmenter, on_progress=notice)
+    info, arch = prompt_model.identity
+    if not choice.settled:  # measured on this machine once, then read from the tuning cache
+        choice = ModelOpener(config, info.sha256, arch, info.model_id, on_progress=notice).settle(
+            choice
+        )
     prompts = _embed_prompts(config, prompt_model)
     for note in prompt_model.notes:
         notice(note)
-    info, arch = prompt_model.identity
     recorder.describe(_describe(config, info, choice, prompts))
     steps = ItemSteps(config, prompts, (arch.input_size, arch.input_size))
     keep = _segmentation_model(config, choice, segmenter, prompt_model)
@@ -415,8 +432,9 @@ def _process(
     if config.engine == "ray":
         from clipseg_cli.run.engines import ray
 
-        engine = ray.process  # actors open their own: the choice is made for their device
-        opener = ModelOpener(config, info.sha256, arch, info.model_id, on_progress=notice)
+        engine = ray.process  # actors open their own: GPU actors choose for their device
+        cpu_choice = choice if choice.device == "cpu" else None
+        opener = ModelOpener(config, info.sha256, arch, info.model_id, cpu_choice, None, notice)
     else:
         engine = local.process
         memory.tune_for_streaming()
@@ -549,7 +567,11 @@ def _describe(
         },
         "backend": choice.name,
         "device": choice.device,
+        "precision": choice.precision,
         "dtype": PRECISION_DTYPES[choice.precision],
+        # How a CPU backend was chosen: measured now or read from the tuning cache, with the
+        # candidates' timings and agreement (None when it was named or is torch's).
+        "backend_choice": choice.tuning,
         "engine": config.engine,
         "prompts": [{"label": c.label, "slug": c.slug} for c in labels],
         "negatives": prompts.negatives,
@@ -568,6 +590,7 @@ def _versions() -> dict:
         "torch": "torch",
         "open_clip": "open_clip_torch",
         "onnxruntime": "onnxruntime",
+        "openvino": "openvino",
         "numpy": "numpy",
         "pillow": "pillow",
         "opencv": "opencv-python-headless",

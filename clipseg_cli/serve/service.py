@@ -174,6 +174,9 @@ class Service:
             for name, path in settings.prompt_files
         }
         opener = ModelOpener(config, info.sha256, arch, info.model_id, self.choice, None, notice)
+        # The same measured (cached) CPU backend as clipseg segment's, so the masks are alike.
+        self.choice = opener.settle(self.choice)
+        opener = dataclasses.replace(opener, choice=self.choice)
         self.model = opener(settings.threads)
         memory.return_freed_memory()
         memory.tune_for_streaming()
