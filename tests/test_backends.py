@@ -34,6 +34,8 @@ from clipseg_cli.backends.onnx import (
     open_onnx_backend,
     session_options,
 )
+from clipseg_cli.backends.machine import native_bf16
+from clipseg_cli.backends.openvino import OpenVinoImageBackend
 from clipseg_cli.backends.quantize import quantize_int8
 from clipseg_cli.backends.torch import TorchImageBackend
 from clipseg_cli.io.files import sha256_file
@@ -150,10 +152,18 @@ def _no_model():
 CASES = [(1, 1, "text"), (3, 5, "text"), (3, 1, "image"), (1, 5, "image")]
 
 
+def _runtime(name: str, graph, precision: str = "fp32"):
+    """The CPU runtime ``name``'s backend on ``graph`` (path or bytes)."""
+    if name == "openvino":
+        return OpenVinoImageBackend(graph, precision=precision)
+    return OnnxImageBackend(graph, variant=precision)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_onnx_matches_torch_on_tiny_models(tiny, variant):
+def test_cpu_runtimes_match_torch_on_tiny_models(tiny, variant, runtime):
     model, graph = tiny(variant)
-    onnx_backend = OnnxImageBackend(graph)
+    onnx_backend = _runtime(runtime, graph)
     torch_backend = TorchImageBackend(model, "cpu")
     assert onnx_backend.input_size == torch_backend.input_size == model.arch.input_size
     size = model.arch.input_size
@@ -166,22 +176,23 @@ def test_onnx_matches_torch_on_tiny_models(tiny, variant):
 
 
 @pytest.mark.parity
-def test_onnx_matches_torch_on_the_full_size_model(tmp_path):
+def test_cpu_runtimes_match_torch_on_the_full_size_model(tmp_path):
     folder = save_random_hf_checkpoint(tmp_path / "full", "rd64-refined", size="full", seed=31)
     model, _ = load_weights(str(folder))
     graph = export.export_image_graph(model, tmp_path / "full.onnx")
-    onnx_backend = OnnxImageBackend(graph)
     torch_backend = TorchImageBackend(model, "cpu")
     # K = 5 mixes both kinds: three text conditionals, two image conditionals.
     conditionals = np.concatenate(
         [_conditionals(model, "text", 3, 0), _conditionals(model, "image", 2, 1)]
     )
     pixels = _images(2, 3, 352)
-    _assert_same(
-        onnx_backend.logits(pixels, conditionals), torch_backend.logits(pixels, conditionals)
-    )
+    expected = torch_backend.logits(pixels, conditionals)
     single = pixels[1:2], conditionals[4:5]
-    _assert_same(onnx_backend.logits(*single), torch_backend.logits(*single))
+    expected_single = torch_backend.logits(*single)
+    for runtime in ("onnx", "openvino"):
+        backend = _runtime(runtime, graph)
+        _assert_same(backend.logits(pixels, conditionals), expected)
+        _assert_same(backend.logits(*single), expected_single)
 
 
 def test_backends_check_their_inputs(tiny):
@@ -241,6 +252,63 @@ def test_int8_graph_is_smaller_and_agrees_with_fp32(tiny):
     threshold = np.median(reference)
     assert _iou(reference > threshold, quantised > threshold) >= 0.9
     assert not np.array_equal(reference, quantised)  # it is another graph
+
+
+def test_openvino_int8_runs_the_quantised_graph_and_agrees_with_fp32(tiny):
+    model, graph = tiny("rd64-refined")
+    int8 = OpenVinoImageBackend(quantize_int8(graph), precision="int8")
+    pixels = _images(7, 3, model.arch.input_size)
+    conditionals = _conditionals(model, "text", 5, 0)
+    reference = OnnxImageBackend(graph).logits(pixels, conditionals)
+    quantised = int8.logits(pixels, conditionals)
+    threshold = np.median(reference)
+    assert _iou(reference > threshold, quantised > threshold) >= 0.9
+    assert not np.array_equal(reference, quantised)
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16 needs a CPU with native bf16")
+def test_openvino_bf16_is_another_precision_whose_masks_agree(tiny):
+    model, graph = tiny("rd64-refined")
+    pixels = _images(8, 3, model.arch.input_size)
+    conditionals = _conditionals(model, "text", 3, 1)
+    reference = OnnxImageBackend(graph).logits(pixels, conditionals)
+    bf16 = OpenVinoImageBackend(graph, precision="bf16").logits(pixels, conditionals)
+    assert not np.allclose(bf16, reference, rtol=0, atol=1e-6)  # really reduced precision
+    threshold = np.median(reference)
+    assert _iou(reference > threshold, bf16 > threshold) >= 0.95
+
+
+def test_openvino_bf16_is_refused_without_native_bf16(tiny, monkeypatch):
+    from clipseg_cli.backends import machine
+
+    _, graph = tiny("rd64-refined")
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    with pytest.raises(ValueError, match="needs a CPU with native bf16"):
+        OpenVinoImageBackend(graph, precision="bf16")
+
+
+def test_openvino_keeps_compiled_blobs_in_the_cache(tiny, cache_dir, tmp_path):
+    model, graph = tiny("rd64-refined")
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(graph)
+    first = OpenVinoImageBackend(path)
+    blobs = list((cache_dir / "openvino").glob("*.blob"))
+    assert len(blobs) == 1  # compiled once and kept
+    again = OpenVinoImageBackend(path)
+    assert list((cache_dir / "openvino").glob("*.blob")) == blobs
+    pixels = _images(3, 1, model.arch.input_size)
+    conditionals = _conditionals(model, "text", 2, 0)
+    np.testing.assert_array_equal(
+        first.logits(pixels, conditionals), again.logits(pixels, conditionals)
+    )
+    assert OpenVinoImageBackend(graph).path is None  # bytes: compiled, not cached
+
+
+def test_openvino_refuses_what_is_not_an_image_graph(tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph at all")
+    with pytest.raises(BackendError, match=r"OpenVINO cannot read .*broken\.onnx"):
+        OpenVinoImageBackend(broken)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""``--backend auto|torch|onnx|openvino`` and ``--precision int8`` through the CLI: the same masks from
-both backends, warm runs that never import torch, resume across backends, and the one-line
-errors and warnings. (The backends themselves, their cache and parity to 1e-4 for every
+"""``--backend auto|torch|onnx|openvino`` and ``--precision int8`` through the CLI: the same
+masks from every backend, warm runs that never import torch, resume across backends, and the
+one-line errors and warnings. (The backends themselves, their cache and parity to 1e-4 for every
 variant: ``test_backends.py``.)"""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from clipseg_cli.backends import machine
 from clipseg_cli.commands.app import app
 from clipseg_cli.commands.console import ExitCode
-from clipseg_cli.backends import machine
 from clipseg_cli.run import backend
 from clipseg_cli.run.config import SegmentConfig
 

@@ -15,10 +15,10 @@ Precisions:
   slower than fp32); masks agree with fp32's as measured by :mod:`.tuning`;
 * ``int8``: ONNX Runtime's dynamically quantised graph (the cache's ``int8`` variant),
   compiled by OpenVINO. Chosen over an NNCF static quantisation of the fp32 graph because the
-  static one needs a calibration pass (about a minute on 2 cores for 300 images of ViT-B/16)
-  and, calibrated on generated images, its masks agreed worse with fp32 (IoU 0.83 on random
-  full-size weights against 0.9+ for the dynamic graph); the dynamic graph is already cached
-  and quantises activations per call, which is what unknown user images need.
+  static one needs a calibration pass over images (about a minute on 2 cores for ViT-B/16) and,
+  calibrated on generated images, its masks agreed worse with fp32's (IoU 0.83 on random
+  full-size weights, measured with NNCF 3.4); the dynamic graph is already cached and
+  quantises activations per call, which suits images nobody has seen.
 
 Compiled models are cached by OpenVINO itself (``CACHE_DIR`` under the project's cache), so a
 warm run loads the compiled blob instead of compiling again. Importing this module imports
@@ -37,9 +37,9 @@ import numpy as np
 import openvino as ov
 
 from clipseg_cli.backends.base import BackendError, check_inputs, empty_logits
-from clipseg_cli.io.cache import cache_dir
 from clipseg_cli.backends.machine import available_cores, native_bf16
 from clipseg_cli.errors import first_line
+from clipseg_cli.io.cache import cache_dir
 
 #: Precisions this backend runs, and the cached graph each compiles.
 PRECISION_GRAPHS = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}

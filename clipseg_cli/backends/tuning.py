@@ -43,7 +43,7 @@ import numpy as np
 
 from clipseg_cli.backends.cache import ort_version
 from clipseg_cli.backends.machine import available_cores, cpu_model, matrix_flags, native_bf16
-from clipseg_cli.errors import first_line
+from clipseg_cli.errors import BackendError, first_line
 from clipseg_cli.io.cache import cache_dir
 from clipseg_cli.io.files import write_json_atomic
 from clipseg_cli.specs import ArchitectureSpec
@@ -207,9 +207,9 @@ def measure(
                 start = time.perf_counter()
                 backend.logits(pixels[:1], conditionals[:1])
                 times.append(time.perf_counter() - start)
-        except (RuntimeError, ValueError, OSError) as error:
-            # BackendError is a RuntimeError; a runtime that cannot compile this graph here is
-            # one candidate less, said in the table.
+        except (BackendError, RuntimeError, ValueError, OSError) as error:
+            # A runtime that cannot open or run this graph here (OpenVINO raises RuntimeError)
+            # is one candidate less, said in the table.
             results.append(
                 Measurement(candidate.runtime, candidate.precision, None, error=first_line(error))
             )

@@ -5,6 +5,7 @@
 | ``segment``, ``matte`` | :mod:`.segment` |
 | ``watch`` | :mod:`.watch` |
 | ``models`` | :mod:`.models` |
+| ``tune`` | :mod:`.tune` |
 | ``eval``, ``calibrate`` | :mod:`.eval` |
 | ``train``, ``synthetic`` | :mod:`.train` |
 | ``serve`` | :mod:`.serve` |
@@ -20,7 +21,7 @@ import sys
 import typer
 
 from clipseg_cli.commands import eval as eval_commands
-from clipseg_cli.commands import models, segment, serve, watch
+from clipseg_cli.commands import models, segment, serve, tune, watch
 from clipseg_cli.commands import train as train_commands
 from clipseg_cli.commands.console import ExitCode
 
@@ -34,6 +35,7 @@ app.command()(segment.segment)
 app.command()(segment.matte)
 app.command()(watch.watch)
 app.command()(models.models)
+app.command()(tune.tune)
 app.command("eval")(eval_commands.eval_command)
 app.command("calibrate")(eval_commands.calibrate_command)
 app.command("train", help=train_commands.TRAIN_HELP)(train_commands.train_command)

@@ -90,9 +90,7 @@ def choose_backend(config: SegmentConfig) -> BackendChoice:
         ValueError: the device is not available, or a combination this CPU cannot run (one
             line).
     """
-    cpu_only = (
-        config.backend in CPU_RUNTIMES or config.precision == "int8" or not _gpu_possible()
-    )
+    cpu_only = config.backend in CPU_RUNTIMES or config.precision == "int8" or not _gpu_possible()
     if config.device == "cpu" or (config.device == "auto" and cpu_only):
         device = "cpu"
     else:
