@@ -28,13 +28,13 @@ from factories import save_random_hf_checkpoint
 import clipseg_cli.backends.cache as cache
 import clipseg_cli.backends.export as export
 from clipseg_cli.backends.base import BackendError
+from clipseg_cli.backends.machine import native_bf16
 from clipseg_cli.backends.onnx import (
     OnnxImageBackend,
     available_cores,
     open_onnx_backend,
     session_options,
 )
-from clipseg_cli.backends.machine import native_bf16
 from clipseg_cli.backends.openvino import OpenVinoImageBackend
 from clipseg_cli.backends.quantize import quantize_int8
 from clipseg_cli.backends.torch import TorchImageBackend

@@ -68,7 +68,7 @@ def test_refine_none_tiles_off_is_the_plain_upsampled_probability(
     out = tmp_path / "out"
     result = _segment(
         tiny_model_dir, str(image), "-p", "a dog", "--save", "soft", "--soft-bits", "16",
-        "--refine", "none", "--tiles", "off", "--out", str(out),
+        "--refine", "none", "--tiles", "off", "--out", str(out), "--precision", "fp32",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     soft = np.asarray(Image.open(out / "x.png.a-dog.soft.png")).astype(np.float64) / 65535

@@ -121,6 +121,9 @@ def test_choose_takes_the_fastest_that_agrees_or_for_named_precisions_is_close()
     off = Measurement("openvino", "bf16", 0.08, 0.95, 0.02)
     broken = Measurement("openvino", "fp32", None, error="cannot compile")
     assert tuning.choose([exact, close, broken], "auto") is close
+    nearly = Measurement("onnx", "fp32", 0.10, 1.0, 0.0)  # bf16 not 1.2x faster: exact wins
+    assert tuning.choose([nearly, close], "auto") is nearly
+    assert tuning.choose([nearly, close], "bf16") is close
     assert tuning.choose([exact, off], "auto") is exact  # IoU 0.95: not the same masks
     assert tuning.choose([off], "bf16") is off  # asked for bf16: 0.95 is what bf16 gives
     assert tuning.choose([Measurement("onnx", "int8", 0.1, 0.8, 0.2)], "int8") is None

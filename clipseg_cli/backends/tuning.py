@@ -6,7 +6,8 @@ bf16 is several times faster than any fp32. So ``--backend auto --precision auto
 not assume: the first run of a model on a machine times each candidate (runtime x precision,
 :func:`candidates`) on the model's own cached graph, checks each one's logits against ONNX
 Runtime fp32 on a fixed calibration input (:func:`calibration_input`), and picks the fastest
-that agrees (:meth:`Measurement.agrees`). The choice is stored (:func:`write_record`) under a key
+that agrees (:meth:`Measurement.agrees`; an exact fp32 one unless a reduced precision is at least
+:data:`REDUCED_GAIN` times faster). The choice is stored (:func:`write_record`) under a key
 of everything that could change it (:func:`tuning_key`: the CPU's model and matrix flags, the
 cores, the runtimes' versions, the weights' sha256, what was asked), so later runs read it in a
 millisecond.
@@ -57,6 +58,9 @@ MAX_LOGIT_ERROR = 0.05
 #: A reduced precision named by the user (``--precision bf16`` / ``int8``) is refused only when
 #: its masks are far off (below this IoU): the user asked for it, knowing it is not exact.
 MIN_NAMED_IOU = 0.9
+#: Under ``--precision auto`` a reduced precision is chosen over the fastest exact (fp32)
+#: candidate only when it is at least this many times faster.
+REDUCED_GAIN = 1.2
 #: Timed calls per candidate (after one untimed warm-up call): the median is its speed.
 TIMED_CALLS = 3
 #: The CPU runtimes that run the cached graphs.
@@ -235,7 +239,9 @@ def measure(
 
 def choose(measurements: list[Measurement], precision: str) -> Measurement | None:
     """The fastest candidate that may be used: under ``auto`` or ``fp32`` one whose masks
-    agree with the reference's; under a named reduced precision one not far off
+    agree with the reference's, and an exact (fp32) one unless a reduced precision is at least
+    :data:`REDUCED_GAIN` times faster (exact masks are worth a little speed, and timings of a
+    few calls are noisy); under a named reduced precision one not far off
     (:data:`MIN_NAMED_IOU`). None when none qualifies."""
 
     def usable(m: Measurement) -> bool:
@@ -245,8 +251,14 @@ def choose(measurements: list[Measurement], precision: str) -> Measurement | Non
             return m.agrees
         return m.iou is not None and m.iou >= MIN_NAMED_IOU
 
+    def speed(m: Measurement) -> float:
+        return m.seconds_per_image or 0.0
+
     usable_ones = [m for m in measurements if usable(m)]
-    return min(usable_ones, key=lambda m: m.seconds_per_image or 0.0, default=None)
+    fastest = min(usable_ones, key=speed, default=None)
+    exact = min((m for m in usable_ones if m.precision == "fp32"), key=speed, default=None)
+    worth_it = fastest is None or exact is None or speed(exact) >= REDUCED_GAIN * speed(fastest)
+    return fastest if precision != "auto" or worth_it else exact
 
 
 def runtime_versions() -> dict[str, str]:

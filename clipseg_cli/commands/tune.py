@@ -8,6 +8,7 @@ that keeps its version, with the machine idle for cleaner timings, or to see the
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 
@@ -48,10 +49,12 @@ def tune(
     with exit_on_error():
         if backend == "torch":
             raise ValueError("--backend torch is not measured: tune chooses among CPU runtimes")
+        # Only the model, device, backend and precision of a run's config matter here; the
+        # inputs and prompt are placeholders its checks ask for.
         config = SegmentConfig(
-            inputs=(),
-            out_dir=".",
-            prompts=(),
+            inputs=("-",),
+            out_dir=Path(),
+            prompts=("tune",),
             model=model,
             clip_weights=clip_weights,
             device="cpu",
