@@ -465,9 +465,9 @@ def test_models_prints_a_header_row_for_scripts():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    header = ["name", "hub id", "cached", "onnx graph", "original file", "description"]
-    assert lines[0].split("\t") == header
-    assert all(len(line.split("\t")) == 6 for line in lines)
+    header = ["name", "hub id", "cached", "onnx graph", "cpu backend", "original file"]
+    assert lines[0].split("\t") == [*header, "description"]
+    assert all(len(line.split("\t")) == 7 for line in lines)
     assert [line.split("\t")[0] for line in lines[1:]] == list(MODEL_SPECS)
 
 

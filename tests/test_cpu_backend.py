@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,6 +279,7 @@ def test_models_lists_the_cached_graphs(tmp_path):
     before = runner.invoke(app, ["models"], env=env)
     rows = {line.split("\t")[0]: line.split("\t") for line in before.output.splitlines()}
     assert rows["name"][3] == "onnx graph" and rows["demo"][3].startswith("not yet known")
+    assert rows["name"][4] == "cpu backend" and rows["demo"][4] == "not measured yet"
     photo = tmp_path / "shapes.png"
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(photo)
     args = ["segment", str(photo), "-p", "a red circle", "--model", "demo", "--progress", "none"]
@@ -285,6 +287,8 @@ def test_models_lists_the_cached_graphs(tmp_path):
     after = runner.invoke(app, ["models"], env=env)
     rows = {line.split("\t")[0]: line.split("\t") for line in after.output.splitlines()}
     assert rows["demo"][3] == "fp32, text"  # the image graph, and the text tower's
+    # The backend measured on this machine, with its speed (clipseg tune measures again).
+    assert re.fullmatch(r"(onnx|openvino) (fp32|bf16) \(\d+\.\d{3} s/img\)", rows["demo"][4])
 
 
 def test_eval_refuses_int8_and_says_how_to_score_it(photos, tmp_path):
