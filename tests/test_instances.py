@@ -331,3 +331,29 @@ def test_bad_floor_options_are_one_line_errors(runs, tmp_path, options, message)
     assert result.exit_code == ExitCode.USAGE, result.output
     assert message in result.output
     assert not out.exists()
+
+
+def _disc_rle(x: float, y: float, radius: float = 8.0) -> dict:
+    from pycocotools import mask as mask_utils
+
+    yy, xx = np.mgrid[:64, :96]
+    disc = ((yy - y) ** 2 + (xx - x) ** 2 <= radius**2).astype(np.uint8)
+    rle = mask_utils.encode(np.asfortranarray(disc))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+
+
+def test_tracker_keeps_ids_of_overlapping_instances_across_frames_and_short_gaps():
+    tracker = instances.InstanceTracker(gap=2)
+    # Two discs of prompt 0 moving apart, one of prompt 1 in the way of the first.
+    assert tracker.assign([(0, _disc_rle(20, 20)), (0, _disc_rle(60, 20))]) == [1, 2]
+    # Listed in another order, moved by 4 px: each keeps its id; prompt 1 overlapping disc 1
+    # is another object (prompts never share a track).
+    frame = [(0, _disc_rle(64, 22)), (1, _disc_rle(24, 20)), (0, _disc_rle(24, 20))]
+    assert tracker.assign(frame) == [2, 3, 1]
+    assert tracker.assign([(0, _disc_rle(28, 20))]) == [1]  # disc 2 and prompt 1 missed...
+    assert tracker.assign([(0, _disc_rle(32, 20)), (0, _disc_rle(66, 24))]) == [1, 2]  # back
+    # A disc that does not overlap any where it was: a new object.
+    assert tracker.assign([(0, _disc_rle(80, 50)), (0, _disc_rle(34, 20))]) == [4, 1]
+    for _ in range(3):  # disc 4 lost for more than `gap` frames: forgotten
+        tracker.assign([])
+    assert tracker.assign([(0, _disc_rle(80, 50))]) == [5]

@@ -251,7 +251,7 @@ def test_ray_engine_splits_a_video_into_parts_and_joins_them(ray_cluster, tmp_pa
     inputs.mkdir()
     source, _ = shapes_video(inputs / "clip.mp4", count=50, audio=True)
     (inputs / "broken.mp4").write_bytes(source.read_bytes()[:2000])
-    options = ("--save", "mask,soft,overlay", "--segment-frames", "20")
+    options = ("--save", "mask,soft,overlay", "--segment-frames", "20", "--export", "coco")
     demo, prompts = Path("demo"), ("red circle",)
     local = tmp_path / "local"
     result = _segment(inputs, local, demo, *options, prompts=prompts)
@@ -278,6 +278,12 @@ def test_ray_engine_splits_a_video_into_parts_and_joins_them(ray_cluster, tmp_pa
         if kind == "mask":
             flipped = sum(int((a != b).sum()) for a, b in zip(mine, theirs, strict=True))
             assert flipped <= 0.0005 * mine[0].size * 50
+    # The export: every frame, its instances tracked over the parts as over the whole.
+    datasets = [json.loads((o / "coco.json").read_text()) for o in (out, local)]
+    for dataset in datasets:
+        assert dataset["videos"][0]["frames"] == 50 and len(dataset["images"]) == 50
+    tracks = [[a["track_id"] % 1000 for a in d["annotations"]] for d in datasets]
+    assert tracks[0] == tracks[1] and len(set(tracks[0])) >= 1
     overlay = out / "clip.mp4.red-circle.overlay.mp4"
     info = video.probe(overlay)
     assert info.has_audio and info.frames == 50

@@ -16,7 +16,7 @@ any COCO tool computes. Pure arrays in, plain values out: no files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -313,3 +313,63 @@ def _outline(region: np.ndarray, x: int, y: int) -> tuple[float, ...]:
     # Back from the padded, doubled grid: its point (X, Y) is the edge coordinate (X - 1 + 0.5)/2.
     points = (simple.reshape(-1, 2).astype(np.float64) - 0.5) / 2 + (x, y)
     return tuple(round(float(v), 2) for v in points.reshape(-1))
+
+
+#: Frames an object may go unseen (missed by the model, hidden) and keep its track id.
+TRACK_GAP = 5
+
+
+@dataclass
+class InstanceTracker:
+    """Track ids over a video's frames: an instance keeps the id of the instance of its prompt
+    that it overlaps most in the previous frame (IoU > 0; the pairs of highest IoU matched
+    first, one to one), or else where an object lost in the last :data:`TRACK_GAP` frames was
+    last seen; any other gets a new id (1, 2, ... in order of appearance). Frames are given in
+    order, each as its instances' ``(prompt, rle)``."""
+
+    next_id: int = 1
+    gap: int = TRACK_GAP
+    # Each track still followed: its prompt, its last RLE, frames since it was seen (0: the
+    # previous frame).
+    _tracks: dict[int, tuple[int, dict, int]] = field(default_factory=dict)
+
+    def assign(self, instances: list[tuple[int, dict]]) -> list[int]:
+        """The track id of each instance of the next frame."""
+        tracks = [0] * len(instances)
+        known = list(self._tracks.items())
+        if instances and known:
+            ious = mask_utils.iou(
+                [rle_of(rle) for _prompt, rle in instances],
+                [rle_of(rle) for _track, (_prompt, rle, _age) in known],
+                [0] * len(known),
+            )
+            candidates = sorted(
+                (age, -float(ious[i][j]), i, j)
+                for i, (prompt, _rle) in enumerate(instances)
+                for j, (_track, (before, _old, age)) in enumerate(known)
+                if prompt == before and ious[i][j] > 0
+            )  # the previous frame's objects first, then the longer lost
+            taken: set[int] = set()
+            for _age, _iou, i, j in candidates:
+                if not tracks[i] and j not in taken:
+                    tracks[i] = known[j][0]
+                    taken.add(j)
+        for i, track in enumerate(tracks):
+            if not track:
+                tracks[i] = self.next_id
+                self.next_id += 1
+        seen = set(tracks)
+        self._tracks = {
+            track: (prompt, rle, age + 1)
+            for track, (prompt, rle, age) in self._tracks.items()
+            if track not in seen and age + 1 <= self.gap
+        }
+        for (prompt, rle), track in zip(instances, tracks, strict=True):
+            self._tracks[track] = (prompt, rle, 0)
+        return tracks
+
+
+def rle_of(rle: dict) -> dict:
+    """A stored RLE (``counts`` as text) as pycocotools takes it."""
+    counts = rle["counts"]
+    return {"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts}

@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TextIO
 
 import numpy as np
 
 from clipseg_cli.errors import InputError, disk_full
-from clipseg_cli.io import sources, video
+from clipseg_cli.io import sources, video, writers
 from clipseg_cli.io.files import atomic_target
 from clipseg_cli.io.naming import STATE_DIR, output_path
 from clipseg_cli.io.paths import display_path
-from clipseg_cli.ops import temporal
+from clipseg_cli.ops import instances, temporal
 from clipseg_cli.run import items
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
@@ -289,6 +291,9 @@ class VideoJob:
         self._failed = False
         # A part of a split video (``--engine ray``): no ledger segments, no joining here.
         self.split = False
+        # --export: each segment's frames' export parts, one JSON line per frame, in order.
+        self.exports: list[str] = []
+        self._exports_file: TextIO | None = None
 
     # -- resuming
 
@@ -335,10 +340,12 @@ class VideoJob:
             if written.row["status"] != "ok":
                 return self._fail(written.row["error"])
             self._track(written.row)
+            if self.config.exports:
+                self._export_frame(frame, written.instances)
             if work.error is not None:
                 return self._fail(work.error)
             if work.last:
-                return items.Written(self._finish(conditionals))
+                return items.Written(*self._finish(conditionals))
             if not self.split and (frame.index + 1) % self.config.video.segment_frames == 0:
                 return items.Written({"status": FRAME_ROW, SEGMENT_ROW: self._end_segment(work)})
             return items.Written({"status": FRAME_ROW})
@@ -377,13 +384,18 @@ class VideoJob:
             "parts": {name: list(group) for name, group in self.parts.items()},
             "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
             "timings": dict(self.timings),
+            "exports": list(self.exports),
         }
 
-    def join_parts(self, results: list[dict], conditionals: list[Conditional]) -> dict:
+    def join_parts(
+        self, results: list[dict], conditionals: list[Conditional]
+    ) -> tuple[dict, dict | None]:
         """Finish a split video from its parts' :meth:`close_part` results, in order: each
-        output's part files joined, the tracks put end to end; the video's row."""
-        self.parts, self.tracks = {}, {}
+        output's part files joined, the tracks put end to end; the video's row and export
+        part."""
+        self.parts, self.tracks, self.exports = {}, {}, []
         for result in results:
+            self.exports += result["exports"]
             for name, group in result["parts"].items():
                 self.parts.setdefault(name, []).extend(group)
             for k, totals in result["tracks"].items():
@@ -429,6 +441,54 @@ class VideoJob:
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()
+        if self._exports_file is not None:
+            self._exports_file.close()
+            self._exports_file = None
+
+    def _export_frame(self, frame: video.Frame, found: tuple[instances.Instance, ...]) -> None:
+        """A frame's part of the exports: the frame itself as a PNG under ``NAME.frames/``
+        (COCO's file name, YOLO's image), its size, time and instances."""
+        key = self.frame_key(frame.index)
+        image = self.config.out_dir / Path(*key.parts)
+        writers.write_rgb(image, frame.rgb)
+        if self._exports_file is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            name = f"{self.segment:05d}.exports.jsonl"
+            self._exports_file = (self.folder / name).open("w", encoding="utf-8")
+            self.exports.append(name)
+        height, width = frame.rgb.shape[:2]
+        part = {
+            "key": str(key),
+            "source": display_path(image),
+            "width": width,
+            "height": height,
+            "frame": frame.index,
+            "time": round(frame.time, 6),
+            "instances": items.instance_parts(list(found)),
+        }
+        self._exports_file.write(json.dumps(part) + "\n")
+
+    def _export_part(self) -> dict | None:
+        """The video's part of the exports: its frames' parts, each instance with its track
+        (:class:`~clipseg_cli.ops.instances.InstanceTracker`, over the frames in order)."""
+        if not self.config.exports:
+            return None
+        tracker = instances.InstanceTracker()
+        frames = []
+        for name in self.exports:
+            with (self.folder / name).open(encoding="utf-8") as handle:
+                for line in handle:
+                    frame = json.loads(line)
+                    found = frame["instances"]
+                    tracks = tracker.assign([(i["prompt"], i["rle"]) for i in found])
+                    for instance, track in zip(found, tracks, strict=True):
+                        instance["track"] = track
+                    frames.append(frame)
+        return {
+            "key": self.work.key,
+            "source": display_path(self.work.item.path),
+            "frames": frames,
+        }
 
     def _end_segment(self, work: FrameWork) -> dict:
         """Close this segment's encoders and save the state the next segment starts from."""
@@ -448,12 +508,14 @@ class VideoJob:
             "state": state,
             "parts": {name: list(group) for name, group in self.parts.items()},
             "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
+            "exports": list(self.exports),
         }
         self.segment += 1
         return row
 
-    def _finish(self, conditionals: list[Conditional]) -> dict:
-        """Join every output's parts into its file, renamed into place; the video's row."""
+    def _finish(self, conditionals: list[Conditional]) -> tuple[dict, dict | None]:
+        """Join every output's parts into its file, renamed into place; the video's row and
+        its part of the exports."""
         self._close_segment()
         outputs = []
         for name, group in self.parts.items():
@@ -470,12 +532,13 @@ class VideoJob:
             outputs.append(
                 {"prompt": _label(conditionals, slug), "kind": kind, "path": display_path(target)}
             )
-        if self.config.video.frames:
+        if self.config.video.frames or self.config.exports:
             outputs.append(
                 {"prompt": None, "kind": "frames", "path": display_path(self.frames_folder())}
             )
+        part = self._export_part()
         self.discard()
-        return _video_row(self, conditionals, outputs)
+        return _video_row(self, conditionals, outputs), part
 
     def final_path(self, kind: str, slug: str | None, part: str) -> Path:
         """Where output ``kind`` of prompt ``slug`` goes: the image's name, the video's
@@ -556,6 +619,7 @@ def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
     usable = None
     for row in segments:
         names = [name for group in row["parts"].values() for name in group]
+        names += row.get("exports", [])
         if (
             all((self.folder / name).exists() for name in names)
             and (self.folder / row["state"]).exists()
@@ -576,6 +640,7 @@ def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
         for k, totals in usable["tracks"].items()
     }
     self.parts = {name: list(group) for name, group in usable["parts"].items()}
+    self.exports = list(usable.get("exports", []))
     self.segment = usable["segment"] + 1
     position = video.Position(**usable["next"])
     self._next = position.index

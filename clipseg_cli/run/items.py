@@ -442,7 +442,8 @@ def write_item(
         "decode_s": round(prepared.decode_seconds, 4),
         "write_s": round(time.perf_counter() - start, 4),
     }
-    part = export_part(prepared, found, config) if config.exports else None
+    # A video's frame: the video makes its frames' parts (run.frames), from the instances.
+    part = export_part(prepared, found, config) if config.exports and frame is None else None
     return Written(row, part, tuple(found))
 
 
@@ -490,18 +491,7 @@ def export_part(prepared: Prepared, found: list[instances.Instance], config: Seg
         "source": display_path(source),
         "width": width,
         "height": height,
-        "instances": [
-            {
-                "prompt": i.prompt,
-                "id": i.id,
-                "rle": i.rle,
-                "area": i.area,
-                "bbox": list(i.bbox),
-                "score": round(i.score, 6),
-                "polygon": list(i.polygon),
-            }
-            for i in found
-        ],
+        "instances": instance_parts(found),
     }
     if "yolo" in config.exports and not yolo.readable(prepared.work.item.path):
         # The YOLO loader cannot read this format: the export links a PNG of it instead.
@@ -509,6 +499,22 @@ def export_part(prepared: Prepared, found: list[instances.Instance], config: Seg
         writers.write_rgb(converted, prepared.image.rgb)
         part["converted"] = display_path(converted)
     return part
+
+
+def instance_parts(found: list[instances.Instance]) -> list[dict]:
+    """An image's instances as its export part holds them."""
+    return [
+        {
+            "prompt": i.prompt,
+            "id": i.id,
+            "rle": i.rle,
+            "area": i.area,
+            "bbox": list(i.bbox),
+            "score": round(i.score, 6),
+            "polygon": list(i.polygon),
+        }
+        for i in found
+    ]
 
 
 def write_or_fail(

@@ -8,6 +8,10 @@ an interrupted and resumed run writes the same files as an uninterrupted one, a 
 grown folder extends them, a failed image is in none of them. The final files are written
 atomically. Image and annotation ids come from the keys (:func:`.coco.image_ids`), so they
 stay the same across runs.
+
+A video's part holds its frames' parts (``frames``: each written frame is an image, its PNG
+under ``NAME.frames/`` in ``--out``, its instances with a ``track`` id that follows an object
+from frame to frame); the exports take every frame as an image of that video.
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ def latest_parts(path: Path, keep: set[str]) -> list[dict]:
     return [parts[key] for key in sorted(parts)]
 
 
+def frames_as_images(parts: list[dict]) -> list[dict]:
+    """The parts with each video's part replaced by its frames' (each naming its ``video``)."""
+    images = []
+    for part in parts:
+        if "frames" in part:
+            images += [frame | {"video": part["key"]} for frame in part["frames"]]
+        else:
+            images.append(part)
+    return images
+
+
 def write_exports(
     out_dir: Path,
     formats: Sequence[str],
@@ -50,6 +65,7 @@ def write_exports(
 ) -> list[Path]:
     """Write every requested export; returns the paths written. ``floors``: what decided which
     objects became instances (threshold, minimum area and score, split), recorded in both."""
+    parts = frames_as_images(parts)
     written = []
     if "coco" in formats:
         path = out_dir / COCO_NAME

@@ -9,6 +9,12 @@ text, ids 1, 2, ... in prompt order. ``annotations``: ``id``, ``image_id``, ``ca
 ``iscrowd`` 0, ``score`` (the mean probability inside). ``info`` records the floors that
 decided which objects became instances (``threshold``, ``min_area``, ``min_score``, ``split``).
 
+A video's frames are images with ``video_id`` and ``frame_index`` (and ``file_name`` the
+frame's PNG under ``--out``: ``clip.mp4.frames/000012.png``), listed in ``videos`` (``id``,
+``name``: the video's key, ``frames``); their annotations carry ``track_id``, the same for one
+object over the frames (instances that overlap the previous frame's, IoU matched), so the
+export is a track-annotated sequence (the fields of TAO and YouTube-VIS).
+
 Ids stay the same across runs and growing folders: an image's id is a 48-bit number from the
 SHA-1 of its key, an annotation's the image's id times 1000 plus the instance's id within the
 image (at most 999 instances per image).
@@ -52,39 +58,49 @@ def build(
 ) -> dict:
     """The COCO dataset of the parts (in their order); ``info`` records the ``floors``."""
     ids = image_ids([part["key"] for part in parts])
+    videos: dict[str, dict] = {}
     images, annotations = [], []
     for part in parts:
         image_id = ids[part["key"]]
-        images.append(
-            {
-                "id": image_id,
-                "file_name": part["key"],
-                "width": part["width"],
-                "height": part["height"],
-            }
-        )
+        image = {
+            "id": image_id,
+            "file_name": part["key"],
+            "width": part["width"],
+            "height": part["height"],
+        }
+        video = None
+        if "video" in part:
+            video = videos.setdefault(
+                part["video"], {"id": _hash_id(part["video"], 1 << 20), "name": part["video"]}
+            )
+            video["frames"] = video.get("frames", 0) + 1
+            image |= {"video_id": video["id"], "frame_index": part["frame"]}
+        images.append(image)
         for instance in part["instances"]:
             if segmentation == "polygon":
                 shape: object = [instance["polygon"]]
             else:
                 shape = instance["rle"]
-            annotations.append(
-                {
-                    "id": image_id * 1000 + instance["id"],
-                    "image_id": image_id,
-                    "category_id": instance["prompt"] + 1,
-                    "segmentation": shape,
-                    "area": instance["area"],
-                    "bbox": instance["bbox"],
-                    "iscrowd": 0,
-                    "score": instance["score"],
-                }
-            )
+            annotation = {
+                "id": image_id * 1000 + instance["id"],
+                "image_id": image_id,
+                "category_id": instance["prompt"] + 1,
+                "segmentation": shape,
+                "area": instance["area"],
+                "bbox": instance["bbox"],
+                "iscrowd": 0,
+                "score": instance["score"],
+            }
+            if video is not None:
+                annotation["track_id"] = video["id"] * 1000 + instance["track"]
+            annotations.append(annotation)
     info: dict = {"description": "clipseg instances", "version": __version__}
     if floors is not None:
         info["floors"] = floors
-    return {
-        "info": info,
+    dataset: dict = {"info": info}
+    if videos:
+        dataset["videos"] = list(videos.values())
+    return dataset | {
         "images": images,
         "annotations": annotations,
         "categories": [

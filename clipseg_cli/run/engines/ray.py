@@ -339,14 +339,14 @@ def _joined(
         job.discard()
         return Finished(work, _failed(work, errors[0]), seconds, details)
     try:
-        row = job.join_parts(results, steps.prompts.positives)
+        row, part = job.join_parts(results, steps.prompts.positives)
     except (video.VideoError, OSError) as error:
         job.discard()
         reason = getattr(error, "strerror", None) or str(error)
         return Finished(
             work, _failed(work, f"cannot join the video's parts: {reason}"), seconds, details
         )
-    return Finished(work, row, seconds, details)
+    return Finished(work, row, seconds, details, part)
 
 
 def _failed(work: Work, error: str) -> dict:
