@@ -373,7 +373,7 @@ def test_graph_is_exported_once_then_loaded_from_the_cache(cache_dir, fake_expor
     assert first.path.parent == cache_dir / "graphs"
     assert cache.cached_graph(SHA, arch, "fp32") == first.path
     assert cache.cached_graph(SHA, arch, "int8") is None
-    assert messages[0].startswith("exporting the image graph of tiny for ONNX Runtime (once, ~")
+    assert messages[0].startswith("exporting the image graph of tiny for the CPU runtimes (once, ~")
     assert messages[0].endswith(" s on this machine)")
     assert messages[1].startswith("exported the image graph of tiny in ")
     sidecar = json.loads(first.path.with_suffix(".json").read_text())

@@ -54,22 +54,28 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
-def test_onnx_and_torch_backends_give_the_same_masks_and_logits(photos, tiny_model_dir, tmp_path):
+def test_every_fp32_backend_gives_the_same_masks_and_logits(photos, tiny_model_dir, tmp_path):
+    """ONNX Runtime and OpenVINO in fp32 against torch: non-square photos, text prompts and a
+    negative, to 1e-4 of the logits' magnitude."""
     outs = {}
-    for name in ("onnx", "torch"):
+    for name in ("onnx", "openvino", "torch"):
         outs[name] = tmp_path / name
-        result = _segment(photos, outs[name], tiny_model_dir, "--backend", name)
+        result = _segment(
+            photos, outs[name], tiny_model_dir, "--backend", name, "--precision", "fp32"
+        )
         assert result.exit_code == 0, result.output
         summary = json.loads((outs[name] / "clipseg-summary.json").read_text())
         assert summary["backend"] == name and summary["config"]["backend"] == name
-    onnx, torch = _masks(outs["onnx"]), _masks(outs["torch"])
-    assert len(onnx) == 6 and onnx.keys() == torch.keys()
-    for name in onnx:
-        assert _iou(onnx[name], torch[name]) >= 0.999, name
-    for path in sorted(outs["torch"].glob("*.logits.npy")):
-        expected = np.load(path)
-        got = np.load(outs["onnx"] / path.name)
-        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), path.name
+    torch = _masks(outs["torch"])
+    for runtime in ("onnx", "openvino"):
+        masks = _masks(outs[runtime])
+        assert len(masks) == 6 and masks.keys() == torch.keys()
+        for name in masks:
+            assert _iou(masks[name], torch[name]) >= 0.999, (runtime, name)
+        for path in sorted(outs["torch"].glob("*.logits.npy")):
+            expected = np.load(path)
+            got = np.load(outs[runtime] / path.name)
+            assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), path.name
 
 
 def _config(**options) -> SegmentConfig:

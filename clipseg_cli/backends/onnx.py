@@ -183,7 +183,7 @@ class _Builder:
             from clipseg_cli.backends.export import timed_export  # the one step that needs torch
 
             self.say(
-                f"exporting the image graph of {self.label} for ONNX Runtime (once, "
+                f"exporting the image graph of {self.label} for the CPU runtimes (once, "
                 f"{self.estimate('export')} on this machine)"
             )
             data, seconds = timed_export(self.build_model())
