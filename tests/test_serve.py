@@ -542,6 +542,14 @@ def test_bad_token_costs_no_decoding(served: Served) -> None:
     assert_serving(served)
 
 
+def test_readyz_says_which_backend_runs_and_how_it_was_chosen(served: Served) -> None:
+    ready = httpx.get(served.url + "readyz").json()
+    choice = ready["backend_choice"]  # the CPU backend measured here (or cached), as segment's
+    assert choice["choice"] == f"{ready['backend']} {ready['precision']}"
+    assert choice["source"] in ("measured", "cache") and len(choice["candidates"]) >= 2
+    assert f"backend: {choice['choice']} (the fastest here" in served.log.read_text()
+
+
 def test_no_field_names_a_path(served: Served) -> None:
     image = SCENES[0].read_bytes()
     for fields in (

@@ -176,6 +176,9 @@ class Service:
         opener = ModelOpener(config, info.sha256, arch, info.model_id, self.choice, None, notice)
         # The same measured (cached) CPU backend as clipseg segment's, so the masks are alike.
         self.choice = opener.settle(self.choice)
+        if self.choice.tuning is not None:
+            source = "measured now" if self.choice.tuning["source"] == "measured" else "cached"
+            notice(f"backend: {self.choice.tuning['choice']} (the fastest here, {source})")
         opener = dataclasses.replace(opener, choice=self.choice)
         self.model = opener(settings.threads)
         memory.return_freed_memory()
@@ -208,6 +211,9 @@ class Service:
             "backend": self.model.details.get("backend"),
             "device": self.model.details.get("device"),
             "dtype": self.model.details.get("dtype"),
+            "precision": self.choice.precision,
+            # How a CPU backend was chosen (measured here or cached), with every candidate.
+            "backend_choice": self.choice.tuning,
             "batching": dataclasses.asdict(self.policy),
             "prompt_files": sorted(self.prompt_files),
         }
