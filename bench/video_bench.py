@@ -1,7 +1,7 @@
 """Videos: what --smooth buys (J&F, flicker, fast movers), resuming after SIGKILL, memory over
 a long video, and speed against the same frames as PNG files.
 
-    python bench/video_bench.py [--parts smooth,resume,memory,speed] [--work DIR]
+    python bench/video_bench.py [--parts smooth,outputs,resume,memory,speed,ray] [--work DIR]
 
 Every video is synthetic (moving coloured shapes, which the demo model knows) with its ground
 truth. Each measurement runs ``clipseg segment`` as a subprocess, as a user would.
@@ -9,10 +9,15 @@ truth. Each measurement runs ``clipseg segment`` as a subprocess, as a user woul
 * smooth: 3 scenes (a slow red circle and a fast blue square; 60 frames, 180x320): J, F, J&F
   (DAVIS definitions) of every prompt, flicker (mean |p_t - p_(t-1)| from the log row), and J
   of the fast mover over the last 10 frames, for --smooth flow, ema and none.
+* outputs: mask, soft and overlay videos (with the source's audio) and matte videos (ProRes 4444,
+  FFV1) opened with PyAV and OpenCV: frame count, size, frame rate, timestamps against the
+  source's; each matte video's alpha against the 16-bit matte PNGs of the same run.
 * resume: a 600-frame video killed (SIGKILL) after its 1st and again after its 4th segment of
   100 frames, then finished: the lossless outputs against an uninterrupted run's, frame by
   frame, and leftover temporary files.
 * memory: peak RSS of segmenting a 3000-frame 640x360 video against a 300-frame one.
+* ray: a 300-frame video in parts of 60 with --engine ray against the local engine: how far
+  apart the soft and mask videos are (the smoothing's warm-up tolerance), J&F of each, speed.
 * speed: frames/s of ``segment video.mp4`` against ``segment`` over the same frames as PNGs,
   1 prompt, with the demo model and a full-size random rd64 model (bench/make_model.py); and
   --smooth flow against none.
@@ -65,9 +70,11 @@ def cpu_summary() -> str:
     return f"CPU: {fields.get('Model name', '?')} ({fields.get('CPU(s)', '?')} CPUs) {shown}"
 
 
-def segment(source: Path, out: Path, *extra: str, model: str = "demo") -> float:
-    """Run ``clipseg segment``; its wall time in seconds."""
-    command = [sys.executable, "-m", "clipseg_cli", "segment", str(source), "-o", str(out)]
+def segment(
+    source: Path, out: Path, *extra: str, model: str = "demo", command_name: str = "segment"
+) -> float:
+    """Run ``clipseg segment`` (or ``matte``); its wall time in seconds."""
+    command = [sys.executable, "-m", "clipseg_cli", command_name, str(source), "-o", str(out)]
     command += ["--model", model, "--progress", "none", *extra]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env=_env())
@@ -224,6 +231,11 @@ def _long_video(path: Path, count: int) -> None:
 
 def bench_memory(work: Path) -> None:
     print("\n## Memory: peak RSS, 640x360, demo model, --save mask,overlay")
+    # Once first: a fresh cache builds the text graph on the first run (torch loaded), which
+    # would be counted against whichever length ran first.
+    _long_video(work / "rss-warm.mp4", 10)
+    shutil.rmtree(work / "rss-warm", ignore_errors=True)
+    segment(work / "rss-warm.mp4", work / "rss-warm", "-p", SLOW.label, "--save", "mask,overlay")
     results = {}
     for count in (300, 3000):
         source = work / f"rss{count}.mp4"
@@ -239,6 +251,117 @@ def bench_memory(work: Path) -> None:
             f"({time.perf_counter() - start:.0f} s)"
         )
     print(f"3000 / 300: {results[3000] / results[300]:.3f}")
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+
+def _opened(path: Path) -> tuple[str, str]:
+    """What PyAV and OpenCV read of a video: frames, size, frame rate (and PyAV's first and
+    last timestamps, its audio streams)."""
+    import cv2
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        times = [float(frame.time) for frame in container.decode(stream)]
+    with av.open(str(path)) as container:
+        stream, audio = container.streams.video[0], len(container.streams.audio)
+        rate = float(stream.average_rate or 0)
+        pyav = (
+            f"{len(times)} frames, {stream.codec_context.width}x{stream.codec_context.height}, "
+            f"{rate:.3f} fps, t {times[0]:.3f}..{times[-1]:.3f} s, audio streams {audio}"
+        )
+    capture = cv2.VideoCapture(str(path))
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    decoded = 0
+    while capture.read()[0]:
+        decoded += 1
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    opencv = (
+        f"{decoded} frames decoded ({count} announced), {width}x{height}, "
+        f"{capture.get(cv2.CAP_PROP_FPS):.3f} fps"
+    )
+    capture.release()
+    return pyav, opencv
+
+
+def bench_outputs(work: Path) -> None:
+    print("\n## Outputs: a 60-frame 180x320 video at 25 fps with audio, opened by PyAV and OpenCV")
+    from video_helpers import write_video
+
+    frames = [rgb for rgb, _ in moving_frames(60, (180, 320), (SLOW, FAST), seed=5)]
+    source = write_video(work / "outputs.mp4", frames, audio=True)
+    with av.open(str(source)) as container:
+        times = [float(frame.time) for frame in container.decode(video=0)]
+    print(f"source: {len(times)} frames, t {times[0]:.3f}..{times[-1]:.3f} s")
+    out = work / "outputs-segment"
+    shutil.rmtree(out, ignore_errors=True)
+    segment(source, out, "-p", SLOW.label, "--save", "mask,soft,overlay")
+    print("| output | PyAV | OpenCV |")
+    print("|---|---|---|")
+    for kind, extension in (("mask", "mkv"), ("soft", "mkv"), ("overlay", "mp4")):
+        pyav, opencv = _opened(out / f"outputs.mp4.red-circle.{kind}.{extension}")
+        print(f"| {kind} .{extension} | {pyav} | {opencv} |")
+    from clipseg_cli.io import video
+
+    for codec, extension in (("prores", "mov"), ("ffv1", "mkv")):
+        matte = work / f"outputs-matte-{codec}"
+        shutil.rmtree(matte, ignore_errors=True)
+        extra = ("-p", SLOW.label, "--video-codec", codec, "--frames", "--matte-bits", "16")
+        segment(source, matte, *extra, command_name="matte")
+        path = matte / f"outputs.mp4.red-circle.matte.{extension}"
+        pyav, opencv = _opened(path)
+        worst = 0.0
+        for index, alpha in enumerate(video.alpha_frames(path)):
+            png = matte / "outputs.mp4.frames" / f"{index:06d}.png.red-circle.matte.png"
+            expected = np.asarray(Image.open(png)).astype(np.float64) / 65535
+            worst = max(worst, float(np.abs(alpha - expected).max()))
+        print(f"| matte {codec} .{extension} | {pyav} | {opencv} |")
+        print(f"  {codec} alpha against the 16-bit matte PNGs: max |error| {worst:.6f} "
+              f"(1/1023 = {1 / 1023:.6f}; {worst * 65535:.1f} of 65535)")  # fmt: skip
+
+
+# -- ray -------------------------------------------------------------------------------------
+
+
+def bench_ray(work: Path) -> None:
+    print("\n## --engine ray: a 300-frame 180x320 video in parts of 60 (4 parts warm up on 30)")
+    source = work / "ray.mp4"
+    truths = scene_video(source, 300, (180, 320), 5, (SLOW, FAST), grain=GRAIN)
+    extra = ("-p", SLOW.label, "-p", FAST.label, "--save", "mask,soft", "--segment-frames", "60")
+    outs = {name: work / f"ray-{name}" for name in ("local", "ray")}
+    seconds = {}
+    for name, out in outs.items():
+        shutil.rmtree(out, ignore_errors=True)
+        engine = ("--engine", "ray") if name == "ray" else ()
+        seconds[name] = segment(source, out, *extra, *engine)
+    print(
+        f"wall time: local {seconds['local']:.1f} s, ray {seconds['ray']:.1f} s (start-up included)"
+    )
+    print(
+        "| prompt | soft: max diff (of 255) | frames differing | mask pixels flipped "
+        "| J&F local | J&F ray |"
+    )
+    print("|---|---|---|---|---|---|")
+    for mover in (SLOW, FAST):
+        slug = mover.label.replace(" ", "-")
+        soft = [gray_frames(o / f"ray.mp4.{slug}.soft.mkv") for o in outs.values()]
+        mask = [gray_frames(o / f"ray.mp4.{slug}.mask.mkv") for o in outs.values()]
+        worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(*soft, strict=True))
+        differing = sum(not np.array_equal(a, b) for a, b in zip(*soft, strict=True))
+        flipped = sum(int((a != b).sum()) for a, b in zip(*mask, strict=True))
+        total = mask[0][0].size * len(mask[0])
+        scores = []
+        for masks in mask:
+            sequence = temporal.SequenceScores()
+            for m, truth in zip(masks, truths, strict=True):
+                sequence.add(m > 0, truth[mover.label])
+            scores.append(sequence.result()["J&F"])
+        print(
+            f"| {mover.label} | {worst} | {differing} of {len(soft[0])} | "
+            f"{flipped} of {total} ({flipped / total:.2e}) | {scores[0]:.4f} | {scores[1]:.4f} |"
+        )
 
 
 # -- speed -----------------------------------------------------------------------------------
@@ -295,7 +418,7 @@ def _speed(work: Path, model: str, frames: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", default="smooth,resume,memory,speed")
+    parser.add_argument("--parts", default="smooth,outputs,resume,memory,speed,ray")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--speed-frames", type=int, default=300)
     parser.add_argument("--big-frames", type=int, default=60, help="frames for the full model")
@@ -307,12 +430,16 @@ def main() -> None:
     parts = args.parts.split(",")
     if "smooth" in parts:
         bench_smooth(work)
+    if "outputs" in parts:
+        bench_outputs(work)
     if "resume" in parts:
         bench_resume(work)
     if "memory" in parts:
         bench_memory(work)
     if "speed" in parts:
         bench_speed(work, args.speed_frames, args.big_frames)
+    if "ray" in parts:
+        bench_ray(work)
     print(f"\nload average at end: {os.getloadavg()}")
 
 
