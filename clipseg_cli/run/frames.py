@@ -292,8 +292,7 @@ class VideoJob:
         # A part of a split video (``--engine ray``): no ledger segments, no joining here.
         self.split = False
         # --export: each segment's frames' export parts, one JSON line per frame, in order.
-        self.exports: list[str] = []
-        self._exports_file: TextIO | None = None
+        self.exports = _FrameExports(self)
 
     # -- resuming
 
@@ -330,7 +329,7 @@ class VideoJob:
             if self._failed:
                 return items.Written({"status": FRAME_ROW})
             if work.warmup:
-                return self._warm_up(prepared, prediction, conditionals)
+                return _warm_up(self, prepared, prediction, conditionals)
             hooks = _Hooks(self, frame.rgb)
             sink = VideoSink(self, frame)
             written = items.write_item(
@@ -341,13 +340,13 @@ class VideoJob:
                 return self._fail(written.row["error"])
             self._track(written.row)
             if self.config.exports:
-                self._export_frame(frame, written.instances)
+                self.exports.add(frame, written.instances)
             if work.error is not None:
                 return self._fail(work.error)
             if work.last:
-                return items.Written(*self._finish(conditionals))
+                return items.Written(*self.finish(conditionals))
             if not self.split and (frame.index + 1) % self.config.video.segment_frames == 0:
-                return items.Written({"status": FRAME_ROW, SEGMENT_ROW: self._end_segment(work)})
+                return items.Written({"status": FRAME_ROW, SEGMENT_ROW: _end_segment(self, work)})
             return items.Written({"status": FRAME_ROW})
         except (video.VideoError, InputError) as error:
             return self._fail(str(error))
@@ -359,57 +358,6 @@ class VideoJob:
             return self._fail(f"cannot write the video outputs: {error.strerror or error}")
         finally:
             self._done(frame.index)
-
-    def _warm_up(
-        self,
-        prepared: items.Prepared,
-        prediction: items.Prediction,
-        conditionals: list[Conditional],
-    ) -> items.Written:
-        """A frame before a split part: smoothed like any frame (its outputs are made and
-        thrown away), so the part's first frame starts from its state; the flicker measures
-        keep it only as the frame before the part's first."""
-        hooks = _Hooks(self, prepared.work.frame.rgb)
-        items.write_item(prepared, prediction, self.config, conditionals, _Discard(), hooks)
-        self.state = hooks.step.state()
-        for track in self.tracks.values():
-            track.flicker.changes, track.flicker.ious, track.flicker.pairs = 0.0, 0.0, 0
-        return items.Written({"status": FRAME_ROW})
-
-    def close_part(self) -> dict:
-        """The end of a split part: its encoders closed; what the join needs of it (its part
-        files, each prompt's track over its frames, its timings)."""
-        self._close_segment()
-        return {
-            "parts": {name: list(group) for name, group in self.parts.items()},
-            "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
-            "timings": dict(self.timings),
-            "exports": list(self.exports),
-        }
-
-    def join_parts(
-        self, results: list[dict], conditionals: list[Conditional]
-    ) -> tuple[dict, dict | None]:
-        """Finish a split video from its parts' :meth:`close_part` results, in order: each
-        output's part files joined, the tracks put end to end; the video's row and export
-        part."""
-        self.parts, self.tracks, self.exports = {}, {}, []
-        for result in results:
-            self.exports += result["exports"]
-            for name, group in result["parts"].items():
-                self.parts.setdefault(name, []).extend(group)
-            for k, totals in result["tracks"].items():
-                part = _PromptTrack.from_totals(totals, {}, int(k))
-                track = self.tracks.setdefault(int(k), _PromptTrack())
-                track.coverage += part.coverage
-                track.empty += part.empty
-                track.peak = max(track.peak, part.peak)
-                track.flicker.changes += part.flicker.changes
-                track.flicker.ious += part.flicker.ious
-                track.flicker.pairs += part.flicker.pairs
-            for name, seconds in result["timings"].items():
-                self.timings[name] = self.timings.get(name, 0.0) + seconds
-        return self._finish(conditionals)
 
     def _track(self, row: dict) -> None:
         self.timings["decode_s"] += row["timings"]["decode_s"]
@@ -441,79 +389,9 @@ class VideoJob:
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()
-        if self._exports_file is not None:
-            self._exports_file.close()
-            self._exports_file = None
+        self.exports.close()
 
-    def _export_frame(self, frame: video.Frame, found: tuple[instances.Instance, ...]) -> None:
-        """A frame's part of the exports: the frame itself as a PNG under ``NAME.frames/``
-        (COCO's file name, YOLO's image), its size, time and instances."""
-        key = self.frame_key(frame.index)
-        image = self.config.out_dir / Path(*key.parts)
-        writers.write_rgb(image, frame.rgb)
-        if self._exports_file is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            name = f"{self.segment:05d}.exports.jsonl"
-            self._exports_file = (self.folder / name).open("w", encoding="utf-8")
-            self.exports.append(name)
-        height, width = frame.rgb.shape[:2]
-        part = {
-            "key": str(key),
-            "source": display_path(image),
-            "width": width,
-            "height": height,
-            "frame": frame.index,
-            "time": round(frame.time, 6),
-            "instances": items.instance_parts(list(found)),
-        }
-        self._exports_file.write(json.dumps(part) + "\n")
-
-    def _export_part(self) -> dict | None:
-        """The video's part of the exports: its frames' parts, each instance with its track
-        (:class:`~clipseg_cli.ops.instances.InstanceTracker`, over the frames in order)."""
-        if not self.config.exports:
-            return None
-        tracker = instances.InstanceTracker()
-        frames = []
-        for name in self.exports:
-            with (self.folder / name).open(encoding="utf-8") as handle:
-                for line in handle:
-                    frame = json.loads(line)
-                    found = frame["instances"]
-                    tracks = tracker.assign([(i["prompt"], i["rle"]) for i in found])
-                    for instance, track in zip(found, tracks, strict=True):
-                        instance["track"] = track
-                    frames.append(frame)
-        return {
-            "key": self.work.key,
-            "source": display_path(self.work.item.path),
-            "frames": frames,
-        }
-
-    def _end_segment(self, work: FrameWork) -> dict:
-        """Close this segment's encoders and save the state the next segment starts from."""
-        self._close_segment()
-        state = f"{self.segment:05d}.state.npz"
-        arrays = dict(self.state.arrays())
-        for k, track in self.tracks.items():
-            if track.flicker.previous_prob is not None:
-                arrays[f"flicker_prob{k}"] = track.flicker.previous_prob
-                arrays[f"flicker_mask{k}"] = track.flicker.previous_mask
-        with (self.folder / state).open("wb") as handle:
-            np.savez(handle, **arrays)
-        row = {
-            "segment": self.segment,
-            "frames": work.frame.index + 1,
-            "next": asdict(work.next_position),
-            "state": state,
-            "parts": {name: list(group) for name, group in self.parts.items()},
-            "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
-            "exports": list(self.exports),
-        }
-        self.segment += 1
-        return row
-
-    def _finish(self, conditionals: list[Conditional]) -> tuple[dict, dict | None]:
+    def finish(self, conditionals: list[Conditional]) -> tuple[dict, dict | None]:
         """Join every output's parts into its file, renamed into place; the video's row and
         its part of the exports."""
         self._close_segment()
@@ -536,7 +414,7 @@ class VideoJob:
             outputs.append(
                 {"prompt": None, "kind": "frames", "path": display_path(self.frames_folder())}
             )
-        part = self._export_part()
+        part = self.exports.video_part()
         self.discard()
         return _video_row(self, conditionals, outputs), part
 
@@ -571,6 +449,88 @@ class VideoJob:
         parent = self.folder.parent
         if parent.exists() and not any(parent.iterdir()):
             parent.rmdir()
+
+
+def join_parts(
+    job: VideoJob, results: list[dict], conditionals: list[Conditional]
+) -> tuple[dict, dict | None]:
+    """Finish a split video from its parts' :func:`close_part` results, in order:
+    each output's part files joined, the tracks put end to end; the video's row and export
+    part."""
+    job.parts, job.tracks, job.exports.names = {}, {}, []
+    for result in results:
+        job.exports.names += result["exports"]
+        for name, group in result["parts"].items():
+            job.parts.setdefault(name, []).extend(group)
+        for k, totals in result["tracks"].items():
+            part = _PromptTrack.from_totals(totals, {}, int(k))
+            track = job.tracks.setdefault(int(k), _PromptTrack())
+            track.coverage += part.coverage
+            track.empty += part.empty
+            track.peak = max(track.peak, part.peak)
+            track.flicker.changes += part.flicker.changes
+            track.flicker.ious += part.flicker.ious
+            track.flicker.pairs += part.flicker.pairs
+        for name, seconds in result["timings"].items():
+            job.timings[name] = job.timings.get(name, 0.0) + seconds
+    return job.finish(conditionals)
+
+
+class _FrameExports:
+    """A video's part of ``--export``: each frame written as a PNG under ``NAME.frames/`` (COCO's
+    file name, YOLO's image), and its export part (size, time, instances) as one JSON line of
+    the segment's file, kept with the segment's parts (so a resumed or split run has them)."""
+
+    def __init__(self, job: VideoJob) -> None:
+        self.job = job
+        self.names: list[str] = []  # the segments' files, in order
+        self._file: TextIO | None = None
+
+    def add(self, frame: video.Frame, found: tuple[instances.Instance, ...]) -> None:
+        job = self.job
+        key = job.frame_key(frame.index)
+        image = job.config.out_dir / Path(*key.parts)
+        writers.write_rgb(image, frame.rgb)
+        if self._file is None:
+            job.folder.mkdir(parents=True, exist_ok=True)
+            name = f"{job.segment:05d}.exports.jsonl"
+            self._file = (job.folder / name).open("w", encoding="utf-8")
+            self.names.append(name)
+        height, width = frame.rgb.shape[:2]
+        part = {
+            "key": str(key),
+            "source": display_path(image),
+            "width": width,
+            "height": height,
+            "frame": frame.index,
+            "time": round(frame.time, 6),
+            "instances": items.instance_parts(list(found)),
+        }
+        self._file.write(json.dumps(part) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def video_part(self) -> dict | None:
+        """The video's part of the exports: its frames' parts, each instance with its track
+        (:class:`~clipseg_cli.ops.instances.InstanceTracker`, over the frames in order)."""
+        job = self.job
+        if not job.config.exports:
+            return None
+        tracker = instances.InstanceTracker()
+        frames = []
+        for name in self.names:
+            with (job.folder / name).open(encoding="utf-8") as handle:
+                for line in handle:
+                    frame = json.loads(line)
+                    found = frame["instances"]
+                    tracks = tracker.assign([(i["prompt"], i["rle"]) for i in found])
+                    for instance, track in zip(found, tracks, strict=True):
+                        instance["track"] = track
+                    frames.append(frame)
+        return {"key": job.work.key, "source": display_path(job.work.item.path), "frames": frames}
 
 
 def _video_row(self: VideoJob, conditionals: list[Conditional], outputs: list[dict]) -> dict:
@@ -615,6 +575,59 @@ def _video_row(self: VideoJob, conditionals: list[Conditional], outputs: list[di
     }
 
 
+def _warm_up(
+    self: VideoJob,
+    prepared: items.Prepared,
+    prediction: items.Prediction,
+    conditionals: list[Conditional],
+) -> items.Written:
+    """A frame before a split part: smoothed like any frame (its outputs are made and
+    thrown away), so the part's first frame starts from its state; the flicker measures
+    keep it only as the frame before the part's first."""
+    hooks = _Hooks(self, prepared.work.frame.rgb)
+    items.write_item(prepared, prediction, self.config, conditionals, _Discard(), hooks)
+    self.state = hooks.step.state()
+    for track in self.tracks.values():
+        track.flicker.changes, track.flicker.ious, track.flicker.pairs = 0.0, 0.0, 0
+    return items.Written({"status": FRAME_ROW})
+
+
+def close_part(self: VideoJob) -> dict:
+    """The end of a split part: its encoders closed; what the join needs of it (its part
+    files, each prompt's track over its frames, its timings)."""
+    self._close_segment()
+    return {
+        "parts": {name: list(group) for name, group in self.parts.items()},
+        "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
+        "timings": dict(self.timings),
+        "exports": list(self.exports.names),
+    }
+
+
+def _end_segment(self: VideoJob, work: FrameWork) -> dict:
+    """Close this segment's encoders and save the state the next segment starts from."""
+    self._close_segment()
+    state = f"{self.segment:05d}.state.npz"
+    arrays = dict(self.state.arrays())
+    for k, track in self.tracks.items():
+        if track.flicker.previous_prob is not None:
+            arrays[f"flicker_prob{k}"] = track.flicker.previous_prob
+            arrays[f"flicker_mask{k}"] = track.flicker.previous_mask
+    with (self.folder / state).open("wb") as handle:
+        np.savez(handle, **arrays)
+    row = {
+        "segment": self.segment,
+        "frames": work.frame.index + 1,
+        "next": asdict(work.next_position),
+        "state": state,
+        "parts": {name: list(group) for name, group in self.parts.items()},
+        "tracks": {str(k): track.totals() for k, track in self.tracks.items()},
+        "exports": list(self.exports.names),
+    }
+    self.segment += 1
+    return row
+
+
 def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
     usable = None
     for row in segments:
@@ -640,7 +653,7 @@ def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
         for k, totals in usable["tracks"].items()
     }
     self.parts = {name: list(group) for name, group in usable["parts"].items()}
-    self.exports = list(usable.get("exports", []))
+    self.exports.names = list(usable.get("exports", []))
     self.segment = usable["segment"] + 1
     position = video.Position(**usable["next"])
     self._next = position.index

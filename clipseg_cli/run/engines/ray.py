@@ -269,7 +269,7 @@ class _VideoParts:
             rows.add(prepared)
             predict(final=False)
         predict(final=True)
-        return job.close_part()
+        return frames.close_part(job)
 
 
 def _videos(
@@ -339,7 +339,7 @@ def _joined(
         job.discard()
         return Finished(work, _failed(work, errors[0]), seconds, details)
     try:
-        row, part = job.join_parts(results, steps.prompts.positives)
+        row, part = frames.join_parts(job, results, steps.prompts.positives)
     except (video.VideoError, OSError) as error:
         job.discard()
         reason = getattr(error, "strerror", None) or str(error)
