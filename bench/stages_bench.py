@@ -141,6 +141,7 @@ def stage_table(summary: dict, count: int) -> list[str]:
 
 def pieces(images: list[Path], logits_dir: Path, repeats: int) -> list[str]:
     """CPU milliseconds per image of each piece of decode and write (min over repeats)."""
+    import cv2
     import numpy as np
 
     from clipseg_cli.io import sources, writers
@@ -165,6 +166,14 @@ def pieces(images: list[Path], logits_dir: Path, repeats: int) -> list[str]:
     def one(path: Path) -> None:
         logits = np.load(logits_dir / f"{path.name}.a-cat.logits.npy")
         rgb = clock("decode (Pillow, to RGB)", lambda: sources.decode_image(path)).rgb
+        # Candidates, for comparison (not what the pipeline does: see docs/backends.md).
+        data = path.read_bytes()
+        flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+        clock(
+            "  (OpenCV imdecode, to RGB)",
+            lambda: cv2.imdecode(np.frombuffer(data, np.uint8), flags),
+        )
+        clock("  (Pillow with DCT scaling to 1/2)", lambda: _draft_decode(path))
         clock("resize to the model (Pillow bilinear)", lambda: resize_rgb(rgb, (352, 352)))
         size = rgb.shape[:2]
         prob = clock(
@@ -183,6 +192,16 @@ def pieces(images: list[Path], logits_dir: Path, repeats: int) -> list[str]:
     lines = ["| piece | CPU ms per image |", "|---|---|"]
     lines += [f"| {name} | {value / len(images) * 1000:.1f} |" for name, value in totals.items()]
     return lines
+
+
+def _draft_decode(path: Path):
+    """Pillow's JPEG decode at half size through libjpeg's DCT scaling (``Image.draft``)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (image.width // 2, image.height // 2))
+        return np.asarray(image.convert("RGB"))
 
 
 def main() -> None:
