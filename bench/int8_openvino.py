@@ -21,9 +21,9 @@ import openvino as ov
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clipseg_cli.backends.quantize import quantize_int8  # noqa: E402
-from clipseg_cli.backends.tuning import agreement, calibration_input  # noqa: E402
-from clipseg_cli.ops.shapes import make_scene  # noqa: E402
+from clipseg_cli.backends.quantize import quantize_int8
+from clipseg_cli.backends.tuning import agreement, calibration_input
+from clipseg_cli.ops.shapes import make_scene
 
 CONFIG = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
 
@@ -56,7 +56,8 @@ def main() -> None:
     print("flags:", " ".join(flag for flag in wanted if f" {flag}" in flags))
     core = ov.Core()
     pixels, conditionals = calibration_input(352, 512)
-    reference, fp32 = timed(core.compile_model(str(args.graph), "CPU", CONFIG), pixels, conditionals)
+    compiled = core.compile_model(str(args.graph), "CPU", CONFIG)
+    reference, fp32 = timed(compiled, pixels, conditionals)
     print(f"openvino fp32: {fp32:.3f} s/img")
     data = [
         {
