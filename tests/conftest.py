@@ -150,3 +150,11 @@ def uninstall(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
         monkeypatch.setattr(builtins, "__import__", without)
 
     return hide
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh, empty ``CLIPSEG_CACHE`` for one test (graphs, text embeddings, tuning)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("CLIPSEG_CACHE", str(folder))
+    return folder

@@ -121,13 +121,6 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("CLIPSEG_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture
 def fake_export(tiny, monkeypatch):
     """The exporter replaced by one that returns the tiny rd64-refined graph; counts calls."""
     model, graph = tiny("rd64-refined")

@@ -95,13 +95,6 @@ def _no_model():
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("CLIPSEG_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture
 def fake_export(tiny_text, monkeypatch):
     """The text exporter replaced by one that returns the tiny graph; counts calls."""
     model, graph = tiny_text

@@ -32,13 +32,6 @@ AVX2 = frozenset({"avx2", "fma"})
 
 
 @pytest.fixture
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("CLIPSEG_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture
 def arch() -> ArchitectureSpec:
     return ArchitectureSpec(embed_dim=8, input_size=16)
 
