@@ -133,8 +133,7 @@ class SegmentConfig:
     clip_weights: Path | None = None
     device: str = "auto"
     precision: str = field(default="auto", metadata=_VALUE)
-    # torch, ONNX Runtime or OpenVINO (run.backend): the same results in a precision, so
-    # recorded but no fingerprint (the precision is; a resume keeps its class: run.backend).
+    # torch, ONNX Runtime or OpenVINO (run.backend): the same results, so no fingerprint.
     backend: str = "auto"
     batch_size: int | None = None  # None: by device (see batch_size_for)
     workers: int = 2

@@ -46,7 +46,7 @@ from clipseg_cli.io.sources import InputItem
 from clipseg_cli.ops.shapes import make_scene
 from clipseg_cli.ops.transforms import resize_rgb
 from clipseg_cli.run import items, memory
-from clipseg_cli.run.backend import ModelOpener, choose_backend
+from clipseg_cli.run.backend import BackendChoice, ModelOpener, OpenedModel, choose_backend
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.engines.cpu_gate import gate_for
 from clipseg_cli.run.inputs import Work
@@ -131,6 +131,28 @@ class Job:
         return len(self.prepared.model_inputs)
 
 
+def _open_model(opener: ModelOpener, threads: int | None) -> tuple[BackendChoice, OpenedModel]:
+    """The model opened on the same measured (or cached) CPU backend as ``clipseg segment``'s,
+    so the masks are alike; which one it is, said once (to the opener's ``on_progress``)."""
+    choice = opener.settle(opener.choice)
+    if choice.tuning is not None and opener.on_progress is not None:
+        source = "measured now" if choice.tuning["source"] == "measured" else "cached"
+        opener.on_progress(f"backend: {choice.tuning['choice']} (the fastest here, {source})")
+    return choice, dataclasses.replace(opener, choice=choice)(threads)
+
+
+def _say_batching(
+    policy: BatchPolicy, max_batch: int | None, notice: Callable[[str], None]
+) -> None:
+    """The batching policy at start-up, and why calls hold fewer images than --max-batch."""
+    notice(f"batching: {policy.describe()}")
+    if max_batch is not None and max_batch > policy.call_rows:
+        notice(
+            f"--max-batch {max_batch}: this backend's results depend on the batch, "
+            f"so calls hold {policy.call_rows} image(s), as clipseg segment's do"
+        )
+
+
 class Service:
     """The opened model and a request's steps (see the module docstring); thread-safe.
 
@@ -174,13 +196,7 @@ class Service:
             for name, path in settings.prompt_files
         }
         opener = ModelOpener(config, info.sha256, arch, info.model_id, self.choice, None, notice)
-        # The same measured (cached) CPU backend as clipseg segment's, so the masks are alike.
-        self.choice = opener.settle(self.choice)
-        if self.choice.tuning is not None:
-            source = "measured now" if self.choice.tuning["source"] == "measured" else "cached"
-            notice(f"backend: {self.choice.tuning['choice']} (the fastest here, {source})")
-        opener = dataclasses.replace(opener, choice=self.choice)
-        self.model = opener(settings.threads)
+        self.choice, self.model = _open_model(opener, settings.threads)
         memory.return_freed_memory()
         memory.tune_for_streaming()
         self.gate = gate_for(self.model.device_type)
@@ -196,23 +212,18 @@ class Service:
             settings.max_batch or DEFAULT_MAX_BATCH,
             config.batch_size_for(self.model.device_type),
         )
-        notice(f"batching: {self.policy.describe()}")
-        if settings.max_batch is not None and settings.max_batch > self.policy.call_rows:
-            notice(
-                f"--max-batch {settings.max_batch}: this backend's results depend on the batch, "
-                f"so calls hold {self.policy.call_rows} image(s), as clipseg segment's do"
-            )
+        _say_batching(self.policy, settings.max_batch, notice)
         self.answer(warmup, self.predict([warmup])[0])
         self.ready = True
 
     def details(self) -> dict:
-        """What /readyz (public) says: how the model runs and batches; never a path."""
+        """What /readyz (public) says: how the model runs and batches (and how a CPU backend was
+        chosen: measured here or cached, with every candidate); never a path."""
         return {
             "backend": self.model.details.get("backend"),
             "device": self.model.details.get("device"),
             "dtype": self.model.details.get("dtype"),
             "precision": self.choice.precision,
-            # How a CPU backend was chosen (measured here or cached), with every candidate.
             "backend_choice": self.choice.tuning,
             "batching": dataclasses.asdict(self.policy),
             "prompt_files": sorted(self.prompt_files),
