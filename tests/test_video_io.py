@@ -229,3 +229,20 @@ def test_frame_folder_reads_like_a_video(tmp_path: Path) -> None:
     mixed = r"mixed sizes: f_007\.png is 64x40, f_001\.png 64x48"
     with pytest.raises(video.VideoError, match=mixed):
         video.probe_sequence(tmp_path, 5.0, names)
+
+
+def test_frame_positions_from_packets_are_the_decoders(tmp_path: Path) -> None:
+    """A split run plans its parts from the packets' timestamps alone: the same positions as
+    decoding gives (B-frames, sampling), and decoding resumed at any of them goes on exactly."""
+    path, _ = shapes_video(tmp_path / "b.mp4", count=40)  # libx264's defaults: B-frames
+    for sampling in (
+        video.Sampling(),
+        video.Sampling(every=3),
+        video.Sampling(fps=7),
+        video.Sampling(start=0.3, end=1.2, every=2),
+    ):
+        planned = video.frame_positions(path, sampling)
+        assert planned == [position for _frame, position in video.read_frames(path, sampling)]
+        for k in range(1, len(planned), 4):
+            resumed = video.read_frames(path, sampling, planned[k], stop_after=3)
+            assert [frame.index for frame, _ in resumed] == [p.index for p in planned[k : k + 3]]
