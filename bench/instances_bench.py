@@ -26,7 +26,9 @@ an edge), for the split rate by shape.
 3. **Harder fresh scenes** (seeds from 232,500,000): the split rate by shape.
 
 The demo model sees 128 px: it misses objects outright and merges what it sees coarsely; the
-numbers judge what the post-processing decides on what the model saw.
+numbers judge what the post-processing decides on what the model saw. How far any split or
+reshaping of the model's mask could go: ``bench/split_ceiling.py --work DIR`` on this script's
+work folder.
 """
 
 from __future__ import annotations
