@@ -41,6 +41,7 @@ from clipseg_cli.backends.torch import TorchImageBackend
 from clipseg_cli.io.files import sha256_file
 from clipseg_cli.model.tokenizer import ClipTokenizer
 from clipseg_cli.ops.transforms import resize_rgb
+from clipseg_cli.specs import TINY
 from clipseg_cli.weights import load_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -300,7 +301,7 @@ def test_openvino_keeps_compiled_blobs_in_the_cache(tiny, cache_dir, tmp_path):
 def test_openvino_refuses_what_is_not_an_image_graph(tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph at all")
-    with pytest.raises(BackendError, match=r"OpenVINO cannot read .*broken\.onnx"):
+    with pytest.raises(BackendError, match=r"OpenVINO cannot compile .*broken\.onnx"):
         OpenVinoImageBackend(broken)
 
 
@@ -383,6 +384,31 @@ def test_graph_is_exported_once_then_loaded_from_the_cache(cache_dir, fake_expor
         TorchImageBackend(model).logits(pixels, conditionals),
     )
     assert not [p for p in (cache_dir / "graphs").iterdir() if ".tmp-" in p.name]
+
+
+def test_an_untouched_graph_is_trusted_without_hashing_it_again(cache_dir, monkeypatch):
+    """A warm run does not read the whole graph to hash it (0.8 s for 290 MB) while its size
+    and modification time are those recorded when it was written; once touched, it is hashed
+    (and, intact, trusted again)."""
+    key = cache.graph_key(SHA, TINY, "fp32")
+    path = cache.store_graph(key, b"graph bytes" * 100, {})
+    hashed: list[Path] = []
+    real_hash = cache.sha256_file
+
+    def counting_hash(target: Path) -> str:
+        hashed.append(target)
+        return real_hash(target)
+
+    monkeypatch.setattr(cache, "sha256_file", counting_hash)
+    assert cache.verify_graph(key) == (path, None) and hashed == []
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched, same bytes
+    assert cache.verify_graph(key) == (path, None) and hashed == [path]
+    assert cache.verify_graph(key) == (path, None) and hashed == [path]  # remembered
+    path.write_bytes(b"graph bytez" * 100)  # same size, other bytes, new time
+    assert (
+        cache.verify_graph(key)[1] == "its sha256 differs from the one recorded when it was written"
+    )
 
 
 def _damage(how: str, path: Path) -> None:
