@@ -23,7 +23,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from clipseg_cli.ops.shape import MaskShaping, default_min_area, drop_small_regions, shape_mask
-from clipseg_cli.ops.split import CORE_MARGIN, distance_map, split_cores, split_regions
+from clipseg_cli.ops.split import distance_map, split_regions
 from clipseg_cli.specs import DEFAULT_MIN_SCORE
 
 #: At most this many instances per image (in id order): COCO annotation ids are the image's id
@@ -115,9 +115,6 @@ def find_objects(
         box = (slice(y, y + h), slice(x, x + w))
         min_peak = rules.min_peak(mask.shape)
         labels[box], count = split_regions(labels[box], count, distance_map(mask[box]), min_peak)
-        labels[box], count = split_cores(
-            labels[box], count, mask[box], prob[box], threshold + CORE_MARGIN, min_peak
-        )
     foreground = _Foreground.of(labels)
     scores = object_scores(SCORE_KIND, labels, count, prob, threshold, foreground)
     table = _LabelTable.of(labels, foreground)

@@ -19,16 +19,7 @@ the image, saturates inside objects (a plateau at 1.0 over both of two touching 
 demo model), so its maxima do not mark objects; the shape of the region does. The thresholds
 were chosen on tuning scenes and are measured on fresh ones by ``bench/instances_bench.py``.
 Pixels are given to the basin they flood into; below the last level that can still decide a
-split, to the nearest basin.
-
-A second pass (:func:`split_cores`) looks at what the first kept whole through the probability:
-where the model spills a low halo around two touching objects, the halo hides their neck, but
-the region's core (probability above the threshold plus :data:`CORE_MARGIN`) still shows it.
-The core is flooded as above, and its parts are kept only if they look like several objects
-rather than one cut by a dip in the probability: each part solid (at least
-:data:`PART_SOLIDITY` of its convex hull) and their union not (under :data:`UNION_SOLIDITY`);
-a disc crossed by a faint seam is two solid halves whose union is solid too, and stays whole.
-The region's other pixels go to the nearest part. Pure arrays in and out (OpenCV and numpy).
+split, to the nearest basin. Pure arrays in and out (OpenCV and numpy).
 """
 
 from __future__ import annotations
@@ -49,12 +40,6 @@ PEAK_SHARE = 0.4
 PEAK_DISTANCE = 0.3
 #: Flooding levels between a region's highest peak and the last level that can decide a split.
 LEVELS = 32
-#: The second pass's core: the probability above the threshold plus this.
-CORE_MARGIN = 0.2
-#: ... split only into parts each at least this solid (area over its convex hull's) ...
-PART_SOLIDITY = 0.85
-#: ... whose union is less solid than this (two touching discs: about 0.8-0.9).
-UNION_SOLIDITY = 0.9
 
 
 def distance_map(mask: np.ndarray) -> np.ndarray:
@@ -90,64 +75,6 @@ def split_regions(
             out[window][parts == part] = count
             count += 1
     return out, count
-
-
-def split_cores(
-    labels: np.ndarray,
-    count: int,
-    mask: np.ndarray,
-    prob: np.ndarray,
-    level: float,
-    min_peak: float,
-) -> tuple[np.ndarray, int]:
-    """The second pass: split the regions of int32 ``labels`` (as :func:`split_regions` returns
-    them) whose core, bool ``mask`` where float ``prob > level``, floods into several parts
-    that are each solid while their union is not; the region's other pixels go to the nearest
-    part.
-
-    Returns:
-        the labels (a split region keeps its label for one part, the others get labels from
-        ``count`` up) and the new count.
-    """
-    core = mask & (prob > level)
-    distance = distance_map(core)
-    candidates = _regions_with_several_peaks(np.where(core, labels, 0), distance, min_peak)
-    if not candidates:
-        return labels, count
-    out = labels.copy()
-    for region in candidates:
-        x, y, w, h = cv2.boundingRect((labels == region).astype(np.uint8))
-        window = (slice(y, y + h), slice(x, x + w))
-        inside = labels[window] == region
-        parts = flood(distance[window], inside & core[window], min_peak)
-        found = int(parts.max())
-        if found < 2 or not _several_objects(parts, found):
-            continue
-        _give_to_nearest(parts, inside)
-        for part in range(2, found + 1):
-            out[window][parts == part] = count
-            count += 1
-    return out, count
-
-
-def _several_objects(parts: np.ndarray, found: int) -> bool:
-    """Whether int32 ``parts`` (1 to ``found``) look like several objects: each part solid,
-    their union not."""
-    if solidity(parts > 0) >= UNION_SOLIDITY:
-        return False
-    return all(solidity(parts == part) >= PART_SOLIDITY for part in range(1, found + 1))
-
-
-def solidity(region: np.ndarray) -> float:
-    """The area of bool ``region`` over the area of its convex hull (1 for a disc, about 0.8
-    for two touching discs of one size)."""
-    contours, _ = cv2.findContours(
-        region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
-    if not contours:
-        return 0.0
-    hull = cv2.contourArea(cv2.convexHull(np.vstack(contours)))
-    return float(np.count_nonzero(region)) / max(hull, 1.0)
 
 
 def _regions_with_several_peaks(
