@@ -26,27 +26,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from onnx_bench import cpu_summary  # noqa: E402
-from run_bench import ensure_model, image_subset, run_measured  # noqa: E402
+from run_bench import WRAPPER, ensure_model, image_subset, run_measured  # noqa: E402
 
 RSS_LIMIT = 1.5e9
 RSS_LIMIT_ONE_PROMPT = 1.0e9
 FIRST_MASK_NEW_S = 3.0
 FIRST_MASK_CACHED_S = 2.0
 PROMPTS = ["a dog", "a cat", "a person", "a car", "the sky"]
-
-# The CLI as `clipseg segment ...`, then one line saying what was imported.
-WRAPPER = """
-import sys
-from clipseg_cli.commands.app import main
-sys.argv = ["clipseg", "segment", *sys.argv[1:]]
-code = 0
-try:
-    main()
-except SystemExit as stop:
-    code = stop.code
-print("IMPORTED torch=%s open_clip=%s" % ("torch" in sys.modules, "open_clip" in sys.modules))
-sys.exit(code)
-"""
 
 
 def _imports(log: str) -> str:
@@ -82,7 +68,7 @@ def main() -> None:
 
     def run(label: str, images: Path, count: int, prompts: list[str], watch: bool = False):
         out = work / "text-out" / f"{label}-{nonce}"
-        cmd = [sys.executable, "-c", WRAPPER, str(images), "--model", str(model)]
+        cmd = [sys.executable, "-c", WRAPPER, "segment", str(images), "--model", str(model)]
         for prompt in prompts:
             cmd += ["--prompt", prompt]
         cmd += ["--out", str(out), "--save", "mask", "--device", "cpu", "--progress", "none"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 from functools import cache
+from importlib.util import find_spec
 from pathlib import Path
 
 #: Flags that decide which precision is fast: native bf16 (AVX512_BF16, AMX, Arm BF16), int8
@@ -82,3 +83,10 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def runtime_available(runtime: str) -> bool:
+    """Whether a CPU runtime's Python package (``onnx``: onnxruntime, ``openvino``) is
+    installed: found, not imported."""
+    module = {"onnx": "onnxruntime", "openvino": "openvino"}[runtime]
+    return find_spec(module) is not None

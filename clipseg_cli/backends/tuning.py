@@ -36,14 +36,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from clipseg_cli.backends.cache import ort_version
-from clipseg_cli.backends.machine import available_cores, cpu_model, matrix_flags, native_bf16
+from clipseg_cli.backends.machine import (
+    available_cores,
+    cpu_model,
+    matrix_flags,
+    native_bf16,
+    runtime_available,
+)
 from clipseg_cli.errors import BackendError, first_line
 from clipseg_cli.io.cache import cache_dir
 from clipseg_cli.io.files import write_json_atomic
@@ -83,12 +88,6 @@ class Candidate:
 
 #: What every candidate is checked against: ONNX Runtime's fp32 (equal to torch's to 1e-4).
 REFERENCE = Candidate("onnx", "fp32")
-
-
-def runtime_available(runtime: str) -> bool:
-    """Whether ``runtime``'s Python package is installed (found, not imported)."""
-    module = {"onnx": "onnxruntime", "openvino": "openvino"}[runtime]
-    return find_spec(module) is not None
 
 
 def candidates(precision: str = "auto", runtime: str = "auto") -> list[Candidate]:

@@ -139,17 +139,11 @@ def _cpu_choice(backend: str, precision: str) -> BackendChoice:
                 "emulate bf16"
             )
         return BackendChoice("torch", "cpu", "bf16", (emulated,) if native is False else ())
-    if backend == "auto" and not _openvino_installed():
+    if backend == "auto" and not machine.runtime_available("openvino"):
         backend = "onnx"  # the one runtime there is: nothing to measure between runtimes
         if precision == "auto":
             precision = "fp32"
     return BackendChoice(backend, "cpu", precision)
-
-
-def _openvino_installed() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("openvino") is not None
 
 
 def kept_choice(choice: BackendChoice, kept_precision: str | None) -> BackendChoice:
