@@ -236,6 +236,28 @@ def test_a_resume_keeps_the_folders_precision_or_explains_why_it_cannot(monkeypa
     assert backend.kept_choice(named, "bf16") == named  # named precisions are fingerprinted
 
 
+def test_a_resume_keeps_the_folders_runtime_where_it_is_installed(monkeypatch):
+    """Both fp32 runtimes are about as fast; a resume must not measure again and switch."""
+    auto = backend.BackendChoice("auto", "cpu", "auto")
+    assert backend.kept_choice(auto, "fp32", "openvino") == backend.BackendChoice(
+        "openvino", "cpu", "fp32"
+    )
+    assert backend.kept_choice(auto, "fp32", "onnx") == backend.BackendChoice("onnx", "cpu", "fp32")
+    monkeypatch.setattr(machine, "cpu_flags", lambda: AMX)
+    assert backend.kept_choice(auto, "bf16", "openvino") == backend.BackendChoice(
+        "openvino", "cpu", "bf16"
+    )
+    assert backend.kept_choice(auto, "fp32", "torch") == backend.BackendChoice(
+        "auto", "cpu", "fp32"
+    )
+    named = backend.BackendChoice("onnx", "cpu", "auto")
+    assert backend.kept_choice(named, "fp32", "openvino").name == "onnx"  # asked for by name
+    monkeypatch.setattr(machine, "runtime_available", lambda name: name != "openvino")
+    assert backend.kept_choice(auto, "fp32", "openvino") == backend.BackendChoice(
+        "onnx", "cpu", "fp32"
+    )
+
+
 def _segment(images: Path, out: Path, model: Path, *extra: str, env: dict):
     args = ["segment", str(images), "-p", "a dog", "--out", str(out), "--model", str(model)]
     return runner.invoke(app, [*args, "--progress", "none", "--min-area", "0", *extra], env=env)
@@ -286,6 +308,46 @@ def test_the_summary_says_how_the_backend_was_chosen(
     assert named.exit_code == 0
     summary = json.loads((tmp_path / "c" / "clipseg-summary.json").read_text())
     assert summary["backend_choice"] is None and summary["backend"] == "onnx"
+
+
+def test_a_resumed_folder_is_finished_by_the_runtime_that_began_it(
+    images, tiny_model_dir, tmp_path, monkeypatch, shared_cache
+):
+    """The first run measured OpenVINO fp32 fastest; when the folder is resumed, a new
+    measurement would pick ONNX Runtime (the fp32 runtimes are within noise of each other):
+    the folder is finished by OpenVINO, whose masks it began with."""
+    env = _fresh_tuning(shared_cache)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: AVX2)
+
+    def prefer(runtime: str):
+        def choose(measurements, precision):
+            return next(m for m in measurements if m.runtime == runtime and m.precision == "fp32")
+
+        return choose
+
+    monkeypatch.setattr(tuning, "choose", prefer("openvino"))
+    out = tmp_path / "out"
+    made = _segment(images, out, tiny_model_dir, env=env)
+    assert made.exit_code == 0, made.output
+    assert json.loads((out / "clipseg-summary.json").read_text())["backend"] == "openvino"
+    new_image = images / "3.png"
+    new_image.write_bytes((images / "1.png").read_bytes())
+    env = _fresh_tuning(shared_cache)
+    monkeypatch.setattr(tuning, "choose", prefer("onnx"))
+    try:
+        resumed = _segment(images, out, tiny_model_dir, env=env)
+    finally:
+        new_image.unlink()
+    assert resumed.exit_code == 0, resumed.output
+    assert "1 ok, 0 failed, 2 skipped" in resumed.output
+    assert "measuring" not in resumed.output
+    summary = json.loads((out / "clipseg-summary.json").read_text())
+    assert (summary["backend"], summary["precision"]) == ("openvino", "fp32")
+    # A new folder is measured afresh: the resume's runtime came from the folder, not chance.
+    fresh = _segment(images, tmp_path / "fresh", tiny_model_dir, env=env)
+    assert fresh.exit_code == 0, fresh.output
+    fresh_summary = json.loads((tmp_path / "fresh" / "clipseg-summary.json").read_text())
+    assert fresh_summary["backend"] == "onnx"
 
 
 def test_a_folder_made_in_bf16_resumed_without_native_bf16_is_explained(

@@ -146,15 +146,21 @@ def _cpu_choice(backend: str, precision: str) -> BackendChoice:
     return BackendChoice(backend, "cpu", precision)
 
 
-def kept_choice(choice: BackendChoice, kept_precision: str | None) -> BackendChoice:
+def kept_choice(
+    choice: BackendChoice, kept_precision: str | None, kept_runtime: str | None = None
+) -> BackendChoice:
     """The choice for a run that continues a folder whose masks were made in
-    ``kept_precision`` (the ledger's note; None for a new folder).
+    ``kept_precision`` by ``kept_runtime`` (the ledger's notes; None for a new folder).
 
     ``--precision auto`` keeps the folder's precision class: a folder finished in fp32 is
     continued in fp32 (exact) even where bf16 is now faster, and a reduced-precision folder in
-    the same precision when this CPU has it. A folder made in bf16 on a CPU with native bf16
-    that is resumed on one without it cannot be continued identically: that is an explained
-    :class:`ConfigMismatchError`, not a silent switch to fp32.
+    the same precision when this CPU has it. ``--backend auto`` keeps the folder's CPU runtime
+    where it is installed: ONNX Runtime and OpenVINO agree to 1e-4 of the logits' magnitude, but
+    a pixel on the threshold may fall either way, and a resumed folder's exports must equal an
+    uninterrupted run's (a second measurement could pick the other, equally fast runtime). A
+    folder made in bf16 on a CPU with native bf16 that is resumed on one without it cannot be
+    continued identically: that is an explained :class:`ConfigMismatchError`, not a silent
+    switch to fp32.
 
     Raises:
         ConfigMismatchError: the folder's precision cannot be had on this machine.
@@ -163,8 +169,15 @@ def kept_choice(choice: BackendChoice, kept_precision: str | None) -> BackendCho
         return choice
     if kept_precision not in ("fp32", "bf16"):  # fp16 of a GPU: the CPU measures its own
         return choice
+    runtime = choice.name
+    if (
+        runtime == "auto"
+        and kept_runtime in CPU_RUNTIMES
+        and machine.runtime_available(kept_runtime)
+    ):
+        runtime = kept_runtime
     if kept_precision == "fp32":
-        return replace(choice, precision="fp32")
+        return _cpu_choice(runtime, "fp32")
     if kept_precision == "bf16" and not native_bf16():
         raise ConfigMismatchError(
             "this --out folder's masks were made in bf16 (on a CPU with native bf16); this "
@@ -172,7 +185,7 @@ def kept_choice(choice: BackendChoice, kept_precision: str | None) -> BackendCho
             "into a new --out, or with --backend torch --precision bf16 (emulated, slow) to "
             "continue here"
         )
-    return _cpu_choice(choice.name, kept_precision)
+    return _cpu_choice(runtime, kept_precision)
 
 
 def given_model_choice(segmenter) -> BackendChoice:

@@ -325,6 +325,7 @@ class Recorder:
             embeddings_sha256=details.pop("embeddings_sha256"),
             prompts=[prompt["label"] for prompt in details["prompts"]],
             precision=details["precision"],
+            backend=details["backend"],
         )
         self.details.update(details)
 
@@ -404,7 +405,7 @@ def _process(
     else:
         choice = choose_backend(config)
         kept = recorder.ledger.noted.get("precision")
-        choice = kept_choice(choice, kept)
+        choice = kept_choice(choice, kept, recorder.ledger.noted.get("backend"))
         if kept is not None and config.precision == "auto" and choice.device == "cpu":
             notice(f"continuing this --out folder in {kept}, the precision its masks were made in")
     for note in choice.notes:
