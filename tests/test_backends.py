@@ -298,6 +298,37 @@ def test_openvino_keeps_compiled_blobs_in_the_cache(tiny, cache_dir, tmp_path):
     assert OpenVinoImageBackend(graph).path is None  # bytes: compiled, not cached
 
 
+def _resident_in(folder: Path) -> int:
+    """Bytes of this process's read-only shared mappings of files in ``folder`` in memory."""
+    prefix, resident, mapped = str(folder.resolve()), 0, False
+    with Path("/proc/self/smaps").open(encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+                mapped = len(fields) >= 6 and fields[1] == "r--s" and fields[5].startswith(prefix)
+            elif mapped and fields[0] == "Rss:":
+                resident += int(fields[1]) * 1024
+    return resident
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc maps: Linux")
+def test_openvino_hands_back_the_mapped_blob_once_the_weights_are_repacked(
+    tiny, cache_dir, tmp_path
+):
+    model, graph = tiny("rd64-refined")
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(graph)
+    OpenVinoImageBackend(path)  # compiles and writes the blob
+    backend = OpenVinoImageBackend(path)  # maps the blob
+    blobs = cache_dir / "openvino"
+    assert _resident_in(blobs) > 0
+    pixels = _images(2, 1, model.arch.input_size)
+    conditionals = _conditionals(model, "text", 2, 0)
+    first = backend.logits(pixels, conditionals)
+    assert _resident_in(blobs) == 0
+    np.testing.assert_array_equal(backend.logits(pixels, conditionals), first)
+
+
 def test_openvino_refuses_what_is_not_an_image_graph(tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a graph at all")

@@ -26,13 +26,20 @@ Precisions:
   OpenVINO int8, at the price of that calibration per model.
 
 Compiled models are cached by OpenVINO itself (``CACHE_DIR`` under the project's cache), so a
-warm run loads the compiled blob instead of compiling again. Importing this module imports
+warm run loads the compiled blob instead of compiling again. OpenVINO maps the blob into memory
+and, at the first inference, repacks each matrix's weights into its own buffers; from then on
+the mapped pages of the blob are not read, yet count in the process's RSS (about 290 MB of the
+fp32 ViT-B/16 graph, measured: 708 MB after the first inference, 435 MB once they are handed
+back, the same logits bit for bit). :func:`release_mapped_blobs` hands them back after the first
+inference. Importing this module imports
 numpy and openvino, never torch or onnxruntime.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import tempfile
 import threading
 from functools import cache
@@ -146,6 +153,7 @@ class OpenVinoImageBackend:
         self._request = self.compiled.create_infer_request()
         # One infer request serves every caller (the server's batcher, a run's model thread).
         self._lock = threading.Lock()
+        self._blobs = blobs  # whose mapped pages are handed back after the first inference
 
     def _source(self, graph: str | Path | bytes) -> str | ov.Model:
         """What to compile: the graph's path, or in-memory bytes read into a model (OpenVINO
@@ -170,4 +178,39 @@ class OpenVinoImageBackend:
         with self._lock:
             self._request.infer({"pixels": pixels, "conditionals": conditionals})
             out = self._request.get_output_tensor(0).data
+            if self._blobs is not None:  # the weights are repacked now
+                release_mapped_blobs(self._blobs)
+                self._blobs = None
             return np.array(out, dtype=np.float32, copy=True)
+
+
+#: madvise's advice that drops a mapping's pages (Linux: the kernel reads them again from the
+#: page cache if they are touched).
+_MADV_DONTNEED = 4
+
+
+def release_mapped_blobs(folder: Path) -> int:
+    """Hand back to the system the resident pages of this process's read-only shared mappings
+    of files in ``folder`` (OpenVINO's compiled blobs); returns how many mappings.
+
+    Only ``r--s`` mappings: a read-only shared mapping of a file never holds data of its own,
+    so dropping its pages loses nothing (a later read faults them in again from the file).
+    Linux only (elsewhere: 0, nothing done).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    prefix = str(folder.resolve()) + os.sep
+    try:
+        lines = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[1] != "r--s" or not fields[5].strip().startswith(prefix):
+            continue
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        released += madvise(start, end - start, _MADV_DONTNEED) == 0
+    return released
