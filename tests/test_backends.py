@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import openvino as ov
 import pytest
 import torch
 from factories import save_random_hf_checkpoint
 
 import clipseg_cli.backends.cache as cache
 import clipseg_cli.backends.export as export
+import clipseg_cli.backends.openvino as openvino_backend
 from clipseg_cli.backends.base import BackendError
 from clipseg_cli.backends.machine import native_bf16
 from clipseg_cli.backends.onnx import (
@@ -248,16 +250,39 @@ def test_int8_graph_is_smaller_and_agrees_with_fp32(tiny):
     assert not np.array_equal(reference, quantised)  # it is another graph
 
 
-def test_openvino_int8_runs_the_quantised_graph_and_agrees_with_fp32(tiny):
+def test_openvino_int8_keeps_the_weights_in_int8_and_agrees_with_fp32(
+    tiny, cache_dir, tmp_path, monkeypatch
+):
+    """The tiny model's matrices are small: every one is compressed here (the floor is for the
+    decoder's small projections of the full-size model)."""
+    monkeypatch.setattr(openvino_backend, "MIN_COMPRESSED_WEIGHTS", 0)
     model, graph = tiny("rd64-refined")
-    int8 = OpenVinoImageBackend(quantize_int8(graph), precision="int8")
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(graph)
+    int8 = OpenVinoImageBackend(path, precision="int8")
+    (ir,) = (cache_dir / "openvino").glob("*.int8.xml")
+    assert any(
+        op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8
+        for op in ov.Core().read_model(str(ir)).get_ops()
+    )
     pixels = _images(7, 3, model.arch.input_size)
     conditionals = _conditionals(model, "text", 5, 0)
     reference = OnnxImageBackend(graph).logits(pixels, conditionals)
     quantised = int8.logits(pixels, conditionals)
     threshold = np.median(reference)
     assert _iou(reference > threshold, quantised > threshold) >= 0.9
-    assert not np.array_equal(reference, quantised)
+    assert not np.allclose(reference, quantised, rtol=0, atol=1e-6)  # really reduced
+    # Made once: a second backend reads the IR; a damaged IR is made again.
+    made = ir.stat().st_mtime_ns
+    again = OpenVinoImageBackend(path, precision="int8")
+    assert ir.stat().st_mtime_ns == made
+    np.testing.assert_array_equal(again.logits(pixels, conditionals), quantised)
+    ir.with_suffix(".bin").write_bytes(b"damaged")
+    repaired = OpenVinoImageBackend(path, precision="int8")
+    np.testing.assert_array_equal(repaired.logits(pixels, conditionals), quantised)
+    # An in-memory graph is compressed in memory, alike.
+    in_memory = OpenVinoImageBackend(graph, precision="int8")
+    np.testing.assert_array_equal(in_memory.logits(pixels, conditionals), quantised)
 
 
 @pytest.mark.skipif(not native_bf16(), reason="bf16 needs a CPU with native bf16")
