@@ -252,6 +252,12 @@ def test_a_resume_keeps_the_folders_runtime_where_it_is_installed(monkeypatch):
     )
     named = backend.BackendChoice("onnx", "cpu", "auto")
     assert backend.kept_choice(named, "fp32", "openvino").name == "onnx"  # asked for by name
+    int8 = backend.BackendChoice("auto", "cpu", "int8")  # --precision int8, --backend auto
+    assert backend.kept_choice(int8, "int8", "openvino") == backend.BackendChoice(
+        "openvino", "cpu", "int8"
+    )
+    assert backend.kept_choice(int8, "int8", None) == int8  # measured
+    assert backend.kept_choice(int8, "fp32", "openvino") == int8  # another precision: measured
     monkeypatch.setattr(machine, "runtime_available", lambda name: name != "openvino")
     assert backend.kept_choice(auto, "fp32", "openvino") == backend.BackendChoice(
         "onnx", "cpu", "fp32"

@@ -158,7 +158,9 @@ def kept_choice(
     the same precision when this CPU has it. ``--backend auto`` keeps the folder's CPU runtime
     where it is installed: ONNX Runtime and OpenVINO agree to 1e-4 of the logits' magnitude, but
     a pixel on the threshold may fall either way, and a resumed folder's exports must equal an
-    uninterrupted run's (a second measurement could pick the other, equally fast runtime). A
+    uninterrupted run's (a second measurement could pick the other, equally fast runtime); so
+    does a named precision under ``--backend auto`` (``--precision int8``: ONNX Runtime's int8
+    and OpenVINO's are different quantisations) when the folder was made in it. A
     folder made in bf16 on a CPU with native bf16 that is resumed on one without it cannot be
     continued identically: that is an explained :class:`ConfigMismatchError`, not a silent
     switch to fp32.
@@ -166,9 +168,7 @@ def kept_choice(
     Raises:
         ConfigMismatchError: the folder's precision cannot be had on this machine.
     """
-    if kept_precision is None or choice.device != "cpu" or choice.precision != "auto":
-        return choice
-    if kept_precision not in ("fp32", "bf16"):  # fp16 of a GPU: the CPU measures its own
+    if kept_precision is None or choice.device != "cpu":
         return choice
     runtime = choice.name
     if (
@@ -177,6 +177,11 @@ def kept_choice(
         and machine.runtime_available(kept_runtime)
     ):
         runtime = kept_runtime
+    if choice.precision != "auto":  # named: the runtime is kept where the precision is the same
+        same = choice.precision == kept_precision and runtime != choice.name
+        return _cpu_choice(runtime, choice.precision) if same else choice
+    if kept_precision not in ("fp32", "bf16"):  # fp16 of a GPU: the CPU measures its own
+        return choice
     if kept_precision == "fp32":
         return _cpu_choice(runtime, "fp32")
     if kept_precision == "bf16" and not native_bf16():
