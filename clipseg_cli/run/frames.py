@@ -37,7 +37,7 @@ from clipseg_cli.io.files import atomic_target
 from clipseg_cli.io.naming import STATE_DIR, output_path
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.ops import instances, temporal
-from clipseg_cli.run import items
+from clipseg_cli.run import items, memory
 from clipseg_cli.run.config import SegmentConfig
 from clipseg_cli.run.inputs import Work, failure_row
 from clipseg_cli.run.ledger import Ledger
@@ -390,6 +390,11 @@ class VideoJob:
             writer.close()
         self.writers.clear()
         self.exports.close()
+        # The encoders' buffers (x264's lookahead and thread frames: megabytes) are freed now and
+        # the next segment's are allocated in a moment, while the model's arrays come and go:
+        # glibc would keep the freed ones resident and place the new ones beside them, so the
+        # resident size stepped up at segment ends (docs/video.md, "Memory"). Give them back.
+        memory.return_freed_memory()
 
     def finish(self, conditionals: list[Conditional]) -> tuple[dict, dict | None]:
         """Join every output's parts into its file, renamed into place; the video's row and
