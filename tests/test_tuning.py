@@ -125,6 +125,22 @@ def test_choose_takes_the_fastest_that_agrees_or_for_named_precisions_is_close()
     assert not noisy.agrees
 
 
+def test_choose_keeps_the_reference_runtime_unless_another_is_clearly_faster():
+    """Runtimes within noise of each other: the same choice on every measurement."""
+    onnx = Measurement("onnx", "fp32", 0.100, 1.0, 0.0)
+    openvino_close = Measurement("openvino", "fp32", 0.095, 1.0, 1e-6)
+    openvino_fast = Measurement("openvino", "fp32", 0.080, 1.0, 1e-6)
+    assert tuning.choose([onnx, openvino_close], "auto") is onnx
+    assert tuning.choose([onnx, openvino_close], "fp32") is onnx
+    assert tuning.choose([onnx, openvino_fast], "auto") is openvino_fast
+    onnx_int8 = Measurement("onnx", "int8", 0.050, 0.97, 0.02)
+    openvino_int8 = Measurement("openvino", "int8", 0.048, 0.98, 0.01)
+    assert tuning.choose([onnx_int8, openvino_int8], "int8") is onnx_int8
+    # A reduced precision is weighed against the chosen exact one, as before.
+    bf16 = Measurement("openvino", "bf16", 0.060, 0.995, 0.01)
+    assert tuning.choose([onnx, openvino_close, bf16], "auto") is bf16
+
+
 def test_tuned_measures_once_then_reads_the_cache(cache_dir, arch, monkeypatch):
     monkeypatch.setattr(machine, "cpu_flags", lambda: AMX)
     opens = Opens(FAST_BF16)

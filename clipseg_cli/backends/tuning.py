@@ -55,7 +55,7 @@ from clipseg_cli.io.files import write_json_atomic
 from clipseg_cli.specs import ArchitectureSpec
 
 #: Bumped when what is measured or how the choice is made changes (old records are ignored).
-TUNING_FORMAT = 1
+TUNING_FORMAT = 2
 #: Masks of a candidate agree with fp32's when their IoU is at least this (the issue's bar).
 MIN_IOU = 0.99
 #: ... and the 99th percentile of |logit - fp32 logit| is within this share of fp32's spread.
@@ -66,6 +66,12 @@ MIN_NAMED_IOU = 0.9
 #: Under ``--precision auto`` a reduced precision is chosen over the fastest exact (fp32)
 #: candidate only when it is at least this many times faster.
 REDUCED_GAIN = 1.2
+#: Within one precision, the first candidate (ONNX Runtime: the reference) is kept unless another
+#: runtime is at least this many times faster: runtimes within noise of each other would
+#: otherwise be chosen by the noise of a few calls, differently on each measurement (a pixel on
+#: the threshold can fall either way between them), and the default stays within 10% of the
+#: fastest.
+RUNTIME_GAIN = 1.1
 #: Timed calls per candidate (after one untimed warm-up call): the median is its speed.
 TIMED_CALLS = 3
 #: The CPU runtimes that run the cached graphs.
@@ -238,8 +244,9 @@ def measure(
 
 def choose(measurements: list[Measurement], precision: str) -> Measurement | None:
     """The fastest candidate that may be used: under ``auto`` or ``fp32`` one whose masks
-    agree with the reference's, and an exact (fp32) one unless a reduced precision is at least
-    :data:`REDUCED_GAIN` times faster (exact masks are worth a little speed, and timings of a
+    agree with the reference's (of a precision's candidates, the first unless another is
+    :data:`RUNTIME_GAIN` times faster), and an exact (fp32) one unless a reduced precision is at
+    least :data:`REDUCED_GAIN` times faster (exact masks are worth a little speed, and timings of a
     few calls are noisy); under a named reduced precision one not far off
     (:data:`MIN_NAMED_IOU`). None when none qualifies."""
 
@@ -253,9 +260,20 @@ def choose(measurements: list[Measurement], precision: str) -> Measurement | Non
     def speed(m: Measurement) -> float:
         return m.seconds_per_image or 0.0
 
+    def preferred(ones: list[Measurement]) -> Measurement | None:
+        # The first (in candidate order) unless another is RUNTIME_GAIN times faster.
+        fastest = min(ones, key=speed, default=None)
+        if fastest is None or speed(ones[0]) < RUNTIME_GAIN * speed(fastest):
+            return ones[0] if ones else None
+        return fastest
+
     usable_ones = [m for m in measurements if usable(m)]
-    fastest = min(usable_ones, key=speed, default=None)
-    exact = min((m for m in usable_ones if m.precision == "fp32"), key=speed, default=None)
+    by_precision: dict[str, list[Measurement]] = {}
+    for m in usable_ones:
+        by_precision.setdefault(m.precision, []).append(m)
+    best = [preferred(ones) for ones in by_precision.values()]
+    fastest = min((m for m in best if m is not None), key=speed, default=None)
+    exact = preferred(by_precision.get("fp32", []))
     worth_it = fastest is None or exact is None or speed(exact) >= REDUCED_GAIN * speed(fastest)
     return fastest if precision != "auto" or worth_it else exact
 
