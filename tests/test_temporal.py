@@ -73,6 +73,39 @@ def test_flow_leaves_no_trail_behind_a_fast_mover() -> None:
     assert unclamped_flow > trail_iou(temporal.Smoothing("ema", clamp=1.0)) + 0.1
 
 
+def test_a_pixel_an_object_leaves_or_reaches_crosses_the_threshold_at_once() -> None:
+    """The defaults keep at most (1 - w) * clamp of the past: a pixel whose probability jumps
+    from 1 to 0 (the object left) or 0 to 1 (it arrived) is on the new side of 0.5 in that
+    very frame, however long the past before it."""
+    frames, masks = _scene(12, 0.0)
+    shape = masks[0].shape
+    ones, zeros = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    for before, after in ((ones, zeros), (zeros, ones)):
+        out = _run(temporal.Smoothing("ema"), frames, [before] * 11 + [after])
+        assert np.all((out[-1] > 0.5) == (after > 0.5))
+        # ... and it is smoothing: the past still pulls.
+        assert 0.0 < float(np.abs(out[-1] - after).max()) < 0.5
+
+
+def test_warm_up_frames_bring_two_states_within_half_a_16_bit_level() -> None:
+    """A split part starts from its own first warm-up frame; after :func:`temporal.warmup_frames`
+    frames its first frame is within half a 16-bit level of the unsplit run's, whatever state
+    that run had reached."""
+    frames, masks = _scene(4, 0.0)
+    probs = _noisy(masks)
+    count = temporal.warmup_frames()
+    settings = temporal.Smoothing("ema")
+    start = temporal.SmoothingState()  # the part: no past
+    other = temporal.SmoothingState(temporal.thumbnail(frames[0]), {0: 1.0 - probs[1]})
+    # The warm-up frames, then the part's first: the same frame again and again is the worst
+    # case, the unsplit run's past pulling as hard as the clamp lets it.
+    for _ in range(count + 1):
+        a, b = settings.frame(start, frames[0]), settings.frame(other, frames[0])
+        a.apply(0, probs[0]), b.apply(0, probs[0])
+        start, other = a.state(), b.state()
+    assert float(np.abs(start.smoothed[0] - other.smoothed[0]).max()) <= 0.5 / 65535
+
+
 def test_a_scene_cut_resets_the_average() -> None:
     frames, masks = _scene(3, 0.0)
     other = np.full_like(frames[0], 250)  # a new scene: a white frame

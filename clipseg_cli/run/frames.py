@@ -51,8 +51,9 @@ SEGMENT_ROW = "segment"
 #: Under the state folder: the part files of unfinished videos.
 VIDEO_STATE = "video"
 #: Frames a part of a split video (``--engine ray``) smooths before its first one, so that it
-#: starts from nearly the state an unsplit run has there (docs/video.md: the tolerance).
-WARMUP_FRAMES = 30
+#: starts from nearly the state an unsplit run has there: within half a level of a 16-bit soft
+#: map (docs/video.md: the tolerance).
+WARMUP_FRAMES = temporal.warmup_frames()
 #: Kinds that are not videos: logits are arrays, written per frame with --frames only.
 _NOT_VIDEO = frozenset({"logits"})
 
