@@ -395,6 +395,8 @@ CONFIGS = [
     DEFAULT,
     NEW_PROMPTS,
     Config("refine-none", "clipseg, default, --refine none", ("--refine", "none")),
+    # Whether two images per model call use the matrix units better than one (CPU default: 1).
+    Config("batch-2", "clipseg, default, --batch-size 2", ("--batch-size", "2")),
     _candidate("onnx", "fp32"),
     _candidate("openvino", "fp32"),
     _candidate("openvino", "bf16", native_bf16_only=True),
