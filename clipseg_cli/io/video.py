@@ -614,7 +614,10 @@ class VideoWriter:
             pix = "gray" if self.kind == "gray" else "gray16le"
             return "ffv1", pix, {"level": "3", "slicecrc": "1"}
         if self.kind == "rgb":
-            return "libx264", "yuv420p", {"crf": "18", "preset": "veryfast"}
+            # One thread: x264's frame threads (3 on 2 cores) grew its frame pool in steps under
+            # load, so a long video's peak resident size rose 20-70 MB over a short one's; the
+            # writer threads and the model keep the cores busy anyway (docs/video.md, "Memory").
+            return "libx264", "yuv420p", {"crf": "18", "preset": "veryfast", "threads": "1"}
         if self.alpha_codec == "prores":
             return "prores_ks", "yuva444p10le", {"profile": "4444", "alpha_bits": "16"}
         if self.alpha_codec == "vp9":
