@@ -336,21 +336,27 @@ def _resident_in(folder: Path) -> int:
     return resident
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc maps: Linux")
 def test_openvino_hands_back_the_mapped_blob_once_the_weights_are_repacked(
     tiny, cache_dir, tmp_path
 ):
+    """On Linux the blob's mapped pages leave memory at the first inference; elsewhere (no
+    /proc maps, no madvise through libc) nothing is touched and the logits are the same."""
     model, graph = tiny("rd64-refined")
     path = tmp_path / "graph.onnx"
     path.write_bytes(graph)
     OpenVinoImageBackend(path)  # compiles and writes the blob
     backend = OpenVinoImageBackend(path)  # maps the blob
     blobs = cache_dir / "openvino"
-    assert _resident_in(blobs) > 0
+    linux = sys.platform.startswith("linux")
+    if linux:
+        assert _resident_in(blobs) > 0
     pixels = _images(2, 1, model.arch.input_size)
     conditionals = _conditionals(model, "text", 2, 0)
     first = backend.logits(pixels, conditionals)
-    assert _resident_in(blobs) == 0
+    if linux:
+        assert _resident_in(blobs) == 0
+    else:
+        assert openvino_backend.release_mapped_blobs(blobs) == 0
     np.testing.assert_array_equal(backend.logits(pixels, conditionals), first)
 
 
