@@ -170,12 +170,11 @@ class OpenVinoImageBackend:
         folder = model_cache_dir() if self.path is not None else None
         try:
             compressed = int8_model_path(self.path, folder) if folder is not None else None
-        except OSError:  # the IR cannot be kept: compressed in memory on every run
+        except OSError:  # the IR cannot be kept
             compressed = None
-        if compressed is None:
+        if compressed is None:  # compressed in memory, on every run
             model = self._source(graph)
-            if isinstance(model, str):
-                model = _core().read_model(model)
+            model = _core().read_model(model) if isinstance(model, str) else model
             compress_weights(model)
             return _core().compile_model(model, "CPU", config)
         try:

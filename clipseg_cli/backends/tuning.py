@@ -262,17 +262,17 @@ def choose(measurements: list[Measurement], precision: str) -> Measurement | Non
 
     def preferred(ones: list[Measurement]) -> Measurement | None:
         # The first (in candidate order) unless another is RUNTIME_GAIN times faster.
-        fastest = min(ones, key=speed, default=None)
-        if fastest is None or speed(ones[0]) < RUNTIME_GAIN * speed(fastest):
-            return ones[0] if ones else None
-        return fastest
+        if not ones:
+            return None
+        fastest = min(ones, key=speed)
+        return ones[0] if speed(ones[0]) < RUNTIME_GAIN * speed(fastest) else fastest
 
     usable_ones = [m for m in measurements if usable(m)]
     by_precision: dict[str, list[Measurement]] = {}
     for m in usable_ones:
         by_precision.setdefault(m.precision, []).append(m)
-    best = [preferred(ones) for ones in by_precision.values()]
-    fastest = min((m for m in best if m is not None), key=speed, default=None)
+    best = [preferred(ones) for ones in by_precision.values()]  # lists are never empty
+    fastest = min(best, key=speed, default=None)
     exact = preferred(by_precision.get("fp32", []))
     worth_it = fastest is None or exact is None or speed(exact) >= REDUCED_GAIN * speed(fastest)
     return fastest if precision != "auto" or worth_it else exact
