@@ -595,13 +595,18 @@ def test_overload_gets_503_at_once_and_the_accepted_succeed(served: Served) -> N
     assert statuses.count(503) >= 8 and statuses.count(200) >= 8, statuses
     assert all(retry is not None and int(retry) >= 1 for s, retry, _ in results if s == 503)
 
-    def refused() -> list[float]:  # a line is logged just after its answer is sent
-        lines = served.log_lines()[before:]
-        return [line["seconds"] for line in lines if line["status"] == 503]
+    def refused() -> list[dict]:  # a line is logged just after its answer is sent
+        return [line for line in served.log_lines()[before:] if line["status"] == 503]
 
     assert wait_until(lambda: len(refused()) == statuses.count(503))
-    seconds = refused()
-    assert max(seconds) < 0.1, seconds  # answered at once, server side
+    # At once: before a byte of the body was read, the typical refusal in well under 10 ms
+    # (0.3 ms measured), none hanging. The 100 ms for every refusal is measured by
+    # bench/serve_bench.py, clients in another process: here 64 client threads share 2 cores
+    # with the server, and the kernel may run a client between the server's two writes of one
+    # answer (133 ms seen once in CI), which says nothing about the server.
+    assert all(line["bytes_in"] == 0 for line in refused()), refused()
+    seconds = sorted(line["seconds"] for line in refused())
+    assert seconds[len(seconds) // 2] < 0.01 and seconds[-1] < 1.0, seconds
     assert_serving(served)
 
 
