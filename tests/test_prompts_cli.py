@@ -159,6 +159,7 @@ def test_saved_prompts_reproduce_the_run_and_refuse_another_model(tiny_model_dir
     )  # fmt: skip
     assert refused.exit_code == ExitCode.USAGE
     assert "other weights" in refused.output
+    assert "export" not in refused.output and "measuring" not in refused.output  # at once
 
 
 def test_matte_writes_full_resolution_kinds(tiny_model_dir, tmp_path):

@@ -416,11 +416,16 @@ def _process(
         refiner_for(config.sam_model, config.device)  # loaded once, before any image
     prompt_model = PromptModel(config, choice, segmenter, on_progress=notice)
     info, arch = prompt_model.identity
+    # A prompt file costs nothing to read: it is checked against the weights before a backend
+    # is measured, so one made with other weights is refused at once, not after an export.
+    from_file = (
+        _embed_prompts(config, prompt_model) if config.prompt_embedding is not None else None
+    )
     if not choice.settled:  # measured on this machine once, then read from the tuning cache
         choice = ModelOpener(config, info.sha256, arch, info.model_id, on_progress=notice).settle(
             choice
         )
-    prompts = _embed_prompts(config, prompt_model)
+    prompts = from_file if from_file is not None else _embed_prompts(config, prompt_model)
     for note in prompt_model.notes:
         notice(note)
     recorder.describe(_describe(config, info, choice, prompts))
