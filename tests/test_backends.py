@@ -172,6 +172,7 @@ def test_cpu_runtimes_match_torch_on_tiny_models(tiny, variant, runtime):
 
 
 @pytest.mark.parity
+@pytest.mark.slow  # 37 s: the tiny models above check every variant in `make test`
 def test_cpu_runtimes_match_torch_on_the_full_size_model(tmp_path):
     folder = save_random_hf_checkpoint(tmp_path / "full", "rd64-refined", size="full", seed=31)
     model, _ = load_weights(str(folder))

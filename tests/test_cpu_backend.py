@@ -192,32 +192,11 @@ print("IMPORTED", "torch" in sys.modules, "open_clip" in sys.modules, code)
 """
 
 
-def test_a_warm_cpu_run_imports_neither_torch_nor_open_clip(photos, tiny_model_dir, tmp_path):
-    env = {**os.environ, "CLIPSEG_CACHE": str(tmp_path / "cache")}
-    args = [str(photos), "-p", "a dog", "--negative", "a car", "--model", str(tiny_model_dir)]
-    args += ["--progress", "none"]
-
-    def run(out: str) -> tuple[str, str]:
-        command = [sys.executable, "-c", WARM_RUN, *args, "--out", str(tmp_path / out)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip().splitlines()[-1], done.stderr
-
-    cold, cold_messages = run("cold")
-    assert cold == "IMPORTED True True 0"  # the first run exports the graph and embeds
-    assert "exporting the image graph" in cold_messages and "exported" in cold_messages
-    warm, warm_messages = run("warm")  # a new --out: every image is processed again
-    assert warm == "IMPORTED False False 0", warm_messages
-    assert "export" not in warm_messages
-    cold_masks, warm_masks = _masks(tmp_path / "cold"), _masks(tmp_path / "warm")
-    assert len(cold_masks) == 3 and cold_masks.keys() == warm_masks.keys()
-    for name, mask in cold_masks.items():
-        np.testing.assert_array_equal(warm_masks[name], mask)
-
-
-def test_a_warm_cpu_run_with_a_new_text_prompt_imports_neither_torch_nor_open_clip(
+def test_warm_cpu_runs_import_neither_torch_nor_open_clip_even_with_new_text_prompts(
     photos, tiny_model_dir, tmp_path
 ):
+    """One cold run exports the graphs and embeds its prompts; then a warm run of the same
+    prompts, and one with prompts never seen, import neither torch nor open_clip."""
     from clipseg_cli.backends.cache import load_text_embeddings
     from clipseg_cli.segmenter import Segmenter
     from clipseg_cli.weights import identify
@@ -226,20 +205,30 @@ def test_a_warm_cpu_run_with_a_new_text_prompt_imports_neither_torch_nor_open_cl
     base = [str(photos), "--model", str(tiny_model_dir), "--progress", "none"]
 
     def run(out: str, *prompts: str) -> tuple[str, str]:
-        args = [*base, *(x for p in prompts for x in ("-p", p)), "--out", str(tmp_path / out)]
+        args = [*base, *prompts, "--out", str(tmp_path / out)]
         command = [sys.executable, "-c", WARM_RUN, *args]
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().splitlines()[-1], done.stderr
 
-    cold, cold_messages = run("cold", "a dog")
-    assert cold == "IMPORTED True True 0"  # exports the image and text graphs
+    known = ("-p", "a dog", "--negative", "a car")
+    cold, cold_messages = run("cold", *known)
+    assert cold == "IMPORTED True True 0"  # the first run exports the graphs and embeds
+    assert "exporting the image graph" in cold_messages and "exported" in cold_messages
     assert "exporting the text graph of" in cold_messages, cold_messages
-    new = ["a never seen prompt", "ünïcode 🐶 and a very long prompt " * 8]
-    warm, warm_messages = run("warm", "a dog", *new)
+    warm, warm_messages = run("warm", *known)  # a new --out: every image is processed again
     assert warm == "IMPORTED False False 0", warm_messages
     assert "export" not in warm_messages
-    assert len(_masks(tmp_path / "warm")) == 9
+    cold_masks, warm_masks = _masks(tmp_path / "cold"), _masks(tmp_path / "warm")
+    assert len(cold_masks) == 3 and cold_masks.keys() == warm_masks.keys()
+    for name, mask in cold_masks.items():
+        np.testing.assert_array_equal(warm_masks[name], mask)
+
+    new = ["a never seen prompt", "ünïcode 🐶 and a very long prompt " * 8]
+    fresh, fresh_messages = run("new", "-p", "a dog", *(x for p in new for x in ("-p", p)))
+    assert fresh == "IMPORTED False False 0", fresh_messages
+    assert "export" not in fresh_messages
+    assert len(_masks(tmp_path / "new")) == 9
     # What the text graph computed (and cached) is the torch tower's conditionals.
     os.environ["CLIPSEG_CACHE"], before = env["CLIPSEG_CACHE"], os.environ["CLIPSEG_CACHE"]
     try:
@@ -264,7 +253,11 @@ def test_a_text_graph_that_cannot_be_built_falls_back_to_the_torch_tower(
 
     monkeypatch.setattr(text, "open_text_encoder", broken)
     out = tmp_path / "out"
-    result = _segment(photos, out, tiny_model_dir, env={"CLIPSEG_CACHE": str(tmp_path / "c")})
+    # The session's cache (its image graph exported once for all tests), with prompts no other
+    # test embeds: no cached embedding can spare the text tower.
+    args = ["segment", str(photos), "-p", "a dog without a text graph", "-p", "a cat without one"]
+    args += ["--out", str(out), "--model", str(tiny_model_dir), "--progress", "none"]
+    result = runner.invoke(app, [*args, "--save", "mask", "--min-area", "0"])
     assert result.exit_code == 0, result.output
     assert "no exporter here): text prompts are embedded with torch instead" in result.output
     assert len(_masks(out)) == 6
