@@ -286,6 +286,32 @@ def test_openvino_int8_keeps_the_weights_in_int8_and_agrees_with_fp32(
     np.testing.assert_array_equal(in_memory.logits(pixels, conditionals), quantised)
 
 
+def test_openvino_int8_says_while_it_compresses_the_weights(tiny, cache_dir, tmp_path):
+    """The IR is made once (~9 s for the full-size model): said while it is, with a guess of
+    how long; silent once made; said on every run where it lives in memory."""
+    from clipseg_cli.run.backend import ModelOpener
+    from clipseg_cli.run.config import SegmentConfig
+
+    model, graph = tiny("rd64-refined")
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(graph)
+    said: list[str] = []
+    config = SegmentConfig(inputs=("x.png",), out_dir=tmp_path / "out", prompts=("a dog",))
+    opener = ModelOpener(config, "ab" * 32, model.arch, "the tiny model", on_progress=said.append)
+    opener._open_openvino(path, "int8", None)
+    assert len(said) == 2, said
+    assert said[0].startswith(
+        "compressing the image graph of the tiny model to int8 weights for OpenVINO (once, ~"
+    )
+    assert said[1].startswith("compressed and compiled the int8 graph of the tiny model in ")
+    said.clear()
+    opener._open_openvino(path, "int8", None)  # the IR is made: nothing to say
+    opener._open_openvino(path, "fp32", None)
+    assert said == []
+    opener._open_openvino(graph, "int8", None)  # an in-memory graph: compressed every run
+    assert len(said) == 2 and "(on every run: the cache cannot keep it, ~" in said[0], said
+
+
 @pytest.mark.skipif(not native_bf16(), reason="bf16 needs a CPU with native bf16")
 def test_openvino_bf16_is_another_precision_whose_masks_agree(tiny):
     model, graph = tiny("rd64-refined")

@@ -245,13 +245,31 @@ def compress_weights(model: ov.Model) -> int:
     return compressed
 
 
+def int8_model_state(graph: Path | bytes) -> str:
+    """Where the OpenVINO int8 IR of ``graph`` (:func:`int8_model_path`) stands: ``ready``
+    (made already), ``to make`` (made now and kept), or ``in memory`` (an in-memory graph, or
+    a cache that cannot keep it: compressed again on every run)."""
+    folder = model_cache_dir() if not isinstance(graph, bytes) else None
+    if folder is None:
+        return "in memory"
+    try:
+        target = _int8_target(Path(graph), folder)
+    except OSError:  # the graph is gone: nothing made from it can be ready
+        return "to make"
+    return "ready" if target.exists() and target.with_suffix(".bin").exists() else "to make"
+
+
+def _int8_target(graph: Path, folder: Path) -> Path:
+    stat = graph.stat()
+    return folder / f"{graph.stem}.{stat.st_size}.{stat.st_mtime_ns}.int8.xml"
+
+
 def int8_model_path(graph: Path, folder: Path) -> Path:
     """The OpenVINO IR of ``graph`` with :func:`compress_weights` applied, in ``folder``:
     made on first use (written under a private name, then renamed: the ``.bin`` first, the
     ``.xml`` last, so an ``.xml`` is never seen without its weights). Named after the graph's
     file and its size and modification time, so a graph exported again gets a new one."""
-    stat = graph.stat()
-    target = folder / f"{graph.stem}.{stat.st_size}.{stat.st_mtime_ns}.int8.xml"
+    target = _int8_target(graph, folder)
     if target.exists() and target.with_suffix(".bin").exists():
         return target
     model = _core().read_model(str(graph))

@@ -19,6 +19,7 @@ NVIDIA driver, or a Mac): a warm CPU run with a cached graph and choice never im
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -309,14 +310,37 @@ class ModelOpener:
         choice = BackendChoice(candidate.runtime, "cpu", candidate.precision)
         return self._open_cpu_runtime(choice, threads).backend
 
+    def _open_openvino(self, graph: Path | bytes, precision: str, threads: int | None) -> Any:
+        """OpenVINO's backend on ``graph``; for int8, said while its weights are compressed
+        (the first time, and on every run where the cache cannot keep them)."""
+        from clipseg_cli.backends.cache import record_seconds, recorded_seconds
+        from clipseg_cli.backends.onnx import default_seconds
+        from clipseg_cli.backends.openvino import OpenVinoImageBackend, int8_model_state
+
+        step = "openvino-int8"
+        state = int8_model_state(graph) if precision == "int8" else "ready"
+        making = state != "ready"
+        say = self.on_progress if making and self.on_progress is not None else lambda _: None
+        guess = recorded_seconds(step, self.arch) or default_seconds(step, self.arch)
+        when = "once" if state == "to make" else "on every run: the cache cannot keep it"
+        say(
+            f"compressing the image graph of {self.label} to int8 weights for OpenVINO "
+            f"({when}, ~{guess:.0f} s on this machine)"
+        )
+        start = time.perf_counter()
+        backend = OpenVinoImageBackend(graph, precision=precision, threads=threads)
+        if making:
+            seconds = time.perf_counter() - start
+            record_seconds(step, self.arch, seconds)
+            say(f"compressed and compiled the int8 graph of {self.label} in {seconds:.1f} s")
+        return backend
+
     def _open_cpu_runtime(self, choice: BackendChoice, threads: int | None) -> OpenedModel:
         from clipseg_cli.backends.onnx import OnnxImageBackend, open_graph
 
         def runtime(graph: Path | bytes) -> Any:
             if choice.name == "openvino":
-                from clipseg_cli.backends.openvino import OpenVinoImageBackend
-
-                return OpenVinoImageBackend(graph, precision=choice.precision, threads=threads)
+                return self._open_openvino(graph, choice.precision, threads)
             return OnnxImageBackend(graph, threads=threads, variant=choice.graph_variant)
 
         loaded = open_graph(
