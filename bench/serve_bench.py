@@ -9,7 +9,9 @@ bench/make_model.py), on the same photo-like 1024x768 JPEGs (bench/make_images.p
    mask compared byte for byte with segment's file, p50/p99 latency, throughput against
    segment's img/s, the mean images per model call (from /metrics);
 3. soak (the demo model): requests until ``--soak`` answers, the server's RSS sampled every
-   50 ms: its median over answers 300-500 against the last 200 (flat: within 10%);
+   50 ms: its median over answers 300-500 against the last 200, and its RSS with no request in
+   flight after answer 500 and after the last (flat: within 10%; the drained figures are
+   what a leak grows, the loaded ones swing with the requests in flight);
 4. overload: ``--overload-clients`` clients at once against ``--max-queue 8``, three rounds:
    every refusal a 503 with Retry-After within 100 ms (client side), every accepted request
    answered right, and a request after each round answered.
@@ -184,6 +186,17 @@ class Load:
         return statistics.median(window) / 2**20, max(window) / 2**20
 
 
+def settled_rss(pid: int) -> float:
+    """The server's RSS (MB) once no request is in flight: the median of 20 samples over the
+    second after it has been idle for 2 s (it hands freed memory back after 1 s idle)."""
+    time.sleep(2.0)
+    samples = []
+    for _ in range(20):
+        time.sleep(0.05)
+        samples.append(rss_bytes(pid))
+    return statistics.median(samples) / 2**20
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -232,7 +245,12 @@ def soak(model: str, images: list[Path], work: Path, args) -> dict:
     served = start_server(["--model", model, "--max-queue", "64"], work / "server-soak.log")
     try:
         load = Load(served, images, expected)
-        wall = load.run(args.clients, args.soak, sample_rss=True)
+        # Drained at answer 500 and at the end: the RSS the server keeps between requests (what
+        # a leak grows), next to the RSS under load (which swings with the requests in flight).
+        wall = load.run(args.clients, 500, sample_rss=True)
+        idle_first = settled_rss(served.process.pid)
+        wall += load.run(args.clients, args.soak - 500, sample_rss=True)
+        idle_last = settled_rss(served.process.pid)
         (first, first_max), (last, last_max) = load.rss_around(500), load.rss_around(args.soak)
         result = {
             "requests": args.soak,
@@ -240,6 +258,9 @@ def soak(model: str, images: list[Path], work: Path, args) -> dict:
             "wrong": len(load.wrong),
             "failed": len(load.failed),
             "seconds": round(wall, 1),
+            "rss_idle_after_500_mb": round(idle_first, 1),
+            f"rss_idle_after_{args.soak}_mb": round(idle_last, 1),
+            "rss_idle_growth": round(idle_last / idle_first - 1, 4),
             "rss_median_at_300_500_mb": round(first, 1),
             f"rss_median_at_{args.soak - 200}_{args.soak}_mb": round(last, 1),
             "rss_growth": round(last / first - 1, 4),

@@ -244,3 +244,51 @@ def test_the_batch_policy_is_measured() -> None:
     assert measure_batch_policy(_Backend(prompt_noise=True), cond, 32, 8, 16) == BatchPolicy(
         True, False, 8, False
     )
+
+
+def test_an_idle_server_hands_freed_memory_back_once_and_a_busy_one_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a model call, once nothing has come for IDLE_SECONDS, freed memory is handed back
+    on the model's thread; a request arriving meanwhile puts it off to the next idle time."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from clipseg_cli.serve import batching
+
+    monkeypatch.setattr(batching, "IDLE_SECONDS", 1.0)
+    trims: list[str] = []
+    monkeypatch.setattr(
+        batching.memory,
+        "return_freed_memory",
+        lambda: trims.append(threading.current_thread().name),
+    )
+    model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+    service = SimpleNamespace(
+        policy=SimpleNamespace(call_rows=4),
+        incoming=0,
+        model_thread=model_thread,
+        predict=lambda jobs: [f"prediction of {job.name}" for job in jobs],
+    )
+
+    async def scenario() -> None:
+        batcher = batching.LocalBatcher(service, max_wait_ms=0)
+        batcher.start()
+        job = SimpleNamespace(rows=1, name="a")
+        assert await batcher.predict(job) == "prediction of a"
+        for _ in range(6):  # a request every 0.05 s: never idle for 1 s
+            await asyncio.sleep(0.05)
+            await batcher.predict(job)
+        assert trims == []
+        await asyncio.sleep(1.5)
+        assert len(trims) == 1 and trims[0].startswith("model")
+        await asyncio.sleep(1.5)  # idle on: nothing more to hand back
+        assert len(trims) == 1
+        await batcher.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        model_thread.shutdown()

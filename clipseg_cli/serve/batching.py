@@ -7,6 +7,11 @@ model's own thread, so the event loop keeps answering (refusals, health checks) 
 A request that was cancelled (its client left, its deadline passed) before its call started is
 dropped: it costs the model nothing. Ray Serve's ``@serve.batch`` does the same on a cluster
 (:mod:`.ray`); both hand the gathered jobs to :meth:`~clipseg_cli.serve.service.Service.predict`.
+
+Once the server has been idle for :data:`IDLE_SECONDS`, the memory its requests freed is handed
+back to the system (:func:`~clipseg_cli.run.memory.return_freed_memory`): the allocator keeps
+freed pages otherwise, so the resident size between bursts would depend on the largest burst
+so far rather than on what the server holds.
 """
 
 from __future__ import annotations
@@ -14,8 +19,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from clipseg_cli.run import memory
 from clipseg_cli.run.items import Prediction
 from clipseg_cli.serve.service import Job, Service
+
+#: Seconds without a model call after which freed memory is handed back.
+IDLE_SECONDS = 1.0
 
 
 class LocalBatcher:
@@ -28,6 +37,7 @@ class LocalBatcher:
         self._waiting: deque[tuple[Job, asyncio.Future]] = deque()
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._idle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start gathering (in the running event loop)."""
@@ -35,6 +45,8 @@ class LocalBatcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="clipseg-batcher")
 
     async def stop(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -84,6 +96,14 @@ class LocalBatcher:
                         future.set_result(prediction)
             if self._waiting:
                 self._arrived.set()
+            if self._idle is not None:
+                self._idle.cancel()
+            self._idle = loop.call_later(IDLE_SECONDS, self._when_idle, loop)
+
+    def _when_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._waiting or self.service.incoming:
+            return  # busy again: the next call sets the timer again
+        loop.run_in_executor(self.service.model_thread, memory.return_freed_memory)
 
     def _take(self) -> list[tuple[Job, asyncio.Future]]:
         """Waiting jobs for one call, in order of arrival: up to ``max_rows`` model rows (at
