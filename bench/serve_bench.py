@@ -53,6 +53,7 @@ from make_images import make_photo_like_jpegs  # noqa: E402
 from serve_helpers import CLIPSEG, Served, start_server  # noqa: E402
 
 from clipseg_cli.client import Client, ServerError  # noqa: E402
+from clipseg_cli.serve.batching import IDLE_SECONDS  # noqa: E402
 
 PROMPT = "a red circle"
 SIZE = (1024, 768)
@@ -188,8 +189,8 @@ class Load:
 
 def settled_rss(pid: int) -> float:
     """The server's RSS (MB) once no request is in flight: the median of 20 samples over the
-    second after it has been idle for 2 s (it hands freed memory back after 1 s idle)."""
-    time.sleep(2.0)
+    second after it has been idle a second longer than it waits to hand freed memory back."""
+    time.sleep(IDLE_SECONDS + 1.0)
     samples = []
     for _ in range(20):
         time.sleep(0.05)

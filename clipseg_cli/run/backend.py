@@ -317,10 +317,11 @@ class ModelOpener:
         from clipseg_cli.backends.onnx import default_seconds
         from clipseg_cli.backends.openvino import OpenVinoImageBackend, int8_model_state
 
-        step = "openvino-int8"
         state = int8_model_state(graph) if precision == "int8" else "ready"
-        making = state != "ready"
-        say = self.on_progress if making and self.on_progress is not None else lambda _: None
+        if state == "ready":
+            return OpenVinoImageBackend(graph, precision=precision, threads=threads)
+        step = "openvino-int8"
+        say = self.on_progress or (lambda _: None)
         guess = recorded_seconds(step, self.arch) or default_seconds(step, self.arch)
         when = "once" if state == "to make" else "on every run: the cache cannot keep it"
         say(
@@ -329,10 +330,9 @@ class ModelOpener:
         )
         start = time.perf_counter()
         backend = OpenVinoImageBackend(graph, precision=precision, threads=threads)
-        if making:
-            seconds = time.perf_counter() - start
-            record_seconds(step, self.arch, seconds)
-            say(f"compressed and compiled the int8 graph of {self.label} in {seconds:.1f} s")
+        seconds = time.perf_counter() - start
+        record_seconds(step, self.arch, seconds)
+        say(f"compressed and compiled the int8 graph of {self.label} in {seconds:.1f} s")
         return backend
 
     def _open_cpu_runtime(self, choice: BackendChoice, threads: int | None) -> OpenedModel:
