@@ -3,6 +3,7 @@ the local engine)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -55,9 +56,10 @@ class _Steps(ItemSteps):
         prepared.decode_seconds = time.perf_counter() - start  # as the decoder measures it
         return prepared
 
-    def write(self, prepared, prediction):
-        time.sleep(self.write_delay)
-        written = super().write(prepared, prediction)
+    def write(self, prepared, prediction, cores=contextlib.nullcontext):
+        with cores():
+            time.sleep(self.write_delay)
+        written = super().write(prepared, prediction, cores)
         written.row["timings"]["write_s"] += self.write_delay
         return written
 

@@ -14,7 +14,7 @@ def _run(smoothing: temporal.Smoothing, frames, probs) -> list[np.ndarray]:
     state = temporal.SmoothingState()
     out = []
     for rgb, prob in zip(frames, probs, strict=True):
-        step = smoothing.frame(state, rgb)
+        step = smoothing.frame(state, smoothing.thumbnail(rgb))
         out.append(step.apply(0, prob))
         state = step.state()
     return out
@@ -122,12 +122,12 @@ def test_state_survives_arrays_round_trip() -> None:
     whole = _run(smoothing, frames, probs)
     state = temporal.SmoothingState()
     for rgb, prob in zip(frames[:3], probs[:3], strict=True):
-        step = smoothing.frame(state, rgb)
+        step = smoothing.frame(state, smoothing.thumbnail(rgb))
         step.apply(0, prob)
         state = step.state()
     state = temporal.SmoothingState.from_arrays(dict(state.arrays()))
     for rgb, prob, expected in zip(frames[3:], probs[3:], whole[3:], strict=True):
-        step = smoothing.frame(state, rgb)
+        step = smoothing.frame(state, smoothing.thumbnail(rgb))
         assert np.array_equal(step.apply(0, prob), expected)
         state = step.state()
 

@@ -4,6 +4,7 @@ one-line reasons of videos that cannot be read."""
 
 from __future__ import annotations
 
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -246,3 +247,29 @@ def test_frame_positions_from_packets_are_the_decoders(tmp_path: Path) -> None:
         for k in range(1, len(planned), 4):
             resumed = video.read_frames(path, sampling, planned[k], stop_after=3)
             assert [frame.index for frame, _ in resumed] == [p.index for p in planned[k : k + 3]]
+
+
+def test_read_ahead_keeps_order_raises_after_the_items_before_and_stops_when_closed() -> None:
+    closed = threading.Event()
+
+    def frames(count: int, fail_at: int | None = None):
+        try:
+            for index in range(count):
+                if index == fail_at:
+                    raise video.VideoError("truncated")
+                yield index
+        finally:
+            closed.set()
+
+    assert list(video.read_ahead(frames(50))) == list(range(50))
+    seen = []
+    with pytest.raises(video.VideoError, match="truncated"):
+        for item in video.read_ahead(frames(50, fail_at=7)):
+            seen.append(item)
+    assert seen == list(range(7))
+    closed.clear()
+    ahead = video.read_ahead(frames(10_000))
+    assert [next(ahead), next(ahead)] == [0, 1]
+    ahead.close()  # the decoding thread stops and closes its generator, in that thread
+    assert closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "video-decode"]

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import queue
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -259,6 +261,53 @@ def read_frames(
             yield kept
             if stop_after is not None and count >= stop_after:
                 return
+
+
+#: Frames :func:`read_ahead` decodes before they are asked for.
+READ_AHEAD = 4
+
+T = TypeVar("T")
+
+
+def read_ahead(frames: Iterator[T], depth: int = READ_AHEAD) -> Iterator[T]:
+    """``frames`` (a generator) run on a thread of its own, at most ``depth`` items ahead of
+    the caller, so that decoding overlaps what the caller does with the frames before. Its
+    exception comes to the caller after the items before it; closing this generator stops
+    the thread and closes ``frames`` there (a container is closed by the thread using it)."""
+    handed: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def hand(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                handed.put((kind, value), timeout=0.05)
+                return True
+        return False
+
+    def produce() -> None:
+        try:
+            for item in frames:
+                if not hand("item", item):
+                    return
+            hand("end", None)
+        except Exception as error:  # handed to the caller, raised again there
+            hand("error", error)
+        finally:
+            frames.close()  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=produce, name="video-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = handed.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
 
 
 class _Sampler:

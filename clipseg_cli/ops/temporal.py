@@ -114,14 +114,10 @@ def warp(prob: np.ndarray, flow: np.ndarray) -> np.ndarray:
     height, width = prob.shape
     fh, fw = flow.shape[:2]
     scaled = cv2.resize(flow, (width, height), interpolation=cv2.INTER_LINEAR)
-    scaled[..., 0] *= width / fw
-    scaled[..., 1] *= height / fh
-    grid_x, grid_y = np.meshgrid(
-        np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
-    )
-    scaled[..., 0] += grid_x
-    scaled[..., 1] += grid_y
-    return cv2.remap(prob, scaled, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    cv2.multiply(scaled, (width / fw, height / fh, 0.0, 0.0), dst=scaled)
+    # A relative map (OpenCV >= 4.10): no pixel grid to add, a third of the time.
+    flags = cv2.INTER_LINEAR | cv2.WARP_RELATIVE_MAP
+    return cv2.remap(prob, scaled, None, flags, borderMode=cv2.BORDER_REPLICATE)
 
 
 @dataclass(frozen=True)
@@ -139,11 +135,15 @@ class Smoothing:
         if not 0.0 < self.weight <= 1.0:
             raise ValueError(f"--smooth-weight {self.weight}: must be in (0, 1]")
 
-    def frame(self, state: SmoothingState, rgb: np.ndarray) -> FrameSmoothing:
-        """Begin a frame: its thumbnail, whether it starts a new scene, its flow."""
-        if self.mode == "none":
+    def thumbnail(self, rgb: np.ndarray) -> np.ndarray | None:
+        """What :meth:`frame` needs of a frame's pixels (None with ``none``). It depends on
+        that frame alone, so it may be made before the frames before it are smoothed."""
+        return None if self.mode == "none" else thumbnail(rgb)
+
+    def frame(self, state: SmoothingState, current: np.ndarray | None) -> FrameSmoothing:
+        """Begin a frame from its :meth:`thumbnail`: whether it starts a new scene, its flow."""
+        if self.mode == "none" or current is None:
             return FrameSmoothing(self, None, None, reset=True, previous=state)
-        current = thumbnail(rgb)
         reset = state.thumbnail is None or is_cut(state.thumbnail, current, self.cut_threshold)
         flow = None
         if not reset and self.mode == "flow":
@@ -177,8 +177,10 @@ class FrameSmoothing:
             # s = p + (1 - w)(s_prev - p), the pull of the past clamped to +-clamp: noise (small
             # changes) is averaged away, while a pixel the object left (or reached) follows the
             # new frame at once instead of fading over several frames (no trail, no lag).
-            pull = np.clip(before - prob, -self.settings.clamp, self.settings.clamp)
-            smoothed = prob + (1.0 - self.settings.weight) * pull
+            smoothed = before - prob  # the pull, then the result, in place
+            np.clip(smoothed, -self.settings.clamp, self.settings.clamp, out=smoothed)
+            smoothed *= 1.0 - self.settings.weight
+            smoothed += prob
         self._smoothed[k] = smoothed
         return smoothed
 

@@ -6,8 +6,9 @@ video). The engines batch them through the model like images, and each frame is 
 same :func:`~clipseg_cli.run.items.write_item` as an image, with two hooks: its probabilities
 are smoothed over time first (:mod:`clipseg_cli.ops.temporal`), and its outputs go to a
 :class:`VideoSink` that feeds the video encoders (:mod:`clipseg_cli.io.video`). A video's
-frames are written one after the other, in order (:meth:`VideoJob.wait_turn`): the smoothing
-state is a value handed from each frame to the next.
+frames are smoothed in order and handed to the encoders in order (:meth:`VideoJob.write`),
+and made in between in any order, by several write threads: the smoothing state is a value
+handed from each frame to the next.
 
 Segments of ``--segment-frames`` frames are the unit of resuming: when a segment's last frame
 is written, its encoders are closed (its part files are complete under ``.clipseg/video/``),
@@ -19,12 +20,14 @@ into place when the video's last frame is written. The temporary folder then goe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TextIO
@@ -54,6 +57,8 @@ VIDEO_STATE = "video"
 #: starts from nearly the state an unsplit run has there: within half a level of a 16-bit soft
 #: map (docs/video.md: the tolerance).
 WARMUP_FRAMES = temporal.warmup_frames()
+#: The two steps of a frame's write that wait for the frame before (:meth:`VideoJob.write`).
+_SMOOTH, _WRITE = "smooth", "write"
 #: Kinds that are not videos: logits are arrays, written per frame with --frames only.
 _NOT_VIDEO = frozenset({"logits"})
 
@@ -124,12 +129,17 @@ class VideoSource:
         resume: video.Position | None = None,
         stop_after: int | None = None,
     ) -> Iterator[tuple[video.Frame, video.Position]]:
-        """The kept frames from ``resume`` on (at most ``stop_after``)."""
+        """The kept frames from ``resume`` on (at most ``stop_after``), decoded ahead on a
+        thread of their own (:func:`~clipseg_cli.io.video.read_ahead`)."""
         if self.sequence is None:
-            return video.read_frames(self.path, sampling(config), resume, stop_after)
+            return video.read_ahead(
+                video.read_frames(self.path, sampling(config), resume, stop_after)
+            )
         decode = functools.partial(_decode_frame, max_pixels=config.max_pixels)
         keep = sampling(config, sequence=True)
-        return video.read_sequence(self.sequence, decode, keep, resume, stop_after)
+        return video.read_ahead(
+            video.read_sequence(self.sequence, decode, keep, resume, stop_after)
+        )
 
     def positions(self, config: SegmentConfig) -> list[video.Position]:
         """Where each kept frame is (nothing decoded). Raises VideoError."""
@@ -211,6 +221,7 @@ def part_job(work: Work, source: VideoSource, config: SegmentConfig, part: Part)
     job = VideoJob(work, source.info, config)
     job.split = True
     job.segment = part.number
+    job._start_at(part.resume.index if part.resume is not None else 0)
     return job
 
 
@@ -288,7 +299,7 @@ class VideoJob:
         self.tracks: dict[int, _PromptTrack] = {}
         self.timings = {"decode_s": 0.0, "write_s": 0.0}
         self._turn = threading.Condition()
-        self._next = 0  # the frame index whose turn it is
+        self._next = {_SMOOTH: 0, _WRITE: 0}  # step -> the frame index whose turn it is
         self._failed = False
         # A part of a split video (``--engine ray``): no ledger segments, no joining here.
         self.split = False
@@ -304,15 +315,20 @@ class VideoJob:
 
     # -- order
 
-    def wait_turn(self, index: int) -> None:
-        """Block until every earlier frame of this video is written."""
+    def _wait_turn(self, step: str, index: int) -> None:
+        """Block until every earlier frame of this video is past ``step``."""
         with self._turn:
-            self._turn.wait_for(lambda: self._next >= index)
+            self._turn.wait_for(lambda: self._next[step] >= index)
 
-    def _done(self, index: int) -> None:
+    def _pass_turn(self, step: str, index: int) -> None:
         with self._turn:
-            self._next = index + 1
+            self._next[step] = max(self._next[step], index + 1)
             self._turn.notify_all()
+
+    def _start_at(self, index: int) -> None:
+        """The first frame this job writes is frame ``index`` (a resumed video, a part)."""
+        with self._turn:
+            self._next = dict.fromkeys(self._next, index)
 
     # -- writing
 
@@ -321,22 +337,61 @@ class VideoJob:
         prepared: items.Prepared,
         prediction: items.Prediction,
         conditionals: list[Conditional],
+        cores: Callable[[], AbstractContextManager] = contextlib.nullcontext,
     ) -> items.Written:
-        """Write one frame (in order); the returned row is the frame's, or the video's for
-        its last frame."""
-        work: FrameWork = prepared.work  # type: ignore[assignment]
+        """Write one frame; the returned row is the frame's, or the video's for its last frame.
+
+        Frames come from several write threads, and only two steps need the frame before:
+        smoothing (the state goes from frame to frame) and handing the outputs to the encoders
+        (with the flicker measures, the exports and the segment's end). Each waits for its turn;
+        the rest (the full-size probabilities, refinement, shaping, the outputs' pixels, PNG
+        files) runs in any order. ``cores`` is held around each step and never while waiting
+        for a turn (the CPU gate: the model may be waiting for the cores, see
+        :mod:`~clipseg_cli.run.engines.cpu_gate`).
+        """
+        index = prepared.work.frame.index  # type: ignore[attr-defined]
+        frame = _FrameWrite(self, prepared, prediction, conditionals)
+        try:
+            try:
+                if not self._failed:
+                    with cores():
+                        frame.prepare()
+            except (video.VideoError, InputError, OSError) as error:
+                frame.error = error  # reported in order, below
+            self._wait_turn(_SMOOTH, index)
+            try:
+                if not self._failed and frame.error is None:
+                    with cores():
+                        frame.smooth()
+                    self._pass_turn(_SMOOTH, index)
+                    # The cores let go in between: a model call waiting for them waits less.
+                    with cores():
+                        frame.make()
+            except (video.VideoError, InputError, OSError) as error:
+                frame.error = error
+            self._pass_turn(_SMOOTH, index)
+            self._wait_turn(_WRITE, index)
+            with cores():
+                return self._emit(frame)
+        finally:
+            self._pass_turn(_SMOOTH, index)
+            self._pass_turn(_WRITE, index)
+
+    def _emit(self, made: _FrameWrite) -> items.Written:
+        """A made frame's outputs to the encoders and measures (in order); its row."""
+        work: FrameWork = made.prepared.work  # type: ignore[assignment]
         frame = work.frame
         try:
             if self._failed:
                 return items.Written({"status": FRAME_ROW})
+            if made.error is not None:
+                raise made.error
+            written = made.written
             if work.warmup:
-                return _warm_up(self, prepared, prediction, conditionals)
-            hooks = _Hooks(self, frame.rgb)
-            sink = VideoSink(self, frame)
-            written = items.write_item(
-                prepared, prediction, self.config, conditionals, sink=sink, frame=hooks
-            )
-            self.state = hooks.step.state()
+                return _warm_up(self, made)
+            made.sink.emit()
+            for k, prob, mask in made.observed:
+                self.tracks.setdefault(k, _PromptTrack()).flicker.add(prob, mask)
             if written.row["status"] != "ok":
                 return self._fail(written.row["error"])
             self._track(written.row)
@@ -345,9 +400,10 @@ class VideoJob:
             if work.error is not None:
                 return self._fail(work.error)
             if work.last:
-                return items.Written(*self.finish(conditionals))
+                return items.Written(*self.finish(made.conditionals))
             if not self.split and (frame.index + 1) % self.config.video.segment_frames == 0:
-                return items.Written({"status": FRAME_ROW, SEGMENT_ROW: _end_segment(self, work)})
+                segment = _end_segment(self, work, made.state)
+                return items.Written({"status": FRAME_ROW, SEGMENT_ROW: segment})
             return items.Written({"status": FRAME_ROW})
         except (video.VideoError, InputError) as error:
             return self._fail(str(error))
@@ -357,8 +413,6 @@ class VideoJob:
                 self._failed = True  # the run stops; a rerun resumes from the last segment
                 raise stop from None
             return self._fail(f"cannot write the video outputs: {error.strerror or error}")
-        finally:
-            self._done(frame.index)
 
     def _track(self, row: dict) -> None:
         self.timings["decode_s"] += row["timings"]["decode_s"]
@@ -492,11 +546,18 @@ class _FrameExports:
         self.names: list[str] = []  # the segments' files, in order
         self._file: TextIO | None = None
 
+    def write_image(self, frame: video.Frame) -> None:
+        """The frame as a PNG (in any order: a file of its own)."""
+        writers.write_rgb(self._image(frame), frame.rgb)
+
+    def _image(self, frame: video.Frame) -> Path:
+        return self.job.config.out_dir / Path(*self.job.frame_key(frame.index).parts)
+
     def add(self, frame: video.Frame, found: tuple[instances.Instance, ...]) -> None:
+        """The frame's export part (in the video's order), its image written already."""
         job = self.job
         key = job.frame_key(frame.index)
-        image = job.config.out_dir / Path(*key.parts)
-        writers.write_rgb(image, frame.rgb)
+        image = self._image(frame)
         if self._file is None:
             job.folder.mkdir(parents=True, exist_ok=True)
             name = f"{job.segment:05d}.exports.jsonl"
@@ -581,20 +642,14 @@ def _video_row(self: VideoJob, conditionals: list[Conditional], outputs: list[di
     }
 
 
-def _warm_up(
-    self: VideoJob,
-    prepared: items.Prepared,
-    prediction: items.Prediction,
-    conditionals: list[Conditional],
-) -> items.Written:
-    """A frame before a split part: smoothed like any frame (its outputs are made and
+def _warm_up(self: VideoJob, made: _FrameWrite) -> items.Written:
+    """A frame before a split part: smoothed like any frame (its outputs were made and
     thrown away), so the part's first frame starts from its state; the flicker measures
     keep it only as the frame before the part's first."""
-    hooks = _Hooks(self, prepared.work.frame.rgb)
-    items.write_item(prepared, prediction, self.config, conditionals, _Discard(), hooks)
-    self.state = hooks.step.state()
-    for track in self.tracks.values():
-        track.flicker.changes, track.flicker.ious, track.flicker.pairs = 0.0, 0.0, 0
+    for k, prob, mask in made.observed:
+        flicker = self.tracks.setdefault(k, _PromptTrack()).flicker
+        flicker.add(prob, mask)
+        flicker.changes, flicker.ious, flicker.pairs = 0.0, 0.0, 0
     return items.Written({"status": FRAME_ROW})
 
 
@@ -610,11 +665,12 @@ def close_part(self: VideoJob) -> dict:
     }
 
 
-def _end_segment(self: VideoJob, work: FrameWork) -> dict:
-    """Close this segment's encoders and save the state the next segment starts from."""
+def _end_segment(self: VideoJob, work: FrameWork, after: temporal.SmoothingState) -> dict:
+    """Close this segment's encoders and save the state the next segment starts from (the
+    smoothing's ``after`` its last frame)."""
     self._close_segment()
     state = f"{self.segment:05d}.state.npz"
-    arrays = dict(self.state.arrays())
+    arrays = dict(after.arrays())
     for k, track in self.tracks.items():
         if track.flicker.previous_prob is not None:
             arrays[f"flicker_prob{k}"] = track.flicker.previous_prob
@@ -662,7 +718,7 @@ def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
     self.exports.names = list(usable.get("exports", []))
     self.segment = usable["segment"] + 1
     position = video.Position(**usable["next"])
-    self._next = position.index
+    self._start_at(position.index)
     return position
 
 
@@ -673,18 +729,60 @@ def _label(conditionals: list[Conditional], slug: str) -> str | None:
     return None
 
 
-class _Hooks:
-    """A frame's :class:`~clipseg_cli.run.items.FrameHooks`: smoothing, then flicker."""
+class _FrameWrite:
+    """One frame on its way through :meth:`VideoJob.write`, and its
+    :class:`~clipseg_cli.run.items.FrameHooks` for :func:`~clipseg_cli.run.items.write_item`."""
 
-    def __init__(self, job: VideoJob, rgb: np.ndarray) -> None:
+    def __init__(
+        self,
+        job: VideoJob,
+        prepared: items.Prepared,
+        prediction: items.Prediction,
+        conditionals: list[Conditional],
+    ) -> None:
         self.job = job
-        self.step = job.smoothing.frame(job.state, rgb)
+        self.prepared = prepared
+        self.prediction = prediction
+        self.conditionals = conditionals
+        self.probs: list[np.ndarray] = []
+        self.thumbnail: np.ndarray | None = None
+        self.smoothed: list[np.ndarray] = []
+        self.state = temporal.SmoothingState()  # after this frame
+        self.observed: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.sink: VideoSink | _Discard = _Discard()
+        self.written = items.Written({"status": FRAME_ROW})
+        self.error: Exception | None = None
 
-    def smooth(self, k: int, prob: np.ndarray) -> np.ndarray:
-        return self.step.apply(k, prob)
+    def prepare(self) -> None:
+        """What needs this frame alone: each prompt's probability, the thumbnail."""
+        self.probs = [self.prediction.probabilities(k) for k in range(len(self.conditionals))]
+        self.thumbnail = self.job.smoothing.thumbnail(self.prepared.work.frame.rgb)
+
+    def smooth(self) -> None:
+        """Smooth the probabilities from the state the frame before left (in order)."""
+        job = self.job
+        step = job.smoothing.frame(job.state, self.thumbnail)
+        self.smoothed = [step.apply(k, prob) for k, prob in enumerate(self.probs)]
+        self.probs = []
+        self.state = job.state = step.state()
+
+    def make(self) -> None:
+        """Make the outputs from the smoothed probabilities (held for the encoders)."""
+        work: FrameWork = self.prepared.work  # type: ignore[assignment]
+        config = self.job.config
+        if not work.warmup:
+            self.sink = VideoSink(self.job, work.frame)
+        self.written = items.write_item(
+            self.prepared, self.prediction, config, self.conditionals, self.sink, frame=self
+        )
+        if config.exports and not work.warmup:
+            self.job.exports.write_image(work.frame)
+
+    def probability(self, k: int) -> np.ndarray:
+        return self.smoothed[k]
 
     def observe(self, k: int, prob: np.ndarray, mask: np.ndarray) -> None:
-        self.job.tracks.setdefault(k, _PromptTrack()).flicker.add(prob, mask)
+        self.observed.append((k, prob, mask))
 
 
 @dataclass
@@ -696,6 +794,9 @@ class _Discard:
     def put(self, output: Output) -> None:
         pass
 
+    def emit(self) -> None:
+        pass
+
 
 @dataclass
 class VideoSink:
@@ -704,18 +805,24 @@ class VideoSink:
     job: VideoJob
     frame: video.Frame
     records: list[dict] = field(default_factory=list)
+    _pending: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
     def put(self, output: Output) -> None:
+        """Write ``--frames``' PNG now; keep the video's pixels for :meth:`emit`."""
         job = self.job
         if job.config.video.frames:
             files = FileSink(job.config.out_dir, job.frame_key(self.frame.index))
             files.put(output)
         if output.kind in _NOT_VIDEO:
             return
-        pixels = self._video_pixels(output)
-        name = f"{output.kind}/{output.slug or ''}"
-        job.writer(name, pixels).write(pixels, self.frame.pts, self.frame.index)
+        self._pending.append((f"{output.kind}/{output.slug or ''}", self._video_pixels(output)))
         self.records.append({"prompt": output.prompt, "kind": output.kind})
+
+    def emit(self) -> None:
+        """The frame's pixels to their encoders (in the video's order)."""
+        for name, pixels in self._pending:
+            self.job.writer(name, pixels).write(pixels, self.frame.pts, self.frame.index)
+        self._pending.clear()
 
     def _video_pixels(self, output: Output) -> np.ndarray:
         if output.kind != "matte":

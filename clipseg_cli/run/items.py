@@ -360,7 +360,9 @@ def image_refiner(rgb: np.ndarray, config: SegmentConfig) -> Callable[[np.ndarra
 class FrameHooks(Protocol):
     """What a video's frame adds to :func:`write_item` (:mod:`.frames`)."""
 
-    def smooth(self, k: int, prob: np.ndarray) -> np.ndarray: ...
+    def probability(self, k: int) -> np.ndarray:
+        """Prompt ``k``'s probability at the frame's size, smoothed over time."""
+        ...
 
     def observe(self, k: int, prob: np.ndarray, mask: np.ndarray) -> None: ...
 
@@ -401,9 +403,7 @@ def write_item(
     stats, found = [], []
     labels = LabelMap(rgb.shape[:2]) if "labels" in config.save else None
     for k, conditional in enumerate(conditionals):
-        prob = prediction.probabilities(k)
-        if frame is not None:
-            prob = frame.smooth(k, prob)
+        prob = prediction.probabilities(k) if frame is None else frame.probability(k)
         prob, logits = refine(prob), prediction.logits[k]
         out, instances, counts = _prompt_outputs(
             rgb, prob, logits, k, config, 1 + len(found), background

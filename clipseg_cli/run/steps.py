@@ -18,8 +18,10 @@ finishes what it holds and ends too."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol, TypeAlias
 
@@ -82,21 +84,21 @@ class ItemSteps:
         """A fresh :class:`~clipseg_cli.run.items.RowBatcher` for model batches of this size."""
         return RowBatcher(batch_size, self.prompts.count)
 
-    def write(self, prepared: Prepared, prediction: Prediction) -> Written:
+    def write(
+        self,
+        prepared: Prepared,
+        prediction: Prediction,
+        cores: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+    ) -> Written:
         """Write one input's outputs: its log row and export part (a video's frame: into the
-        video, see :mod:`.frames`). Raises DiskFullError when the disk is full."""
+        video, see :mod:`.frames`). ``cores`` is held while working, never while a video's
+        frame waits for the frame before it (the CPU gate). Raises DiskFullError when the disk
+        is full."""
         job = getattr(prepared.work, "job", None)
         if job is not None:
-            return job.write(prepared, prediction, self.prompts.positives)
-        return items.write_or_fail(prepared, prediction, self.config, self.prompts.positives)
-
-    def wait_turn(self, work: Work) -> None:
-        """Block until ``work`` may be written: a video's frames are written in order, each
-        after the one before it (the smoothing state goes from frame to frame). Call it
-        before taking any lock the model also takes."""
-        job = getattr(work, "job", None)
-        if job is not None and work.frame is not None:
-            job.wait_turn(work.frame.index)
+            return job.write(prepared, prediction, self.prompts.positives, cores)
+        with cores():
+            return items.write_or_fail(prepared, prediction, self.config, self.prompts.positives)
 
     def fail(self, failed: Failed) -> dict:
         """The log row of an input that could not be decoded."""

@@ -21,6 +21,7 @@ An engine of :mod:`clipseg_cli.run.steps`: it never sees the run's state."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -51,13 +52,11 @@ def process(
     details = {**model.details, "batch_size": batch_size}
     sizes: Counter[int] = Counter()  # images per model call -> calls
     gate = gate_for(model.device_type)
-    shared_write = gate.sharing(steps.write, "write")
     waits = _Waits()
+    write_cores = functools.partial(gate.shared, "write")
 
     def write(prepared: Prepared, prediction: Prediction) -> Written:
-        # A video's frame waits for the frame before it outside the gate, never holding it.
-        steps.wait_turn(prepared.work)
-        return shared_write(prepared, prediction)
+        return steps.write(prepared, prediction, write_cores)
 
     # (future of the row, the work, its share of the model's time); rows leave in input order.
     writes: deque[tuple[Future, Work, float]] = deque()
