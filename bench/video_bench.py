@@ -2,6 +2,7 @@
 a long video, and speed against the same frames as PNG files.
 
     python bench/video_bench.py [--parts smooth,outputs,resume,memory,speed,ray] [--work DIR]
+        [--speed-frames 300] [--big-frames 60] [--rounds 1]
 
 Every video is synthetic (moving coloured shapes, which the demo model knows) with its ground
 truth. Each measurement runs ``clipseg segment`` as a subprocess, as a user would.
@@ -22,7 +23,8 @@ truth. Each measurement runs ``clipseg segment`` as a subprocess, as a user woul
   apart the soft and mask videos are (the smoothing's warm-up tolerance), J&F of each, speed.
 * speed: frames/s of ``segment video.mp4`` against ``segment`` over the same frames as PNGs,
   1 prompt, with the demo model and a full-size random rd64 model (bench/make_model.py); and
-  --smooth flow against none.
+  --smooth flow against none. ``--rounds N`` interleaves N rounds of the runs and reports
+  medians (one round swings by 10-20% on a shared VM); ``--big-frames 0`` skips the full model.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -404,12 +407,13 @@ def bench_ray(work: Path) -> None:
 # -- speed -----------------------------------------------------------------------------------
 
 
-def bench_speed(work: Path, frames: int, big_frames: int) -> None:
+def bench_speed(work: Path, frames: int, big_frames: int, rounds: int = 1) -> None:
     for model, count in (("demo", frames), ("rd64", big_frames)):
-        _speed(work, model, count)
+        if count:
+            _speed(work, model, count, rounds)
 
 
-def _speed(work: Path, model: str, frames: int) -> None:
+def _speed(work: Path, model: str, frames: int, rounds: int) -> None:
     name = "demo model" if model == "demo" else "random rd64 (full size)"
     print(f"\n## Speed, {name}: {frames} frames of 640x360, 1 prompt, --save mask")
     source = work / f"speed{frames}.mp4"
@@ -434,26 +438,38 @@ def _speed(work: Path, model: str, frames: int) -> None:
     shutil.copy(pngs / "00000.png", tiny)
     shutil.rmtree(work / "speed-one", ignore_errors=True)
     segment(tiny, work / "speed-one", "-p", SLOW.label, model=model)
-    times = {}
-    for label, inputs, extra in (
+    # Rounds of the four runs interleaved, medians: this VM's speed drifts between minutes.
+    # Start-up (imports, model load) is paid once either way: a one-frame run measures it,
+    # and it is taken off.
+    runs = (
         ("pngs", pngs, ()),
         ("video flow", source, ("--smooth", "flow")),
         ("video none", source, ("--smooth", "none")),
-    ):
-        out = work / f"speed-{label.replace(' ', '-')}-{Path(model).name}"
-        shutil.rmtree(out, ignore_errors=True)
-        times[label] = segment(inputs, out, "-p", SLOW.label, *extra, model=model)
-    # Start-up (imports, model load) is paid once either way: a one-frame run of each kind
-    # measures it, and it is taken off.
-    shutil.rmtree(work / "speed-one", ignore_errors=True)
-    startup = segment(tiny, work / "speed-one", "-p", SLOW.label, model=model)
-    rates = {label: frames / max(seconds - startup, 1e-6) for label, seconds in times.items()}
+        ("start-up", tiny, ()),
+    )
+    times: dict[str, list[float]] = {label: [] for label, _inputs, _extra in runs}
+    for _round in range(rounds):
+        for label, inputs, extra in runs:
+            out = work / f"speed-{label.replace(' ', '-')}-{Path(model).name}"
+            shutil.rmtree(out, ignore_errors=True)
+            times[label].append(segment(inputs, out, "-p", SLOW.label, *extra, model=model))
+    median = {label: statistics.median(values) for label, values in times.items()}
+    startup = median.pop("start-up")
+    rates = {label: frames / max(seconds - startup, 1e-6) for label, seconds in median.items()}
     flow, none = rates["video flow"], rates["video none"]
+    if rounds > 1:
+        print(
+            "whole-process seconds by round: "
+            + "; ".join(
+                f"{label} {', '.join(f'{t:.2f}' for t in values)}"
+                for label, values in times.items()
+            )
+        )
     print(
         f"PNGs {rates['pngs']:.2f} frames/s; video --smooth flow {flow:.2f} "
         f"({flow / rates['pngs']:.2f}x); video --smooth none {none:.2f} "
         f"({none / rates['pngs']:.2f}x); flow / none {flow / none:.2f}; start-up {startup:.1f} s "
-        "taken off each"
+        f"taken off each" + (f" (medians of {rounds} interleaved rounds)" if rounds > 1 else "")
     )
 
 
@@ -462,7 +478,10 @@ def main() -> None:
     parser.add_argument("--parts", default="smooth,outputs,resume,memory,speed,ray")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--speed-frames", type=int, default=300)
-    parser.add_argument("--big-frames", type=int, default=60, help="frames for the full model")
+    parser.add_argument(
+        "--big-frames", type=int, default=60, help="frames for the full model (0: not run)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="speed: interleaved rounds")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="video-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -478,7 +497,7 @@ def main() -> None:
     if "memory" in parts:
         bench_memory(work)
     if "speed" in parts:
-        bench_speed(work, args.speed_frames, args.big_frames)
+        bench_speed(work, args.speed_frames, args.big_frames, args.rounds)
     if "ray" in parts:
         bench_ray(work)
     print(f"\nload average at end: {os.getloadavg()}")
