@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -33,11 +33,13 @@ class _Backend:
     name = "fake"
     input_size = SIZE
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, events: list | None = None) -> None:
         self.delay = delay
+        self.events = events if events is not None else []
 
     def logits(self, pixels: np.ndarray, conditionals: np.ndarray) -> np.ndarray:
         time.sleep(self.delay)
+        self.events.append(("model", time.perf_counter()))
         return np.zeros((len(pixels), len(conditionals), SIZE, SIZE), np.float32)
 
 
@@ -48,6 +50,7 @@ class _Steps(ItemSteps):
 
     decode_delay: float = 0.0
     write_delay: float = 0.0
+    events: list = field(default_factory=list, compare=False)
 
     def prepare(self, work):
         start = time.perf_counter()
@@ -58,13 +61,15 @@ class _Steps(ItemSteps):
 
     def write(self, prepared, prediction, cores=contextlib.nullcontext):
         with cores():
+            self.events.append(("write", prepared.work.key, time.perf_counter()))
             time.sleep(self.write_delay)
+            self.events.append(("written", prepared.work.key, time.perf_counter()))
         written = super().write(prepared, prediction, cores)
         written.row["timings"]["write_s"] += self.write_delay
         return written
 
 
-def _run(tmp_path: Path, *, decode=0.0, model=0.0, write=0.0, count=6) -> StageTimes:
+def _run(tmp_path: Path, *, decode=0.0, model=0.0, write=0.0, count=6, events=None) -> StageTimes:
     """The stage times of ``count`` tiny images through the local engine on a CPU."""
     works = []
     for index in range(count):
@@ -76,10 +81,11 @@ def _run(tmp_path: Path, *, decode=0.0, model=0.0, write=0.0, count=6) -> StageT
         inputs=(str(tmp_path),), out_dir=tmp_path / "out", prompts=("a dog",), refine="none"
     )
     prompts = PromptSet(np.ones((1, 8), np.float32), [Conditional("a dog", "a-dog")], [])
-    steps = _Steps(config, prompts, (SIZE, SIZE), decode_delay=decode, write_delay=write)
+    events = events if events is not None else []
+    steps = _Steps(config, prompts, (SIZE, SIZE), decode, write, events)
 
     def opener(threads: int | None = None) -> OpenedModel:
-        return OpenedModel(_Backend(model), "cpu")
+        return OpenedModel(_Backend(model, events), "cpu")
 
     stages = StageTimes()
     results = list(local.process(iter(works), steps, opener))
@@ -116,6 +122,22 @@ def test_slow_writes_are_the_bottleneck(tmp_path):
     assert report["write"] >= 6 * SLOW
     assert report["waited_for"]["write"] >= 2 * SLOW
     assert report["waited_for"]["write"] > 3 * report["waited_for"]["decode"]
+
+
+def test_writes_start_in_waves_that_fill_the_cores(tmp_path):
+    """On a CPU (one image a model call, two write threads) an image's write waits for the
+    next image's model call, then the two writes run side by side: each write started alone
+    would leave a core idle while the model waits for it (the CPU gate)."""
+    events: list = []
+    _run(tmp_path, decode=0.02, model=0.02, write=0.05, count=6, events=events)
+    model_done = [event[1] for event in events if event[0] == "model"]
+    started = {key: at for kind, key, at in (e for e in events if len(e) == 3) if kind == "write"}
+    ended = {key: at for kind, key, at in (e for e in events if len(e) == 3) if kind == "written"}
+    assert len(model_done) == 6
+    for first, second in ((0, 1), (2, 3), (4, 5)):
+        a, b = f"{first}.png", f"{second}.png"
+        assert started[a] >= model_done[second]  # waited for its companion's model call
+        assert started[b] < ended[a] and started[a] < ended[b]  # side by side
 
 
 def test_the_cpu_gate_says_whom_the_model_waited_for():

@@ -7,7 +7,10 @@ more is ready (:data:`~clipseg_cli.run.steps.IDLE`), the images it holds run at 
 shorter batch (padded, so their numbers do not depend on the grouping), and the model's batch
 sizes are reported with every result (``model_batches``). On a CPU the model runs alone on the
 cores (:mod:`.cpu_gate`): decode and write tasks wait for it, and the next batch is decoded
-before the model starts on this one, so it overlaps the previous batch's writes.
+before the model starts on this one, so it overlaps the previous batch's writes. Writes start
+in waves of ``writer_threads``: a batch's write waits for the next batch's model call (unless
+nothing more is ready), so that the writes run side by side on the cores between two model
+calls instead of one at a time with a core idle while the model waits for it.
 
 Each result says how long the model stood idle since the previous one, and for what
 (:attr:`~clipseg_cli.run.steps.Finished.waited`): the loop that feeds the model is either in a
@@ -21,7 +24,7 @@ An engine of :mod:`clipseg_cli.run.steps`: it never sees the run's state."""
 
 from __future__ import annotations
 
-import functools
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -30,7 +33,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from clipseg_cli.run.backend import ModelOpener
-from clipseg_cli.run.engines.cpu_gate import CpuGate, gate_for
+from clipseg_cli.run.engines.cpu_gate import NO_GATE, CpuGate, gate_for
 from clipseg_cli.run.items import Failed, Prediction, Prepared, Work, Written
 from clipseg_cli.run.steps import IDLE, Finished, Idle, ItemSteps
 
@@ -53,13 +56,25 @@ def process(
     sizes: Counter[int] = Counter()  # images per model call -> calls
     gate = gate_for(model.device_type)
     waits = _Waits()
-    write_cores = functools.partial(gate.shared, "write")
 
-    def write(prepared: Prepared, prediction: Prediction) -> Written:
-        return steps.write(prepared, prediction, write_cores)
+    def write(prepared: Prepared, prediction: Prediction, started: threading.Event) -> Written:
+        @contextmanager
+        def cores() -> Iterator[None]:
+            with gate.shared("write"):
+                started.set()
+                yield
+
+        try:
+            return steps.write(prepared, prediction, cores)
+        finally:
+            started.set()  # also when it never needed the cores (a failed video's frame)
 
     # (future of the row, the work, its share of the model's time); rows leave in input order.
     writes: deque[tuple[Future, Work, float]] = deque()
+    # Predictions whose writes wait for company: a wave of writes fills the cores at once
+    # (GPU runs: the model does not need the cores, writes start at once).
+    wave = config.writer_threads if gate is not NO_GATE else 1
+    held: list[tuple[Prepared, Prediction, float]] = []
 
     def finished(limit: int) -> Iterator[Finished]:
         # Unfinished writes (and the images they hold) are bounded by `limit`.
@@ -81,6 +96,19 @@ def process(
 
         model_seconds: dict[int, float] = {}  # per image, summed over its rows
 
+        def start_writes() -> None:
+            started = []
+            for prepared, prediction, seconds in held:
+                started.append(threading.Event())
+                future = writers.submit(write, prepared, prediction, started[-1])
+                writes.append((future, prepared.work, seconds))
+            held.clear()
+            # The wave holds the cores before the model asks for them again: a model call that
+            # came first would make the writes of the wave run one at a time after all.
+            with waits.on("write"):
+                for event in started:
+                    event.wait()
+
         def predict(final: bool) -> None:
             # Full model batches of rows (an image's whole view, then its tiles); a short one,
             # padded to the batch size, only when nothing more is coming for now.
@@ -98,8 +126,11 @@ def process(
                 for prepared, _index in taken:
                     model_seconds[id(prepared)] = model_seconds.get(id(prepared), 0.0) + share
                 for prepared, prediction in rows.accept(taken, logits):
-                    future = writers.submit(write, prepared, prediction)
-                    writes.append((future, prepared.work, model_seconds.pop(id(prepared))))
+                    held.append((prepared, prediction, model_seconds.pop(id(prepared))))
+                if len(held) >= wave:
+                    start_writes()
+            if final:
+                start_writes()
 
         try:
             for entry in _one_ahead(_batches(stream, batch_size)):
@@ -110,6 +141,8 @@ def process(
                         yield IDLE
                     continue
                 batch, failures = entry
+                if failures:
+                    start_writes()  # results leave in input order
                 for failed in failures:
                     writes.append((_done(Written(steps.fail(failed))), failed.work, 0.0))
                 for prepared in batch:
