@@ -366,7 +366,11 @@ def bench_outputs(work: Path) -> None:
 
 
 def bench_ray(work: Path) -> None:
-    print("\n## --engine ray: a 300-frame 180x320 video in parts of 60 (4 parts warm up on 30)")
+    warmup = temporal.warmup_frames()  # run.frames.WARMUP_FRAMES
+    print(
+        f"\n## --engine ray: a 300-frame 180x320 video in parts of 60 (4 parts warm up on "
+        f"up to {warmup} frames before them)"
+    )
     source = work / "ray.mp4"
     truths = scene_video(source, 300, (180, 320), 5, (SLOW, FAST), grain=GRAIN)
     extra = ("-p", SLOW.label, "-p", FAST.label, "--save", "mask,soft", "--segment-frames", "60")
