@@ -372,47 +372,10 @@ class VideoJob:
             self._pass_turn(_SMOOTH, index)
             self._wait_turn(_WRITE, index)
             with cores():
-                return self._emit(frame)
+                return _emit(self, frame)
         finally:
             self._pass_turn(_SMOOTH, index)
             self._pass_turn(_WRITE, index)
-
-    def _emit(self, made: _FrameWrite) -> items.Written:
-        """A made frame's outputs to the encoders and measures (in order); its row."""
-        work: FrameWork = made.prepared.work  # type: ignore[assignment]
-        frame = work.frame
-        try:
-            if self._failed:
-                return items.Written({"status": FRAME_ROW})
-            if made.error is not None:
-                raise made.error
-            written = made.written
-            if work.warmup:
-                return _warm_up(self, made)
-            made.sink.emit()
-            for k, prob, mask in made.observed:
-                self.tracks.setdefault(k, _PromptTrack()).flicker.add(prob, mask)
-            if written.row["status"] != "ok":
-                return self._fail(written.row["error"])
-            self._track(written.row)
-            if self.config.exports:
-                self.exports.add(frame, written.instances)
-            if work.error is not None:
-                return self._fail(work.error)
-            if work.last:
-                return items.Written(*self.finish(made.conditionals))
-            if not self.split and (frame.index + 1) % self.config.video.segment_frames == 0:
-                segment = _end_segment(self, work, made.state)
-                return items.Written({"status": FRAME_ROW, SEGMENT_ROW: segment})
-            return items.Written({"status": FRAME_ROW})
-        except (video.VideoError, InputError) as error:
-            return self._fail(str(error))
-        except OSError as error:
-            stop = disk_full(error, display_path(error.filename or self.folder))
-            if stop is not None:
-                self._failed = True  # the run stops; a rerun resumes from the last segment
-                raise stop from None
-            return self._fail(f"cannot write the video outputs: {error.strerror or error}")
 
     def _track(self, row: dict) -> None:
         self.timings["decode_s"] += row["timings"]["decode_s"]
@@ -640,6 +603,44 @@ def _video_row(self: VideoJob, conditionals: list[Conditional], outputs: list[di
         "outputs": outputs,
         "timings": {name: round(value, 4) for name, value in self.timings.items()},
     }
+
+
+def _emit(self: VideoJob, made: _FrameWrite) -> items.Written:
+    """A made frame's outputs to the encoders and measures (in order); its row."""
+    work: FrameWork = made.prepared.work  # type: ignore[assignment]
+    frame = work.frame
+    try:
+        if self._failed:
+            return items.Written({"status": FRAME_ROW})
+        if made.error is not None:
+            raise made.error
+        written = made.written
+        if work.warmup:
+            return _warm_up(self, made)
+        made.sink.emit()
+        for k, prob, mask in made.observed:
+            self.tracks.setdefault(k, _PromptTrack()).flicker.add(prob, mask)
+        if written.row["status"] != "ok":
+            return self._fail(written.row["error"])
+        self._track(written.row)
+        if self.config.exports:
+            self.exports.add(frame, written.instances)
+        if work.error is not None:
+            return self._fail(work.error)
+        if work.last:
+            return items.Written(*self.finish(made.conditionals))
+        if not self.split and (frame.index + 1) % self.config.video.segment_frames == 0:
+            segment = _end_segment(self, work, made.state)
+            return items.Written({"status": FRAME_ROW, SEGMENT_ROW: segment})
+        return items.Written({"status": FRAME_ROW})
+    except (video.VideoError, InputError) as error:
+        return self._fail(str(error))
+    except OSError as error:
+        stop = disk_full(error, display_path(error.filename or self.folder))
+        if stop is not None:
+            self._failed = True  # the run stops; a rerun resumes from the last segment
+            raise stop from None
+        return self._fail(f"cannot write the video outputs: {error.strerror or error}")
 
 
 def _warm_up(self: VideoJob, made: _FrameWrite) -> items.Written:
