@@ -289,3 +289,48 @@ def test_ray_engine_splits_a_video_into_parts_and_joins_them(ray_cluster, tmp_pa
     info = video.probe(overlay)
     assert info.has_audio and info.frames == 32
     assert not (out / STATE_DIR / "video").exists()
+
+
+def test_a_ray_run_killed_mid_video_redoes_only_its_unfinished_parts(
+    ray_cluster, tmp_path, monkeypatch
+):
+    """The driver dies right after the first of three parts is recorded; the rerun takes that
+    part from the record, segments the other two, and the joined videos equal an uninterrupted
+    Ray run's frame for frame."""
+    from video_helpers import shapes_video
+
+    from clipseg_cli.io import video
+    from clipseg_cli.run import frames
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shapes_video(inputs / "clip.mp4", count=36)
+    options = ("--save", "mask,soft", "--segment-frames", "12", *_ray())
+    demo, prompts = Path("demo"), ("red circle",)
+    whole = tmp_path / "whole"
+    assert _segment(inputs, whole, demo, *options, prompts=prompts).exit_code == 0
+
+    out = tmp_path / "out"
+    record_part = frames.record_part
+
+    def record_then_die(*args, **kwargs):
+        record_part(*args, **kwargs)
+        raise SystemError("the driver dies here")
+
+    monkeypatch.setattr(frames, "record_part", record_then_die)
+    result = _segment(inputs, out, demo, *options, prompts=prompts)
+    assert isinstance(result.exception, SystemError)
+    assert len(list((out / STATE_DIR / "video").rglob("*.part.json"))) == 1
+    monkeypatch.undo()
+
+    result = _segment(inputs, out, demo, *options, prompts=prompts)
+    assert result.exit_code == 0, result.output
+    row, expected = _log(out)["clip.mp4"], _log(whole)["clip.mp4"]
+    assert row["video"]["reused_frames"] == 12 and expected["video"]["reused_frames"] == 0
+    assert row["prompts"] == expected["prompts"]
+    for kind in ("mask", "soft"):
+        name = f"clip.mp4.red-circle.{kind}.mkv"
+        mine, theirs = list(video.grey_frames(out / name)), list(video.grey_frames(whole / name))
+        assert len(mine) == len(theirs) == 36
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True)), kind
+    assert not (out / STATE_DIR / "video").exists()

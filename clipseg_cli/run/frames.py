@@ -36,7 +36,7 @@ import numpy as np
 
 from clipseg_cli.errors import InputError, disk_full
 from clipseg_cli.io import sources, video, writers
-from clipseg_cli.io.files import atomic_target
+from clipseg_cli.io.files import atomic_target, json_text, write_json_atomic
 from clipseg_cli.io.naming import STATE_DIR, output_path
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.ops import instances, temporal
@@ -59,6 +59,8 @@ VIDEO_STATE = "video"
 WARMUP_FRAMES = temporal.warmup_frames()
 #: The two steps of a frame's write that wait for the frame before (:meth:`VideoJob.write`).
 _SMOOTH, _WRITE = "smooth", "write"
+#: In a split video's state folder: a part that finished (``--engine ray``), for a rerun.
+PART_RECORD = "{number:05d}.part.json"
 #: Kinds that are not videos: logits are arrays, written per frame with --frames only.
 _NOT_VIDEO = frozenset({"logits"})
 
@@ -240,6 +242,47 @@ def part_frames(work: Work, source: VideoSource, job: VideoJob, part: Part) -> I
         raise video.VideoError(f"part {part.number}: {count} of its {total} frames decoded")
 
 
+def record_part(work: Work, source: VideoSource, config: SegmentConfig, part: Part, result: dict):
+    """Keep a finished part's :func:`close_part` result next to its files (atomically), so that
+    a rerun after a crash segments only the parts that did not finish."""
+    job = VideoJob(work, source.info, config)
+    record = {"plan": _part_plan(job, part), "result": result}
+    write_json_atomic(job.folder / PART_RECORD.format(number=part.number), record)
+
+
+def recorded_parts(
+    work: Work, source: VideoSource, config: SegmentConfig, parts: list[Part]
+) -> dict[int, dict]:
+    """Part number -> result, for the parts of ``parts`` an earlier run finished: the same
+    video (unchanged), options and frames, every file of the part still there."""
+    job = VideoJob(work, source.info, config)
+    found = {}
+    for part in parts:
+        try:
+            text = (job.folder / PART_RECORD.format(number=part.number)).read_text("utf-8")
+            record = json.loads(text)
+        except (OSError, ValueError):
+            continue  # none, or cut short by the crash: the part is done again
+        if not isinstance(record, dict) or record.get("plan") != _part_plan(job, part):
+            continue
+        result = record.get("result")
+        names = [name for group in result["parts"].values() for name in group]
+        if all((job.folder / name).exists() for name in [*names, *result["exports"]]):
+            found[part.number] = result
+    return found
+
+
+def _part_plan(job: VideoJob, part: Part) -> dict:
+    """What a part's outputs are made from: the video as it is, the run's options, its frames
+    (as JSON reads them back)."""
+    plan = {
+        "signature": asdict(job.work.signature),
+        "options": job.config.describe(),
+        "part": asdict(part),
+    }
+    return json.loads(json_text(plan))
+
+
 def _fields(work: Work) -> tuple:
     return (work.item, work.key, work.signature, work.out_key)
 
@@ -301,6 +344,7 @@ class VideoJob:
         self._turn = threading.Condition()
         self._next = {_SMOOTH: 0, _WRITE: 0}  # step -> the frame index whose turn it is
         self._failed = False
+        self.reused_frames = 0  # frames whose outputs an earlier, interrupted run made
         # A part of a split video (``--engine ray``): no ledger segments, no joining here.
         self.split = False
         # --export: each segment's frames' export parts, one JSON line per frame, in order.
@@ -598,6 +642,7 @@ def _video_row(self: VideoJob, conditionals: list[Conditional], outputs: list[di
             "rotation": info.rotation,
             "audio": info.has_audio,
             "smooth": self.config.video.smooth,
+            "reused_frames": self.reused_frames,
         },
         "prompts": prompts,
         "outputs": outputs,
@@ -720,6 +765,7 @@ def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
     self.segment = usable["segment"] + 1
     position = video.Position(**usable["next"])
     self._start_at(position.index)
+    self.reused_frames = position.index
     return position
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from clipseg_cli.errors import DiskFullError, InputError
+from clipseg_cli.errors import DiskFullError, InputError, disk_full
 from clipseg_cli.io import sources, video
 from clipseg_cli.io.paths import display_path
 from clipseg_cli.run import frames
@@ -294,11 +294,19 @@ def _videos(
             yield Finished(work, _failed(work, str(error)), 0.0, details)
             continue
         plans[index] = (work, source, parts)
-    tasks = [
-        pickle.dumps((index, work, source, part), protocol=5)
-        for index, (work, source, parts) in plans.items()
-        for part in parts
-    ]
+    # A rerun after a crash: the parts an earlier run finished are not done again.
+    done: dict[int, dict[int, dict]] = {}
+    reused: dict[int, int] = {}
+    tasks = []
+    for index, (work, source, parts) in plans.items():
+        done[index] = frames.recorded_parts(work, source, config, parts)
+        reused[index] = sum(part.count for part in parts if part.number in done[index])
+        todo = [part for part in parts if part.number not in done[index]]
+        tasks += [pickle.dumps((index, work, source, part), protocol=5) for part in todo]
+        if not todo:
+            finished = done.pop(index)
+            results = [finished[part.number] for part in parts]
+            yield _joined(work, source, results, steps, details, reused[index])
     if not tasks:
         return
     actor = ray.remote(_VideoParts).options(
@@ -307,7 +315,6 @@ def _videos(
     workers = [
         actor.remote(steps, open_model, sizing) for _ in range(min(sizing.actors, len(tasks)))
     ]
-    done: dict[int, dict[int, dict]] = {index: {} for index in plans}
     try:
         pool = ActorPool(workers)
         for payload in pool.map_unordered(lambda worker, task: worker.run.remote(task, cwd), tasks):
@@ -317,22 +324,37 @@ def _videos(
             index = result["video"]
             done[index][result["part"]] = result
             work, source, parts = plans[index]
+            if "error" not in result:
+                try:
+                    frames.record_part(work, source, config, parts[result["part"]], result)
+                except OSError as error:
+                    stop = disk_full(error, display_path(error.filename or work.item.path))
+                    if stop is not None:
+                        raise stop from None
+                    reason = error.strerror or str(error)
+                    result["error"] = f"cannot keep the record of a finished part: {reason}"
             if len(done[index]) == len(parts):
                 finished = done.pop(index)
                 results = [finished[part.number] for part in parts]
-                yield _joined(
-                    work, source, results, steps, {**details, **json.loads(result["actor"])}
-                )
+                ran_on = {**details, **json.loads(result["actor"])}
+                yield _joined(work, source, results, steps, ran_on, reused[index])
     finally:
         for worker in workers:
             ray.kill(worker)
 
 
 def _joined(
-    work: Work, source: frames.VideoSource, results: list[dict], steps: ItemSteps, details: dict
+    work: Work,
+    source: frames.VideoSource,
+    results: list[dict],
+    steps: ItemSteps,
+    details: dict,
+    reused_frames: int = 0,
 ) -> Finished:
-    """A video whose parts are done: joined into its outputs, or failed whole."""
+    """A video whose parts are done (``reused_frames`` of its frames by an earlier run):
+    joined into its outputs, or failed whole."""
     job = frames.VideoJob(work, source.info, steps.config)
+    job.reused_frames = reused_frames
     seconds = sum(result["infer_s"] for result in results)
     errors = [result["error"] for result in results if "error" in result]
     if errors:
