@@ -30,6 +30,7 @@ truth. Each measurement runs ``clipseg segment`` as a subprocess, as a user woul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -207,7 +208,13 @@ def _segment_rows(out: Path) -> int:
         lines = (out / ".clipseg" / "ledger.jsonl").read_text().splitlines()
     except FileNotFoundError:
         return 0
-    return sum('"segment"' in line for line in lines)
+    # Rows with a segment; the header names the "segment" command too, and the last line
+    # may be half written.
+    count = 0
+    for line in lines:
+        with contextlib.suppress(ValueError):  # the line being written: counted once whole
+            count += "segment" in json.loads(line)
+    return count
 
 
 def bench_resume(work: Path) -> None:
