@@ -242,45 +242,48 @@ def part_frames(work: Work, source: VideoSource, job: VideoJob, part: Part) -> I
         raise video.VideoError(f"part {part.number}: {count} of its {total} frames decoded")
 
 
-def record_part(work: Work, source: VideoSource, config: SegmentConfig, part: Part, result: dict):
+def state_folder(work: Work, config: SegmentConfig) -> Path:
+    """Where a video's unfinished parts and their records live under ``--out``."""
+    digest = hashlib.sha1(work.key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return config.out_dir / STATE_DIR / VIDEO_STATE / digest
+
+
+def record_part(work: Work, config: SegmentConfig, part: Part, result: dict) -> None:
     """Keep a finished part's :func:`close_part` result next to its files (atomically), so that
     a rerun after a crash segments only the parts that did not finish."""
-    job = VideoJob(work, source.info, config)
-    record = {"plan": _part_plan(job, part), "result": result}
-    write_json_atomic(job.folder / PART_RECORD.format(number=part.number), record)
+    record = {"plan": _part_plan(work, config, part), "result": result}
+    path = state_folder(work, config) / PART_RECORD.format(number=part.number)
+    write_json_atomic(path, record)
 
 
-def recorded_parts(
-    work: Work, source: VideoSource, config: SegmentConfig, parts: list[Part]
-) -> dict[int, dict]:
+def recorded_parts(work: Work, config: SegmentConfig, parts: list[Part]) -> dict[int, dict]:
     """Part number -> result, for the parts of ``parts`` an earlier run finished: the same
     video (unchanged), options and frames, every file of the part still there."""
-    job = VideoJob(work, source.info, config)
+    folder = state_folder(work, config)
     found = {}
     for part in parts:
         try:
-            text = (job.folder / PART_RECORD.format(number=part.number)).read_text("utf-8")
-            record = json.loads(text)
+            record = json.loads((folder / PART_RECORD.format(number=part.number)).read_text())
         except (OSError, ValueError):
             continue  # none, or cut short by the crash: the part is done again
-        if not isinstance(record, dict) or record.get("plan") != _part_plan(job, part):
+        if not isinstance(record, dict) or record.get("plan") != _part_plan(work, config, part):
             continue
-        result = record.get("result")
-        names = [name for group in result["parts"].values() for name in group]
-        if all((job.folder / name).exists() for name in [*names, *result["exports"]]):
-            found[part.number] = result
+        if _files_present(folder, record["result"]):
+            found[part.number] = record["result"]
     return found
 
 
-def _part_plan(job: VideoJob, part: Part) -> dict:
+def _part_plan(work: Work, config: SegmentConfig, part: Part) -> dict:
     """What a part's outputs are made from: the video as it is, the run's options, its frames
     (as JSON reads them back)."""
-    plan = {
-        "signature": asdict(job.work.signature),
-        "options": job.config.describe(),
-        "part": asdict(part),
-    }
+    plan = {"signature": asdict(work.signature), "options": config.describe(), "part": asdict(part)}
     return json.loads(json_text(plan))
+
+
+def _files_present(folder: Path, finished: dict) -> bool:
+    """Whether every file a finished segment's or part's record names is in ``folder``."""
+    names = [name for group in finished["parts"].values() for name in group]
+    return all((folder / name).exists() for name in [*names, *finished.get("exports", [])])
 
 
 def _fields(work: Work) -> tuple:
@@ -334,8 +337,7 @@ class VideoJob:
         self.config = config
         self.smoothing = temporal.Smoothing(config.video.smooth)
         self.state = temporal.SmoothingState()
-        digest = hashlib.sha1(work.key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        self.folder = config.out_dir / STATE_DIR / VIDEO_STATE / digest
+        self.folder = state_folder(work, config)
         self.segment = 0
         self.parts: dict[str, list[str]] = {}  # "kind/slug" -> part file names, in order
         self.writers: dict[str, video.VideoWriter] = {}
@@ -739,12 +741,7 @@ def _end_segment(self: VideoJob, work: FrameWork, after: temporal.SmoothingState
 def _restore(self: VideoJob, segments: list[dict]) -> video.Position | None:
     usable = None
     for row in segments:
-        names = [name for group in row["parts"].values() for name in group]
-        names += row.get("exports", [])
-        if (
-            all((self.folder / name).exists() for name in names)
-            and (self.folder / row["state"]).exists()
-        ):
+        if _files_present(self.folder, row) and (self.folder / row["state"]).exists():
             usable = row
         else:
             break

@@ -299,7 +299,7 @@ def _videos(
     reused: dict[int, int] = {}
     tasks = []
     for index, (work, source, parts) in plans.items():
-        done[index] = frames.recorded_parts(work, source, config, parts)
+        done[index] = frames.recorded_parts(work, config, parts)
         reused[index] = sum(part.count for part in parts if part.number in done[index])
         todo = [part for part in parts if part.number not in done[index]]
         tasks += [pickle.dumps((index, work, source, part), protocol=5) for part in todo]
@@ -326,7 +326,7 @@ def _videos(
             work, source, parts = plans[index]
             if "error" not in result:
                 try:
-                    frames.record_part(work, source, config, parts[result["part"]], result)
+                    frames.record_part(work, config, parts[result["part"]], result)
                 except OSError as error:
                     stop = disk_full(error, display_path(error.filename or work.item.path))
                     if stop is not None:
