@@ -115,9 +115,8 @@ def find_objects(
         box = (slice(y, y + h), slice(x, x + w))
         min_peak = rules.min_peak(mask.shape)
         labels[box], count = split_regions(labels[box], count, distance_map(mask[box]), min_peak)
-    foreground = _Foreground.of(labels)
-    scores = object_scores(SCORE_KIND, labels, count, prob, threshold, foreground)
-    table = _LabelTable.of(labels, foreground)
+    scores = object_scores(SCORE_KIND, labels, count, prob, threshold)
+    table = _LabelTable.of(labels)
     order = table.labels[np.argsort(table.first, kind="stable")]
     kept = order[scores[order] >= rules.min_score]
     dropped = len(order) - len(kept)
@@ -215,6 +214,16 @@ def object_scores(
     what the model found, not what ``--grow`` or ``--fill-holes`` added around it (0 for an
     object without such pixels).
     """
+    if kind == "mean":
+        # Each pixel's label, 0 where it is not an object's core pixel: one pass over the image
+        # instead of gathering the labelled pixels first (half the time where the mask fills
+        # the image). bincount adds each label's pixels in raster order either way, so the
+        # scores are the same to the bit.
+        which = labels.ravel() * (prob.ravel() > threshold)
+        area = np.maximum(np.bincount(which, minlength=count), 1)
+        scores = np.bincount(which, weights=prob.ravel(), minlength=count) / area
+        scores[0] = 0.0  # the background's, unused
+        return scores
     if foreground is None:
         foreground = _Foreground.of(labels)
     inside = prob.ravel()[foreground.where]
@@ -223,10 +232,6 @@ def object_scores(
         which = foreground.which
     else:
         which, inside = foreground.which[core], inside[core]
-    # float64 sums in raster order within each label (bincount casts the weights itself).
-    if kind == "mean":
-        area = np.maximum(np.bincount(which, minlength=count), 1)
-        return np.bincount(which, weights=inside, minlength=count) / area
     if kind == "peak":
         peak = np.zeros(count)
         np.maximum.at(peak, which, inside.astype(np.float64))

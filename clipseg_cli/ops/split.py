@@ -150,6 +150,7 @@ def flood(distance: np.ndarray, region: np.ndarray, min_peak: float) -> np.ndarr
     peak_ys, peak_xs = peak_ys[one_each], peak_xs[one_each]
     highest = np.argsort(-distance[peak_ys, peak_xs], kind="stable")
     peak_ys, peak_xs = peak_ys[highest], peak_xs[highest]
+    lowest_peak = float(distance[peak_ys[-1], peak_xs[-1]]) if len(peak_ys) else top
     alive: list[int] = []  # the basins not merged into another
     # Each level's work is confined to the box around the region's pixels at or above it:
     # those only grow as the level falls, the labels are 0 outside them, and the connected
@@ -199,6 +200,13 @@ def flood(distance: np.ndarray, region: np.ndarray, min_peak: float) -> np.ndarr
             where = np.zeros(region.shape, bool)
             where[box] = parts == part
             _give_to_nearest(labels, where)
+        if len(alive) == 1 and level <= lowest_peak:
+            # One basin left and every peak above the level: each peak lies in that basin's
+            # part from now on, so no lower level can start or keep another; the region is
+            # one part, as the remaining levels and the hand-out to the nearest would make it.
+            return region.astype(np.int32)
+    if len(alive) == 1:
+        return region.astype(np.int32)
     labels = basins.roots()[labels]
     if labels.any():
         _give_to_nearest(labels, region)
