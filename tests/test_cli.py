@@ -339,6 +339,12 @@ def test_bad_files_fail_alone_with_one_line_errors(tiny_model_dir, tmp_path):
         assert rows[key]["status"] == "failed"
         assert rows[key]["error"] and "\n" not in rows[key]["error"]
         assert rows[key]["outputs"] == []
+    # The terminal says which files failed and why (--progress none included), once each.
+    said = [line for line in result.output.splitlines() if line.startswith("clipseg: failed ")]
+    assert sorted(said) == sorted(
+        f"clipseg: failed {rows[key]['input']}: {rows[key]['error']}"
+        for key in ("empty.jpg", "text.jpg")
+    )
 
 
 def test_usage_errors_exit_2(tiny_model_dir, tmp_path):

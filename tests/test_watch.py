@@ -177,6 +177,9 @@ def _arrivals_scenario(tmp_path: Path, model: Path, burst: int, settle: float, c
     expected["burst/f00.png"] = 2
     _wait_for(lambda: _done(out) == expected, watcher, "the replaced file to be redone")
     assert watcher.stop(signal.SIGINT) == ExitCode.INTERRUPTED, watcher.text()
+    # With --progress none the terminal still says which file failed and why, once.
+    said = [line for line in watcher.text().splitlines() if " failed " in line]
+    assert len(said) == 1 and f" failed {folder / 'broken.jpg'}: " in said[0], watcher.text()
     summary = json.loads((out / "clipseg-summary.json").read_text())
     return folder, out, expected, summary, big
 

@@ -33,7 +33,7 @@ class ExitCode(enum.IntEnum):
     """Process exit codes (the README's table)."""
 
     OK = 0  # every input processed
-    SOME_FAILED = 1  # the run finished, but some inputs failed (see the log)
+    SOME_FAILED = 1  # the run finished, but some inputs failed (each said on stderr and in the log)
     USAGE = 2  # bad options or arguments
     NO_INPUTS = 3  # the inputs named no files (watch: its folders cannot be watched)
     MODEL = 4  # the model could not be loaded (missing, offline, corrupt)
@@ -114,3 +114,16 @@ def progress_bar(title: str, *fields: str) -> Progress:
     )
     bar.start()
     return bar
+
+
+def say_failed(row: dict | None, bar: Progress | None, prefix: str = "failed") -> None:
+    """One line for an input that failed (``row`` as the run's log records it): its name and
+    the reason, above the bar when there is one. Said in every progress mode: it is an error,
+    and the log is not where a user looks first."""
+    if row is None or row.get("status") != "failed":
+        return
+    line = f"clipseg: {prefix} {row['input']}: {row.get('error') or 'failed'}"
+    if bar is not None:
+        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+    else:
+        typer.echo(line, err=True)

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from clipseg_cli.commands import options as o
-from clipseg_cli.commands.console import ExitCode, exit_on_error, progress_bar, wants_bar
+from clipseg_cli.commands.console import (
+    ExitCode,
+    exit_on_error,
+    progress_bar,
+    say_failed,
+    wants_bar,
+)
 from clipseg_cli.io.naming import COMMAND_KINDS, parse_exports, parse_kinds
 from clipseg_cli.run.config import SegmentConfig, VideoOptions
 from clipseg_cli.specs import (
@@ -93,6 +99,7 @@ class _ProgressReporter:
         return self
 
     def __call__(self, progress) -> None:
+        say_failed(progress.row, self._bar)
         if self.quiet:
             return
         rate = progress.done / progress.elapsed if progress.elapsed > 0 else 0.0

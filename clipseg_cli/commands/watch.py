@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from clipseg_cli.commands import options as o
-from clipseg_cli.commands.console import exit_on_error, progress_bar, wants_bar
+from clipseg_cli.commands.console import exit_on_error, progress_bar, say_failed, wants_bar
 from clipseg_cli.commands.segment import run_images, segment_config
 from clipseg_cli.specs import (
     DEFAULT_MAX_PIXELS,
@@ -74,6 +74,9 @@ class WatchReporter:
         return self
 
     def __call__(self, progress) -> None:
+        if self.quiet or self._bar is not None:
+            # Piped, the line below says every file, failures included.
+            say_failed(progress.row, self._bar, f"{time.strftime('%H:%M:%S')} failed")
         if self.quiet:
             return
         if self._bar is not None:
