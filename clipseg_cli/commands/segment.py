@@ -80,7 +80,7 @@ class _StopSignals:
 
 class _ProgressReporter:
     """A rich progress bar on a terminal; plain periodic lines (no control characters) else;
-    nothing with ``--progress none``."""
+    with ``--progress none`` only the failures (one line each, in every mode)."""
 
     def __init__(self, progress: str, interval: float = 5.0) -> None:
         self.bar = wants_bar(progress)

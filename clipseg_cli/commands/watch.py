@@ -54,7 +54,7 @@ OnceOpt = Annotated[
 
 class WatchReporter:
     """On a terminal, one live line: the folders, queued, done and failed; piped, one plain
-    line per file processed; nothing with ``--progress none``."""
+    line per file processed; with ``--progress none`` only the failures."""
 
     def __init__(self, progress: str, folders: list[str]) -> None:
         self.bar = wants_bar(progress)
@@ -74,9 +74,7 @@ class WatchReporter:
         return self
 
     def __call__(self, progress) -> None:
-        if self.quiet or self._bar is not None:
-            # Piped, the line below says every file, failures included.
-            say_failed(progress.row, self._bar, f"{time.strftime('%H:%M:%S')} failed")
+        say_failed(progress.row, self._bar, f"{time.strftime('%H:%M:%S')} failed")
         if self.quiet:
             return
         if self._bar is not None:
@@ -89,11 +87,9 @@ class WatchReporter:
             )
             return
         row = progress.row
-        if row is None or row["status"] == "skipped":
+        if row is None or row["status"] != "ok":  # a failure is said above
             return
-        when = time.strftime("%H:%M:%S")
-        reason = f": {row['error']}" if row["status"] == "failed" else ""
-        typer.echo(f"clipseg: {when} {row['status']} {row['input']}{reason}", err=True)
+        typer.echo(f"clipseg: {time.strftime('%H:%M:%S')} ok {row['input']}", err=True)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

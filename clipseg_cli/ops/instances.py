@@ -148,18 +148,10 @@ def shaped_objects(
     return find_objects(mask, 1 - prob, background, 1 - threshold), small
 
 
-@dataclass(frozen=True)
-class _Foreground:
-    """The labelled pixels of a label map, in raster order: their flat indices and labels
-    (found once, shared by the scores and the table)."""
-
-    where: np.ndarray
-    which: np.ndarray
-
-    @classmethod
-    def of(cls, labels: np.ndarray) -> _Foreground:
-        where = np.flatnonzero(labels)
-        return cls(where, labels.ravel()[where])
+def _labelled_pixels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled pixels of a label map, in raster order: their flat indices and labels."""
+    where = np.flatnonzero(labels)
+    return where, labels.ravel()[where]
 
 
 @dataclass(frozen=True)
@@ -172,10 +164,8 @@ class _LabelTable:
     boxes: list[tuple[int, int, int, int]]
 
     @classmethod
-    def of(cls, labels: np.ndarray, foreground: _Foreground | None = None) -> _LabelTable:
-        if foreground is None:
-            foreground = _Foreground.of(labels)
-        where, which = foreground.where, foreground.which
+    def of(cls, labels: np.ndarray) -> _LabelTable:
+        where, which = _labelled_pixels(labels)
         if not len(where):
             return cls(where, where, [])
         if len(which) > 1 and (which[1:] < which[:-1]).any():  # one region: sorted already
@@ -205,7 +195,6 @@ def object_scores(
     count: int,
     prob: np.ndarray,
     threshold: float,
-    foreground: _Foreground | None = None,
 ) -> np.ndarray:
     """float64 ``[count]``: each label's score of ``kind`` (:data:`SCORE_KINDS`), from float
     ``[H, W]`` ``prob`` cut at ``threshold``.
@@ -224,14 +213,11 @@ def object_scores(
         scores = np.bincount(which, weights=prob.ravel(), minlength=count) / area
         scores[0] = 0.0  # the background's, unused
         return scores
-    if foreground is None:
-        foreground = _Foreground.of(labels)
-    inside = prob.ravel()[foreground.where]
+    where, which = _labelled_pixels(labels)
+    inside = prob.ravel()[where]
     core = inside > threshold  # compared as prob's dtype, as ``prob > threshold`` would
-    if core.all():  # a mask cut from prob alone: every labelled pixel passes
-        which = foreground.which
-    else:
-        which, inside = foreground.which[core], inside[core]
+    if not core.all():  # all pass where the mask was cut from prob alone
+        which, inside = which[core], inside[core]
     if kind == "peak":
         peak = np.zeros(count)
         np.maximum.at(peak, which, inside.astype(np.float64))
